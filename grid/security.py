@@ -1,0 +1,206 @@
+"""Authentication and TLS, sans-IO.
+
+The handshake is a mutual HMAC-SHA256 challenge-response over the cluster
+secret, bound to the whole transcript::
+
+    client                                   server
+    HELLO     {v, cluster, nonce_c, info}  ->
+                                           <-  CHALLENGE mac_s + {nonce_s, info}
+    (client checks mac_s)
+    PROOF     mac_c                        ->
+                                           <-  WELCOME   (or REFUSE {reason})
+
+    mac_s = HMAC(key, "grid-server" | hello | challenge body)
+    mac_c = HMAC(key, "grid-client" | hello | challenge body)
+
+Both sides prove the secret on fresh random nonces; the role label keeps a
+proof from being reflected back. Handshake payloads are raw bytes and JSON,
+never pickle, and at most ``wire.HANDSHAKE_LIMIT`` bytes. The transport drives
+these objects and enforces the timeout.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import os
+import ssl
+
+from .errors import ConfigError, HandshakeError
+from .wire import Kind
+
+PROTOCOL_VERSION = 1
+MAC_SIZE = 32
+_NONCE_BYTES = 16
+
+
+def derive_key(secret: str | None) -> bytes:
+    """The HMAC key for a cluster secret (no secret: a fixed, public key)."""
+    material = (secret or "").encode("utf-8")
+    return hashlib.sha256(b"grid-cluster-key\0" + material).digest()
+
+
+def _mac(key: bytes, label: bytes, *pieces: bytes) -> bytes:
+    mac = hmac.new(key, label, hashlib.sha256)
+    for piece in pieces:
+        mac.update(len(piece).to_bytes(4, "big"))
+        mac.update(piece)
+    return mac.digest()
+
+
+def _json(payload) -> dict:
+    try:
+        value = json.loads(bytes(payload).decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise HandshakeError(f"malformed handshake message: {exc}") from exc
+    if not isinstance(value, dict):
+        raise HandshakeError("malformed handshake message: not a JSON object")
+    return value
+
+
+def _encode(value: dict) -> bytes:
+    return json.dumps(value, separators=(",", ":"), sort_keys=True).encode("utf-8")
+
+
+def refuse_payload(reason: str) -> bytes:
+    return _encode({"reason": reason[:1000]})
+
+
+class HandshakeFailed(HandshakeError):
+    """The handshake failed; ``reply`` is the REFUSE frame to send before closing (or None)."""
+
+    def __init__(self, reason: str, *, reply: tuple | None = None, by_peer: bool = False):
+        super().__init__(reason)
+        self.reason = reason
+        self.reply = reply
+        self.by_peer = by_peer
+
+
+class _Handshake:
+    def __init__(self, *, cluster_id: str, secret: str | None, info: dict, urandom=os.urandom):
+        self.cluster_id = cluster_id
+        self._key = derive_key(secret)
+        self.info = info
+        self._urandom = urandom
+        self.done = False
+        self.peer_info: dict | None = None
+        self._state = "waiting-hello"
+
+    def _fail(self, reason: str, *, tell_peer: bool = True):
+        reply = (Kind.REFUSE, refuse_payload(reason)) if tell_peer else None
+        raise HandshakeFailed(reason, reply=reply)
+
+    def _refused(self, payload):
+        try:
+            reason = str(_json(payload).get("reason", "no reason given"))
+        except HandshakeError:
+            reason = "no reason given"
+        raise HandshakeFailed(f"refused by peer: {reason}", by_peer=True)
+
+
+class ClientHandshake(_Handshake):
+    """The connecting side. ``start()`` gives HELLO; feed it every frame it gets."""
+
+    def start(self) -> list[tuple]:
+        self._nonce = self._urandom(_NONCE_BYTES).hex()
+        self._hello = _encode(
+            {"v": PROTOCOL_VERSION, "cluster": self.cluster_id, "nonce": self._nonce, "info": self.info}
+        )
+        self._state = "hello-sent"
+        return [(Kind.HELLO, self._hello)]
+
+    def receive(self, kind: Kind, payload) -> list[tuple]:
+        """Raises HandshakeFailed (with the REFUSE to send, if any) on any mismatch."""
+        if kind == Kind.REFUSE:
+            self._refused(payload)
+        if self._state == "hello-sent" and kind == Kind.CHALLENGE:
+            payload = bytes(payload)
+            mac_s, body = payload[:MAC_SIZE], payload[MAC_SIZE:]
+            expected = _mac(self._key, b"grid-server", self._hello, body)
+            if len(mac_s) != MAC_SIZE or not hmac.compare_digest(mac_s, expected):
+                self._fail("the server could not prove the cluster secret: the secrets differ")
+            challenge = _json(body)
+            info = challenge.get("info")
+            if not isinstance(info, dict):
+                self._fail("malformed challenge: no member info")
+            self.peer_info = info
+            self._state = "proof-sent"
+            return [(Kind.PROOF, _mac(self._key, b"grid-client", self._hello, body))]
+        if self._state == "proof-sent" and kind == Kind.WELCOME:
+            self._state = "done"
+            self.done = True
+            return []
+        self._fail(f"unexpected {Kind(kind).name} during the handshake (state {self._state})")
+
+
+class ServerHandshake(_Handshake):
+    """The accepting side: waits for HELLO, challenges, checks the proof."""
+
+    def start(self) -> list[tuple]:
+        return []
+
+    def receive(self, kind: Kind, payload) -> list[tuple]:
+        """Raises HandshakeFailed (with the REFUSE to send, if any) on any mismatch."""
+        if kind == Kind.REFUSE:
+            self._refused(payload)
+        if self._state == "waiting-hello" and kind == Kind.HELLO:
+            self._hello = bytes(payload)
+            hello = _json(self._hello)
+            if hello.get("v") != PROTOCOL_VERSION:
+                self._fail(f"handshake version {hello.get('v')!r} is not supported (this member speaks {PROTOCOL_VERSION})")
+            if hello.get("cluster") != self.cluster_id:
+                self._fail(f"cluster id {hello.get('cluster')!r} is not this cluster's {self.cluster_id!r}")
+            nonce = hello.get("nonce")
+            info = hello.get("info")
+            if not isinstance(nonce, str) or len(nonce) != 2 * _NONCE_BYTES or not isinstance(info, dict):
+                self._fail("malformed hello: nonce or info missing")
+            self._pending_info = info
+            body = _encode({"nonce": self._urandom(_NONCE_BYTES).hex(), "info": self.info})
+            self._body = body
+            self._state = "challenged"
+            return [(Kind.CHALLENGE, _mac(self._key, b"grid-server", self._hello, body) + body)]
+        if self._state == "challenged" and kind == Kind.PROOF:
+            expected = _mac(self._key, b"grid-client", self._hello, self._body)
+            if not hmac.compare_digest(bytes(payload), expected):
+                self._fail("the client could not prove the cluster secret: the secrets differ")
+            self.peer_info = self._pending_info
+            self._state = "done"
+            self.done = True
+            return [(Kind.WELCOME, b"")]
+        self._fail(f"unexpected {Kind(kind).name} during the handshake (state {self._state})")
+
+
+def server_context(tls) -> ssl.SSLContext | None:
+    """The TLS context for accepted connections from a ``TlsConfig`` (None: no TLS).
+
+    With ``ca`` set, peers must present a certificate signed by it (mutual TLS).
+    """
+    if tls is None or not tls.cert:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=tls.ca)
+    _load_chain(context, tls)
+    context.verify_mode = ssl.CERT_REQUIRED if tls.ca else ssl.CERT_NONE
+    return context
+
+
+def client_context(tls) -> ssl.SSLContext | None:
+    """The TLS context for outgoing connections (None: no TLS).
+
+    Members are addressed by IP, so the certificate chain is checked against
+    ``ca`` but not the host name; the cluster secret still authenticates the peer.
+    """
+    if tls is None or not tls.cert:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=tls.ca)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_REQUIRED if tls.ca else ssl.CERT_NONE
+    _load_chain(context, tls)
+    return context
+
+
+def _load_chain(context: ssl.SSLContext, tls) -> None:
+    try:
+        context.load_cert_chain(tls.cert, tls.key)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(f"cannot load the certificate {tls.cert!r} / key {tls.key!r}: {exc}", key="tls.cert") from exc

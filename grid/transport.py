@@ -1,0 +1,622 @@
+"""The selectors loop: the only code in grid that touches sockets.
+
+::
+
+    caller threads                          IO thread ("grid-io", one per Transport)
+    --------------                          ----------------------------------------
+    conn.send_frame() --sendmsg()--> socket     (directly, when nothing is queued)
+         `-- what did not fit --> conn._out --wake--> EVENT_WRITE -> flush
+    transport.connect(addr) -> Future ------> non-blocking connect -> TLS -> handshake
+    conn.request(payload) -> Future             readable -> FrameDecoder.feed()
+                                                  handshake frames -> security.*Handshake
+                                                  RESPONSE frames  -> the request's Future
+                                                  other frames     -> on_frame(conn, frame)
+                                                closed -> on_close(conn)
+
+Nothing but handshake frames is accepted before authentication, and the
+decoder caps them at 4 KiB. Every ``OSError`` is translated at this edge into
+grid's ``TransportError``/``ConnectionClosed``, saying whether we or the peer
+closed the connection.
+"""
+
+from __future__ import annotations
+
+import collections
+import enum
+import errno
+import heapq
+import itertools
+import logging
+import selectors
+import socket
+import ssl
+import threading
+import time
+from concurrent.futures import Future
+
+from . import security, wire
+from .errors import ConnectionClosed, HandshakeError, ProtocolError, TransportError
+from .wire import Flag, Kind
+
+log = logging.getLogger("grid.transport")
+
+_RECV_SIZE = 256 * 1024
+_ACCEPT_BACKLOG = 512
+
+
+class State(enum.Enum):
+    CONNECTING = "connecting"
+    TLS = "tls"
+    HANDSHAKE = "handshake"
+    OPEN = "open"
+    CLOSED = "closed"
+
+
+_TRANSITIONS = {
+    State.CONNECTING: {State.TLS, State.HANDSHAKE, State.CLOSED},
+    State.TLS: {State.HANDSHAKE, State.CLOSED},
+    State.HANDSHAKE: {State.OPEN, State.CLOSED},
+    State.OPEN: {State.CLOSED},
+    State.CLOSED: set(),
+}
+
+
+class Connection:
+    """One authenticated (or authenticating) connection to another process."""
+
+    def __init__(self, transport: Transport, sock: socket.socket, *, outbound: bool, remote: tuple):
+        self.transport = transport
+        self.outbound = outbound
+        self.remote = remote
+        self.state = State.CONNECTING
+        self.peer_info: dict = {}
+        self.close_reason: str | None = None
+        self.closed_by_peer = False
+        self.opened = Future()  # resolves to self once authenticated
+        self.attachment = None  # free slot for the layer above (e.g. the member this link belongs to)
+        self._sock = sock
+        self._lock = threading.Lock()
+        self._out: collections.deque = collections.deque()
+        self._decoder = wire.FrameDecoder()
+        self._handshake = None
+        self._pending: dict[int, Future] = {}
+        self._request_ids = itertools.count(1)
+        self._deadline_timer = None
+        self._events = 0
+
+    def __repr__(self) -> str:
+        who = self.peer_info.get("address") or "%s:%s" % self.remote[:2]
+        return f"<Connection {'to' if self.outbound else 'from'} {who} {self.state.value}>"
+
+    @property
+    def is_open(self) -> bool:
+        return self.state is State.OPEN
+
+    def _set_state(self, new: State) -> None:
+        if new not in _TRANSITIONS[self.state]:
+            raise RuntimeError(f"connection state {self.state.value} cannot go to {new.value}")
+        self.state = new
+
+    # -- sending (any thread) ------------------------------------------------------------
+
+    def send_frame(self, kind: Kind, payload=b"", *, request_id: int = 0, flags: int = 0) -> None:
+        """Queue one frame; writes at once from the calling thread when nothing is queued.
+
+        Raises:
+            ConnectionClosed: the connection is closed (or failed while writing).
+        """
+        buffers = wire.encode_frame(kind, payload, request_id=request_id, flags=flags)
+        self._send_buffers(buffers)
+
+    def _send_buffers(self, buffers: list) -> None:
+        with self._lock:
+            if self.state is State.CLOSED:
+                raise ConnectionClosed(f"{self!r} is closed: {self.close_reason}", by_peer=self.closed_by_peer)
+            if self._out or self.state is not State.OPEN and self.state is not State.HANDSHAKE:
+                self._out.extend(memoryview(b).cast("B") for b in buffers)
+                queued_first = len(self._out) == len(buffers)
+            else:
+                try:
+                    sent = self._write(buffers)
+                except OSError as exc:
+                    self.transport.call_soon(self._fail, f"write failed: {exc}", True)
+                    raise ConnectionClosed(f"{self!r}: write failed: {exc}", by_peer=True) from exc
+                self._queue_remainder(buffers, sent)
+                queued_first = bool(self._out)
+        if queued_first and self.state is State.OPEN:
+            self.transport.call_soon(self._update_interest)
+
+    def _write(self, buffers) -> int:
+        try:
+            if isinstance(self._sock, ssl.SSLSocket):
+                return self._sock.send(b"".join(buffers))
+            return self._sock.sendmsg(buffers)
+        except (BlockingIOError, ssl.SSLWantWriteError, ssl.SSLWantReadError):
+            return 0
+
+    def _queue_remainder(self, buffers, sent: int) -> None:
+        for buffer in buffers:
+            view = memoryview(buffer).cast("B")
+            if sent >= view.nbytes:
+                sent -= view.nbytes
+                continue
+            self._out.append(view[sent:])
+            sent = 0
+
+    def _flush(self) -> None:
+        """IO thread: write what is queued."""
+        with self._lock:
+            while self._out:
+                batch = list(itertools.islice(self._out, 64))
+                sent = self._write(batch)
+                if sent == 0:
+                    break
+                while sent and self._out:
+                    head = self._out[0]
+                    if sent >= head.nbytes:
+                        sent -= head.nbytes
+                        self._out.popleft()
+                    else:
+                        self._out[0] = head[sent:]
+                        sent = 0
+        self._update_interest()
+
+    def request(self, payload, *, flags: int = 0) -> Future:
+        """Send a REQUEST frame; the Future resolves to the RESPONSE ``Frame``.
+
+        The Future fails with ConnectionClosed if the connection closes first.
+        """
+        future: Future = Future()
+        with self._lock:
+            request_id = next(self._request_ids)
+            self._pending[request_id] = future
+        try:
+            self.send_frame(Kind.REQUEST, payload, request_id=request_id, flags=flags)
+        except ConnectionClosed as exc:
+            with self._lock:
+                self._pending.pop(request_id, None)
+            future.set_exception(exc)
+        return future
+
+    def respond(self, request_id: int, payload, *, error: bool = False) -> None:
+        self.send_frame(Kind.RESPONSE, payload, request_id=request_id, flags=Flag.ERROR if error else 0)
+
+    def close(self, reason: str = "closed by this side") -> None:
+        """Close from any thread; queued output is dropped."""
+        self.transport.call_soon(self._fail, reason, False)
+
+    # -- IO thread ------------------------------------------------------------------------
+
+    def _update_interest(self) -> None:
+        if self.state is State.CLOSED:
+            return
+        events = selectors.EVENT_READ
+        if self.state is State.CONNECTING or (self._out and self.state is State.OPEN) or self._out and self.state is State.HANDSHAKE:
+            events |= selectors.EVENT_WRITE
+        if self.state is State.CONNECTING:
+            events = selectors.EVENT_WRITE
+        if events != self._events:
+            self.transport._selector.modify(self._sock, events, self._on_event)
+            self._events = events
+
+    def _on_event(self, mask: int) -> None:
+        try:
+            if self.state is State.CONNECTING:
+                self._finish_connect()
+            elif self.state is State.TLS:
+                self._continue_tls()
+            else:
+                if mask & selectors.EVENT_WRITE:
+                    self._flush()
+                if mask & selectors.EVENT_READ:
+                    self._read()
+        except ProtocolError as exc:
+            self._fail(f"protocol error: {exc}", False)
+        except (ConnectionClosed, OSError) as exc:
+            self._fail(str(exc) or type(exc).__name__, True)
+
+    def _finish_connect(self) -> None:
+        error = self._sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if error:
+            reason = f"cannot connect to {self.remote[0]}:{self.remote[1]}: {errno.errorcode.get(error, error)} ({__import__('os').strerror(error)})"
+            self._fail(reason, True)
+            return
+        context = self.transport._client_tls
+        if context is not None:
+            self._set_state(State.TLS)
+            self._sock = context.wrap_socket(self._sock, do_handshake_on_connect=False)
+            self.transport._selector.modify(self._sock, selectors.EVENT_WRITE | selectors.EVENT_READ, self._on_event)
+            self._continue_tls()
+            return
+        self._begin_handshake()
+
+    def _continue_tls(self) -> None:
+        try:
+            self._sock.do_handshake()
+        except ssl.SSLWantReadError:
+            self._events = selectors.EVENT_READ
+            self.transport._selector.modify(self._sock, self._events, self._on_event)
+            return
+        except ssl.SSLWantWriteError:
+            self._events = selectors.EVENT_WRITE
+            self.transport._selector.modify(self._sock, self._events, self._on_event)
+            return
+        except (ssl.SSLError, OSError) as exc:
+            self._fail(f"TLS handshake failed: {exc}", True)
+            return
+        self._begin_handshake()
+
+    def _begin_handshake(self) -> None:
+        transport = self.transport
+        self._set_state(State.HANDSHAKE)
+        options = dict(cluster_id=transport.cluster_id, secret=transport._secret, info=transport.info)
+        self._handshake = security.ClientHandshake(**options) if self.outbound else security.ServerHandshake(**options)
+        self._update_interest()
+        for kind, payload in self._handshake.start():
+            self.send_frame(kind, payload)
+
+    def _read(self) -> None:
+        try:
+            data = self._sock.recv(_RECV_SIZE)
+        except (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
+            return
+        except OSError as exc:
+            raise ConnectionClosed(f"connection lost: {exc}") from exc
+        if not data:
+            raise ConnectionClosed("closed by the peer")
+        if isinstance(self._sock, ssl.SSLSocket):
+            while self._sock.pending():
+                data += self._sock.recv(self._sock.pending())
+        for frame in self._decoder.feed(data):
+            if self.state is State.HANDSHAKE:
+                self._handshake_frame(frame)
+            elif frame.kind == Kind.RESPONSE:
+                with self._lock:
+                    future = self._pending.pop(frame.request_id, None)
+                if future is not None and future.set_running_or_notify_cancel():
+                    future.set_result(frame)
+            elif self.state is State.OPEN:
+                self.transport._dispatch(self, frame)
+
+    def _handshake_frame(self, frame: wire.Frame) -> None:
+        try:
+            replies = self._handshake.receive(frame.kind, frame.payload)
+        except security.HandshakeFailed as exc:
+            if exc.reply is not None:
+                try:
+                    self.send_frame(*exc.reply)
+                    self._flush()
+                except (ConnectionClosed, OSError):
+                    pass
+            side = "peer" if exc.by_peer else "this member"
+            log.warning("handshake with %s:%s refused (by %s): %s", *self.remote[:2], side, exc.reason)
+            self._fail(f"handshake failed: {exc.reason}", exc.by_peer, error=exc)
+            return
+        for kind, payload in replies:
+            self.send_frame(kind, payload)
+        if self._handshake.done:
+            self.peer_info = self._handshake.peer_info or {}
+            self._decoder.authenticated(self.transport.max_payload)
+            self._set_state(State.OPEN)
+            if self._deadline_timer is not None:
+                self._deadline_timer.cancel()
+            self._update_interest()
+            self.transport._opened(self)
+
+    def _handshake_deadline(self) -> None:
+        if self.state in (State.CONNECTING, State.TLS, State.HANDSHAKE):
+            reason = f"handshake with {self.remote[0]}:{self.remote[1]} timed out after {self.transport.handshake_timeout} s"
+            log.warning(reason)
+            self._fail(reason, True, error=HandshakeError(reason))
+
+    def _fail(self, reason: str, by_peer: bool, *, error: Exception | None = None) -> None:
+        if self.state is State.CLOSED:
+            return
+        with self._lock:
+            self.state = State.CLOSED
+            self.close_reason = reason
+            self.closed_by_peer = by_peer
+            self._out.clear()
+            pending, self._pending = self._pending, {}
+        if self._deadline_timer is not None:
+            self._deadline_timer.cancel()
+        try:
+            self.transport._selector.unregister(self._sock)
+        except (KeyError, ValueError):
+            pass
+        self._sock.close()
+        self.transport._forget(self)
+        exc = error or ConnectionClosed(f"connection to {self.peer_info.get('address') or self.remote}: {reason}", by_peer=by_peer)
+        if not self.opened.done():
+            if isinstance(exc, ConnectionClosed) and self.outbound:
+                exc = TransportError(reason)
+            self.opened.set_exception(exc)
+        for future in pending.values():
+            if not future.done():
+                future.set_exception(ConnectionClosed(f"{reason} (request not answered)", by_peer=by_peer))
+        self.transport._closed(self)
+
+
+class _Timer:
+    __slots__ = ("when", "callback", "args", "cancelled")
+
+    def __init__(self, when, callback, args):
+        self.when = when
+        self.callback = callback
+        self.args = args
+        self.cancelled = False
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+    def __lt__(self, other):
+        return self.when < other.when
+
+
+class Transport:
+    """One selectors loop on its own thread, the listening socket and every connection.
+
+    Args:
+        cluster_id, secret: what the handshake checks.
+        info: this side's JSON-safe identity, sent in the handshake (uuid, address, role).
+        on_frame: ``fn(conn, frame)`` on the IO thread for each frame after authentication
+            (except RESPONSEs, which resolve their request's Future). Keep it quick.
+        on_open: ``fn(conn)`` on the IO thread when a connection is authenticated.
+        on_close: ``fn(conn)`` on the IO thread when an authenticated connection closes.
+        tls: a ``TlsConfig`` or None.
+    """
+
+    def __init__(self, *, cluster_id: str, secret: str | None, info: dict, on_frame=None, on_open=None,
+                 on_close=None, handshake_timeout: float = 5.0, tls=None, clock=time,
+                 max_payload: int = wire.DEFAULT_MAX_PAYLOAD, name: str = "grid-io"):
+        self.cluster_id = cluster_id
+        self._secret = secret
+        self.info = dict(info)
+        self.on_frame = on_frame
+        self.on_open = on_open
+        self.on_close = on_close
+        self.handshake_timeout = handshake_timeout
+        self.max_payload = max_payload
+        self.clock = clock
+        self._server_tls = security.server_context(tls)
+        self._client_tls = security.client_context(tls)
+        self._selector = selectors.DefaultSelector()
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        self._selector.register(self._wake_r, selectors.EVENT_READ, self._drain_wake)
+        self._calls: collections.deque = collections.deque()
+        self._timers: list[_Timer] = []
+        self._timers_lock = threading.Lock()
+        self._connections: set[Connection] = set()
+        self._listeners: list[socket.socket] = []
+        self.address: tuple[str, int] | None = None
+        self._running = True
+        self._thread = threading.Thread(target=self._run, name=name)
+        self._thread.start()
+
+    # -- public, any thread ----------------------------------------------------------------
+
+    def listen(self, host: str, port: int, *, port_range: int = 100) -> tuple[str, int]:
+        """Bind and listen on ``host:port``, trying up to ``port_range`` ports upwards.
+
+        Port 0 lets the OS choose. Returns the bound address.
+
+        Raises:
+            TransportError: no port in the range could be bound.
+        """
+        last_error = None
+        candidates = [0] if port == 0 else range(port, min(port + port_range, 65536))
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        for candidate in candidates:
+            sock = socket.socket(family, socket.SOCK_STREAM)
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                sock.bind((host, candidate))
+                sock.listen(_ACCEPT_BACKLOG)
+            except OSError as exc:
+                sock.close()
+                last_error = exc
+                continue
+            sock.setblocking(False)
+            self._listeners.append(sock)
+            bound = sock.getsockname()[:2]
+            self.call_soon(self._selector.register, sock, selectors.EVENT_READ, lambda mask, s=sock: self._accept(s))
+            self.address = (bound[0], bound[1])
+            return self.address
+        raise TransportError(
+            f"cannot listen on {host} ports {candidates[0]}..{candidates[-1]}: {last_error}; "
+            "free a port or set another `port` in the config"
+        ) from last_error
+
+    def connect(self, address: tuple[str, int]) -> Future:
+        """Start connecting and authenticating; the Future resolves to an open ``Connection``.
+
+        It fails with ``TransportError`` (refused, unreachable) or ``HandshakeError``
+        (wrong secret or cluster id, timeout) within ``handshake_timeout``.
+        """
+        host, port = address
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        try:
+            sock = socket.socket(family, socket.SOCK_STREAM)
+        except OSError as exc:
+            future = Future()
+            future.set_exception(TransportError(f"cannot create a socket: {exc}"))
+            return future
+        sock.setblocking(False)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        conn = Connection(self, sock, outbound=True, remote=(host, port))
+        self.call_soon(self._start_connect, conn)
+        return conn.opened
+
+    def call_soon(self, fn, *args) -> None:
+        """Run ``fn(*args)`` on the IO thread (runs inline when already on it)."""
+        if threading.current_thread() is self._thread:
+            fn(*args)
+            return
+        self._calls.append((fn, args))
+        self._wake()
+
+    def call_later(self, delay: float, fn, *args) -> _Timer:
+        """Run ``fn(*args)`` on the IO thread after ``delay`` seconds; returns a cancellable handle."""
+        timer = _Timer(self.clock.monotonic() + delay, fn, args)
+        with self._timers_lock:
+            heapq.heappush(self._timers, timer)
+        if threading.current_thread() is not self._thread:
+            self._wake()
+        return timer
+
+    @property
+    def connections(self) -> list[Connection]:
+        return list(self._connections)
+
+    def close(self) -> None:
+        """Close every connection and the listener, stop the IO thread and join it."""
+        if not self._running:
+            return
+        if threading.current_thread() is self._thread:
+            raise RuntimeError("Transport.close() called from its own IO thread")
+        self._running = False
+        self._wake()
+        self._thread.join()
+
+    # -- IO thread ---------------------------------------------------------------------------
+
+    def _wake(self) -> None:
+        try:
+            self._wake_w.send(b"\0")
+        except (BlockingIOError, OSError):
+            pass  # the pipe is full (a wake-up is pending) or we are shutting down
+
+    def _drain_wake(self, mask) -> None:
+        try:
+            while self._wake_r.recv(4096):
+                pass
+        except BlockingIOError:
+            pass
+
+    def _run(self) -> None:
+        try:
+            while self._running:
+                timeout = None
+                with self._timers_lock:
+                    if self._timers:
+                        timeout = max(0.0, self._timers[0].when - self.clock.monotonic())
+                if self._calls:
+                    timeout = 0
+                for key, mask in self._selector.select(timeout):
+                    try:
+                        key.data(mask)
+                    except Exception:  # a bug in a handler must not stop the loop
+                        log.exception("error handling an event on %r", key.fileobj)
+                self._run_calls()
+                self._run_timers()
+        finally:
+            self._shutdown()
+
+    def _run_calls(self) -> None:
+        calls = self._calls
+        while calls:
+            fn, args = calls.popleft()
+            try:
+                fn(*args)
+            except Exception:
+                log.exception("error in a call on the IO thread: %r", fn)
+
+    def _run_timers(self) -> None:
+        now = self.clock.monotonic()
+        due = []
+        with self._timers_lock:
+            while self._timers and self._timers[0].when <= now:
+                due.append(heapq.heappop(self._timers))
+        for timer in due:
+            if timer.cancelled:
+                continue
+            try:
+                timer.callback(*timer.args)
+            except Exception:
+                log.exception("error in a timer on the IO thread: %r", timer.callback)
+
+    def _start_connect(self, conn: Connection) -> None:
+        self._connections.add(conn)
+        conn._deadline_timer = self.call_later(self.handshake_timeout, conn._handshake_deadline)
+        try:
+            result = conn._sock.connect_ex(conn.remote)
+        except OSError as exc:
+            conn._fail(f"cannot connect to {conn.remote[0]}:{conn.remote[1]}: {exc}", True)
+            return
+        if result not in (0, errno.EINPROGRESS, errno.EWOULDBLOCK):
+            conn._fail(f"cannot connect to {conn.remote[0]}:{conn.remote[1]}: {errno.errorcode.get(result, result)}", True)
+            return
+        conn._events = selectors.EVENT_WRITE
+        self._selector.register(conn._sock, selectors.EVENT_WRITE, conn._on_event)
+
+    def _accept(self, listener: socket.socket) -> None:
+        for _ in range(64):
+            try:
+                sock, remote = listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                log.warning("accept failed: %s", exc)
+                return
+            sock.setblocking(False)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            conn = Connection(self, sock, outbound=False, remote=remote)
+            self._connections.add(conn)
+            conn._deadline_timer = self.call_later(self.handshake_timeout, conn._handshake_deadline)
+            if self._server_tls is not None:
+                conn._set_state(State.TLS)
+                conn._sock = self._server_tls.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
+                conn._events = selectors.EVENT_READ
+                self._selector.register(conn._sock, selectors.EVENT_READ, conn._on_event)
+                continue
+            conn._events = selectors.EVENT_READ
+            self._selector.register(sock, selectors.EVENT_READ, conn._on_event)
+            conn._begin_handshake()
+
+    def _opened(self, conn: Connection) -> None:
+        if conn.outbound:
+            if conn.opened.set_running_or_notify_cancel():
+                conn.opened.set_result(conn)
+            else:  # nobody wants it any more
+                conn._fail("connect was cancelled", False)
+                return
+        else:
+            conn.opened.set_running_or_notify_cancel()
+            conn.opened.set_result(conn)
+        if self.on_open is not None:
+            try:
+                self.on_open(conn)
+            except Exception:
+                log.exception("error in on_open for %r", conn)
+
+    def _dispatch(self, conn: Connection, frame: wire.Frame) -> None:
+        try:
+            self.on_frame(conn, frame)
+        except Exception:
+            log.exception("error handling a %s frame from %r", frame.kind.name, conn)
+
+    def _forget(self, conn: Connection) -> None:
+        self._connections.discard(conn)
+
+    def _closed(self, conn: Connection) -> None:
+        if conn.opened.done() and conn.opened.exception() is None and self.on_close is not None:
+            try:
+                self.on_close(conn)
+            except Exception:
+                log.exception("error in on_close for %r", conn)
+
+    def _shutdown(self) -> None:
+        self._run_calls()
+        for conn in list(self._connections):
+            conn._fail("transport closed", False)
+        for listener in self._listeners:
+            try:
+                self._selector.unregister(listener)
+            except (KeyError, ValueError):
+                pass
+            listener.close()
+        self._selector.close()
+        self._wake_r.close()
+        self._wake_w.close()
