@@ -49,7 +49,7 @@ logger = logging.getLogger("grid.discovery")
 Address = tuple[str, int]
 
 MAX_ANNOUNCEMENT_BYTES = 1024
-MEMBER_STATES = ("joining", "member")
+MEMBER_STATES = ("joining", "member", "client")  # a client only listens and asks
 _ANNOUNCEMENT_KEY_CONTEXT = b"grid multicast announcement v1\x00"
 _REPLY_MIN_INTERVAL = 0.1  # seconds between two answers to joiners: a joiner storm costs <= 10 datagrams/s
 _MAX_DATAGRAMS_PER_WAKE = 64
@@ -127,7 +127,10 @@ class Discovery:
         """Forget a member found dead (the registry folder prunes its entry; others do nothing)."""
 
     def set_state(self, state: str) -> None:
-        """Tell discovery this member is ``"joining"`` or a ``"member"`` (multicast announces it)."""
+        """Tell discovery this process is ``"joining"``, a ``"member"`` or a ``"client"``.
+
+        Multicast announces it; a client is answered by members but is never a candidate.
+        """
         if state not in MEMBER_STATES:
             raise ValueError(f"unknown member state {state!r}: expected one of {MEMBER_STATES}")
 
@@ -595,6 +598,11 @@ class MulticastDiscovery(Discovery):
             return self._ignore(source_ip, f"another cluster id {fields.get('cluster')!r}")
         if fields["uuid"] == self.member_uuid:
             return  # our own announcement, looped back
+        if fields["state"] == "client":
+            if self._state == "member" and self._should_answer(self._clock.monotonic()):
+                self._last_reply = self._clock.monotonic()
+                self._send_announcement()
+            return  # a client is never a join candidate
         try:
             address = _parse_member_address(fields["address"])
         except ValueError:
@@ -615,6 +623,8 @@ class MulticastDiscovery(Discovery):
         # was silent that long, so two joiners never answer each other's answers in a loop.
         if self._state == "member":
             return now - self._last_reply >= _REPLY_MIN_INTERVAL
+        if self._state == "client":
+            return False
         return now - self._last_sent >= _REPLY_MIN_INTERVAL
 
 

@@ -111,6 +111,11 @@ class FrameDecoder:
 
     ``max_payload`` can be raised once the connection is authenticated; until
     then it is ``HANDSHAKE_LIMIT`` and only handshake kinds are accepted.
+
+    During the handshake ``feed`` returns at most one frame and keeps the rest
+    buffered: a peer may send WELCOME and its first MESSAGE in one segment, and
+    that MESSAGE's header must be judged after ``authenticated()``, not before.
+    Call ``feed(b"")`` to go on decoding what is buffered.
     """
 
     def __init__(self, max_payload: int = HANDSHAKE_LIMIT, *, handshake: bool = True):
@@ -127,10 +132,11 @@ class FrameDecoder:
 
     @property
     def buffered(self) -> int:
+        """Bytes received and not yet returned in a frame (a header already parsed is not counted)."""
         return len(self._buffer) - self._start
 
     def feed(self, data) -> list[Frame]:
-        """Add bytes; return the frames now complete (possibly none).
+        """Add bytes; return the frames now complete (possibly none; at most one during the handshake).
 
         Raises:
             ProtocolError: bad magic or version, unknown or unexpected kind, or a
@@ -147,10 +153,13 @@ class FrameDecoder:
             end = self._start + length
             if len(self._buffer) < end:
                 break
-            payload = bytes(self._buffer[self._start : end])
+            with memoryview(self._buffer) as view:
+                payload = bytes(view[self._start : end])
             self._start = end
             self._header = None
             frames.append(Frame(kind, flags, request_id, payload))
+            if self.handshake:
+                break
         if self._start and (self._start == len(self._buffer) or self._start > 65536):
             del self._buffer[: self._start]
             self._start = 0

@@ -1,0 +1,221 @@
+"""Connecting to a cluster: ``connect()`` and the process-wide default ``cluster()``.
+
+A ``Cluster`` is either a client (it talks to the members over one
+authenticated link and follows the member list they push) or, with
+``member=True``, a full member running in this process.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid as uuid_module
+
+from . import messaging
+from .config import Config, load_config
+from .discovery import MulticastDiscovery, make_discovery
+from .errors import NotConnected
+from .membership import Listeners, Member
+from .peer import Peer
+from .transport import Transport
+
+log = logging.getLogger("grid.client")
+
+
+class Cluster:
+    """A handle on a cluster; use ``grid.connect()`` to make one.
+
+    It is a context manager; ``close()`` leaves nothing running.
+    """
+
+    def __init__(self, config: Config, *, member: bool = False, timeout: float | None = None):
+        self.config = config
+        self.is_member = member
+        self._closed = False
+        if member:
+            self._peer = Peer(config)
+            self._peer.start(timeout)
+            self._link = None
+        else:
+            self._peer = None
+            self._link = _ClientLink(config, timeout=timeout)
+
+    def members(self) -> list[Member]:
+        """The current members, oldest (the master) first."""
+        self._check_open()
+        return list(self._peer.members() if self._peer else self._link.members)
+
+    def master(self) -> Member | None:
+        members = self.members()
+        return members[0] if members else None
+
+    def add_membership_listener(self, listener) -> None:
+        """Call ``listener(event)`` for each member that joins or leaves, in order.
+
+        ``event.kind`` is "joined" or "left", ``event.member`` the member and
+        ``event.members`` the list after the change.
+        """
+        self._check_open()
+        if self._peer:
+            self._peer.membership.add_listener(listener)
+        else:
+            self._link.listeners.add(listener)
+
+    def remove_membership_listener(self, listener) -> None:
+        if self._peer:
+            self._peer.membership.remove_listener(listener)
+        else:
+            self._link.listeners.remove(listener)
+
+    def close(self) -> None:
+        """Disconnect (or, as a member, leave the cluster cleanly). Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._peer:
+            self._peer.close()
+        else:
+            self._link.close()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise NotConnected("this Cluster handle is closed; call grid.connect() for a new one")
+
+    def __enter__(self) -> Cluster:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        role = "member" if self.is_member else "client"
+        state = "closed" if self._closed else f"{len(self.members())} members"
+        return f"<Cluster {self.config.id!r} {role}, {state}>"
+
+
+class _ClientLink:
+    """A client's link to the cluster: one connection to some member, re-made when it drops."""
+
+    def __init__(self, config: Config, *, timeout: float | None):
+        self.config = config
+        self.members: tuple[Member, ...] = ()
+        self.version = 0
+        self.listeners = Listeners()
+        self._secret = config.resolved_secret()
+        self._router = messaging.Router()
+        self._router.register("members", self._on_members)
+        self._closed = threading.Event()
+        self._lost = threading.Event()
+        self._lock = threading.Lock()
+        self._conn = None
+        self._transport = Transport(
+            cluster_id=config.id, secret=self._secret,
+            info={"uuid": uuid_module.uuid4().hex, "role": "client"},
+            on_frame=self._router.on_frame, on_close=self._on_close,
+            handshake_timeout=config.handshake_timeout, tls=config.tls)
+        try:
+            self._discovery = make_discovery(config.replace(register_on_join=False), secret=self._secret)
+            if isinstance(self._discovery, MulticastDiscovery):
+                # Listen for members' announcements; a client asks but is never a candidate.
+                self._discovery.set_state("client")
+                self._discovery.start((config.bind_host(), 0))
+            wait = timeout if timeout is not None else config.join_timeout + config.handshake_timeout
+            self._connect(deadline=time.monotonic() + wait)
+        except BaseException:
+            self._transport.close()
+            if hasattr(self, "_discovery"):
+                self._discovery.stop(clean=False)
+            self.listeners.close()
+            raise
+        self._thread = threading.Thread(target=self._keep_connected, name="grid-client")
+        self._thread.start()
+
+    def _candidates(self) -> list:
+        known = [m.address for m in self.members]
+        return known + [address for address in self._discovery.candidates() if address not in known]
+
+    def _connect(self, deadline: float) -> None:
+        reasons = {}
+        while not self._closed.is_set():
+            for address in self._candidates():
+                try:
+                    conn = self._transport.connect(address).result(self.config.handshake_timeout)
+                    reply = messaging.request(conn, "client_hello", None).result(self.config.handshake_timeout)
+                except Exception as exc:
+                    reasons[address] = str(exc) or type(exc).__name__
+                    continue
+                with self._lock:
+                    self._conn = conn
+                    self._lost.clear()
+                self._update(reply["version"], reply["members"], force=True)
+                return
+            if time.monotonic() >= deadline:
+                tried = "; ".join(f"{h}:{p}: {why}" for (h, p), why in reasons.items()) or "no candidates found"
+                raise NotConnected(f"cannot reach any member of cluster {self.config.id!r} ({tried}); "
+                                   "start a member (`python -m grid peer`) or check `members` and the secret")
+            self._closed.wait(0.1)
+
+    def _on_members(self, conn, body) -> None:
+        self._update(body["version"], body["members"])
+
+    def _update(self, version: int, members, *, force: bool = False) -> None:
+        with self._lock:
+            if not force and version <= self.version:
+                return
+            old, self.members = self.members, tuple(Member.from_wire(m) for m in members)
+            self.version = version
+            self.listeners.emit_changes(old, self.members, version)
+
+    def _on_close(self, conn) -> None:
+        if conn is self._conn:
+            self._lost.set()
+
+    def _keep_connected(self) -> None:
+        while not self._closed.is_set():
+            self._lost.wait()
+            if self._closed.is_set():
+                return
+            log.info("lost the link to the cluster; reconnecting")
+            try:
+                self._connect(deadline=time.monotonic() + self.config.failure_timeout)
+            except NotConnected as exc:
+                log.warning("%s", exc)
+                self._closed.wait(1.0)
+
+    def close(self) -> None:
+        self._closed.set()
+        self._lost.set()
+        self._thread.join()
+        self._transport.close()
+        self._discovery.stop(clean=False)
+        self.listeners.close()
+
+
+def connect(config=None, *, member: bool = False, timeout: float | None = None) -> Cluster:
+    """Connect to a cluster and return a ``Cluster`` handle.
+
+    Args:
+        config: a Config, a dict of config keys, a path to a config file, or None for
+            the lookup (./grid.toml, ~/.grid/grid.toml, the GRID environment variable).
+        member: make this process a full member (it holds data and runs work).
+        timeout: seconds to wait for the cluster (default: join_timeout + handshake_timeout).
+
+    Raises:
+        NotConnected: no member could be reached.
+        ConfigError: the config is invalid.
+    """
+    return Cluster(load_config(config), member=member, timeout=timeout)
+
+
+_default: Cluster | None = None
+_default_lock = threading.Lock()
+
+
+def cluster() -> Cluster:
+    """The process-wide default connection, made on first use from the config lookup."""
+    global _default
+    with _default_lock:
+        if _default is None or _default._closed:
+            _default = connect()
+        return _default

@@ -1,0 +1,741 @@
+"""Who is in the cluster: join, the master, heartbeats, failure detection, events.
+
+The oldest member is the master: the member list is kept in join order and
+its first entry is the master. The master admits joiners and publishes a
+versioned list to every member (and to connected clients). Every member
+heartbeats every other member over its own outbound link; a member silent for
+``failure_timeout``, or whose link drops and cannot be re-established, is
+removed. When the master dies, the next oldest takes over.
+
+All state lives on one thread ("grid-membership"); the IO thread only posts
+work to its inbox (and answers ``who`` from a published snapshot).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import logging
+import os
+import queue
+import socket
+import threading
+import time
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
+
+from . import messaging
+from .config import format_address, parse_address
+from .errors import GridError, JoinError
+
+log = logging.getLogger("grid.membership")
+
+_JOIN_RETRY = 0.1  # seconds between join attempts
+_ATTEMPT_TIMEOUT = 1.0  # how long one join attempt waits for candidates to answer
+
+
+@dataclasses.dataclass(frozen=True, order=True)
+class Member:
+    """One member of the cluster, as every other member knows it."""
+
+    uuid: str
+    address: tuple[str, int]
+    pid: int = 0
+    hostname: str = ""
+
+    def __str__(self) -> str:
+        return format_address(self.address)
+
+    def to_wire(self) -> dict:
+        return {"uuid": self.uuid, "address": list(self.address), "pid": self.pid, "hostname": self.hostname}
+
+    @classmethod
+    def from_wire(cls, data: dict) -> Member:
+        host, port = data["address"]
+        return cls(uuid=data["uuid"], address=(host, int(port)), pid=data.get("pid", 0),
+                   hostname=data.get("hostname", ""))
+
+
+@dataclasses.dataclass(frozen=True)
+class MembershipEvent:
+    """``kind`` is "joined" or "left"; ``members`` is the list right after the change."""
+
+    kind: str
+    member: Member
+    members: tuple[Member, ...]
+    version: int
+
+
+class Listeners:
+    """Membership listeners, called in order on one owned thread ("grid-events")."""
+
+    def __init__(self):
+        self._listeners: list = []
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+        self._closed = False
+
+    def _put(self, event) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="grid-events")
+                self._thread.start()
+            self._queue.put(event)
+
+    def add(self, listener) -> None:
+        self._listeners.append(listener)
+
+    def remove(self, listener) -> None:
+        try:
+            self._listeners.remove(listener)
+        except ValueError:
+            pass
+
+    def emit_changes(self, old, new, version: int) -> None:
+        """Queue "left" events for members gone from ``old`` and "joined" for new ones."""
+        new = tuple(new)
+        new_uuids = {m.uuid for m in new}
+        old_uuids = {m.uuid for m in old}
+        for member in old:
+            if member.uuid not in new_uuids:
+                self._put(MembershipEvent("left", member, new, version))
+        for member in new:
+            if member.uuid not in old_uuids:
+                self._put(MembershipEvent("joined", member, new, version))
+
+    def close(self) -> None:
+        """Deliver what is queued, then stop and join the thread."""
+        with self._lock:
+            self._closed = True
+            thread = self._thread
+        if thread is not None:
+            self._queue.put(None)
+            if thread is not threading.current_thread():
+                thread.join()
+
+    def _run(self) -> None:
+        while True:
+            event = self._queue.get()
+            if event is None:
+                return
+            for listener in list(self._listeners):
+                try:
+                    listener(event)
+                except Exception:
+                    log.exception("membership listener %r failed", listener)
+
+
+class State(enum.Enum):
+    STARTING = "starting"
+    JOINING = "joining"
+    MEMBER = "member"
+    LEAVING = "leaving"
+    STOPPED = "stopped"
+
+
+_TRANSITIONS = {
+    State.STARTING: {State.JOINING, State.STOPPED},
+    State.JOINING: {State.MEMBER, State.STOPPED},
+    State.MEMBER: {State.JOINING, State.LEAVING, State.STOPPED},
+    State.LEAVING: {State.STOPPED},
+    State.STOPPED: set(),
+}
+
+
+class Membership:
+    """The member list of this process's member, kept in agreement with the cluster.
+
+    Args:
+        me: this member.
+        transport: the process's Transport (links are made with it).
+        router: where membership registers its message handlers.
+        discovery: a started Discovery (candidates for joining).
+        heartbeat_interval, failure_timeout: seconds.
+        required: an address that must be in the cluster (no cluster forms without it).
+        clock: an object with ``monotonic()``.
+    """
+
+    def __init__(self, *, me: Member, transport, router, discovery, heartbeat_interval: float = 1.0,
+                 failure_timeout: float = 10.0, required: tuple[str, int] | None = None, clock=time):
+        self.me = me
+        self.transport = transport
+        self.discovery = discovery
+        self.heartbeat_interval = heartbeat_interval
+        self.failure_timeout = failure_timeout
+        self.required = required
+        self.clock = clock
+        self.state = State.STARTING
+        self._members: tuple[Member, ...] = ()
+        self.version = 0
+        self._links: dict[str, object] = {}  # uuid -> outbound Connection
+        self._connecting: dict[str, Future] = {}  # uuid -> pending connect
+        self._probes: dict[tuple, Future] = {}  # address -> connection used while joining
+        self._last_heard: dict[str, float] = {}
+        self._suspected: set[str] = set()
+        self._clients: set = set()
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._joined = threading.Event()
+        self._join_error: BaseException | None = None
+        self.listeners = Listeners()
+        self._stop = False
+        self._last_tick = clock.monotonic()
+        router.register("who", self._on_who)
+        router.register("join", self._on_join)
+        router.register("members", self._on_members)
+        router.register("hb", self._on_heartbeat)
+        router.register("suspect", self._on_suspect)
+        router.register("leave", self._on_leave)
+        router.register("removed", self._on_removed)
+        router.register("client_hello", self._on_client_hello)
+        self._thread = threading.Thread(target=self._run, name="grid-membership")
+
+    # -- public, any thread -------------------------------------------------------------------
+
+    def members(self) -> tuple[Member, ...]:
+        return self._members
+
+    def master(self) -> Member | None:
+        members = self._members
+        return members[0] if members else None
+
+    @property
+    def is_master(self) -> bool:
+        master = self.master()
+        return master is not None and master.uuid == self.me.uuid
+
+    def add_listener(self, listener) -> None:
+        """Call ``listener(MembershipEvent)`` for every join and leave, in order, on one thread."""
+        self.listeners.add(listener)
+
+    def remove_listener(self, listener) -> None:
+        self.listeners.remove(listener)
+
+    def start(self) -> None:
+        self._thread.start()
+        self._post(self._begin_join)
+
+    def wait_joined(self, timeout: float | None = None) -> None:
+        """Block until this member is in a cluster.
+
+        Raises:
+            JoinError: no cluster could be formed (e.g. the required member is absent).
+            TimeoutError: not joined within ``timeout``.
+        """
+        if not self._joined.wait(timeout):
+            if self._join_error is not None:
+                raise self._join_error
+            raise TimeoutError(f"not joined within {timeout} s")
+        if self._join_error is not None:
+            raise self._join_error
+
+    def leave(self, timeout: float = 2.0) -> None:
+        """Leave the cluster cleanly (the others remove this member at once)."""
+        done: Future = Future()
+        self._post(lambda: self._leave(done))
+        try:
+            done.result(timeout + 0.5)
+        except (FutureTimeout, GridError) as exc:
+            log.info("leaving: the master did not confirm (%s); the others will notice", exc)
+
+    def close(self) -> None:
+        """Stop the membership thread and the event thread and join them."""
+        self._stop = True
+        self._post(lambda: None)
+        if self._thread.is_alive():
+            self._thread.join()
+        self.listeners.close()
+        for conn in list(self._links.values()):
+            conn.close("membership closed")
+
+    # -- the membership thread ---------------------------------------------------------------
+
+    def _post(self, fn) -> None:
+        self._inbox.put(fn)
+
+    def _run(self) -> None:
+        next_tick = self.clock.monotonic()
+        while not self._stop:
+            timeout = max(0.0, next_tick - self.clock.monotonic())
+            try:
+                item = self._inbox.get(timeout=timeout)
+            except queue.Empty:
+                item = None
+            if item is not None:
+                try:
+                    item()
+                except Exception:
+                    log.exception("membership error")
+            if self._stop:
+                break
+            now = self.clock.monotonic()
+            if now >= next_tick:
+                try:
+                    interval = self._tick(now)
+                except Exception:
+                    log.exception("membership tick failed")
+                    interval = self.heartbeat_interval
+                next_tick = self.clock.monotonic() + interval
+        self._set_state(State.STOPPED)
+
+    def _set_state(self, new: State) -> None:
+        if new is self.state:
+            return
+        if new not in _TRANSITIONS[self.state]:
+            raise GridError(f"membership cannot go from {self.state.value} to {new.value}")
+        log.debug("membership %s -> %s", self.state.value, new.value)
+        self.state = new
+        if new in (State.JOINING, State.MEMBER):
+            try:
+                self.discovery.set_state("member" if new is State.MEMBER else "joining")
+            except Exception:
+                log.exception("discovery.set_state failed")
+
+    def _tick(self, now: float) -> float:
+        if self.state is State.JOINING:
+            self._join_attempt()
+            return _JOIN_RETRY
+        if self.state is State.MEMBER:
+            self._heartbeat(now)
+            return min(self.heartbeat_interval, self.failure_timeout / 4)
+        return self.heartbeat_interval
+
+    # -- joining ---------------------------------------------------------------------------
+
+    def _begin_join(self) -> None:
+        self._set_state(State.JOINING)
+        self._join_started = self.clock.monotonic()
+        self._last_reasons: dict = {}
+
+    def _join_attempt(self) -> None:
+        elapsed = self.clock.monotonic() - self._join_started
+        candidates = [address for address in self.discovery.candidates() if address != self.me.address]
+        required = self.required
+        if required is not None and required != self.me.address and required not in candidates:
+            candidates.append(required)
+        replies = self._ask_candidates(candidates)
+        joined = [reply for reply in replies if reply["state"] == "member" and reply.get("master")]
+        if required is not None and required != self.me.address:
+            required_reply = next((r for r in replies if tuple(r["address"]) == required), None)
+            if required_reply is None:
+                if elapsed >= self.discovery.join_wait:
+                    reason = self._last_reasons.get(required, "it did not answer")
+                    self._fail_join(JoinError(
+                        f"the required member {format_address(required)} could not be reached ({reason}); "
+                        "no cluster forms without it: start it first, or remove `required` from the config"))
+                return
+            if required_reply["state"] != "member":
+                return  # the required member forms the cluster; wait for it
+            joined = [required_reply]
+        if joined:
+            best = min(joined, key=lambda r: (-r["size"], tuple(r["master"])))
+            self._try_join(tuple(best["master"]))
+            return
+        contenders = [self.me.address] + [tuple(r["address"]) for r in replies if r["state"] == "joining"]
+        leader = self.me.address if required == self.me.address else min(contenders)
+        alone = len(contenders) == 1
+        if leader == self.me.address:
+            if not alone or elapsed >= self.discovery.join_wait or not candidates or required == self.me.address:
+                self._become_first_member()
+        elif elapsed >= 4 * self.discovery.join_wait + 2:
+            log.warning("member %s should have formed the cluster but has not; forming it here",
+                        format_address(leader))
+            self._become_first_member()
+
+    def _ask_candidates(self, candidates) -> list[dict]:
+        connects = {address: self._connect(address) for address in candidates}
+        deadline = self.clock.monotonic() + _ATTEMPT_TIMEOUT
+        requests = {}
+        for address, future in connects.items():
+            try:
+                conn = future.result(max(0.0, deadline - self.clock.monotonic()))
+            except Exception as exc:
+                self._last_reasons[address] = str(exc) or type(exc).__name__
+                continue
+            requests[address] = (conn, messaging.request(conn, "who", None))
+        replies = []
+        for address, (conn, future) in requests.items():
+            try:
+                reply = future.result(max(0.05, deadline - self.clock.monotonic()))
+            except Exception as exc:
+                self._last_reasons[address] = str(exc) or type(exc).__name__
+                continue
+            if reply.get("uuid") == self.me.uuid:
+                continue
+            replies.append(reply)
+        return replies
+
+    def _connect(self, address) -> Future:
+        """A connection for probing ``address`` while joining, reused across attempts."""
+        address = tuple(address)
+        future = self._probes.get(address)
+        if future is not None and (not future.done() or (future.exception() is None and future.result().is_open)):
+            return future
+        future = self._probes[address] = self.transport.connect(address)
+        return future
+
+    def _close_probes(self, keep=None) -> None:
+        for future in self._probes.values():
+            if future.done() and future.exception() is None and future.result() is not keep:
+                future.result().close("join probe no longer needed")
+            elif not future.done():
+                future.cancel()
+        self._probes.clear()
+
+    def _try_join(self, master_address) -> None:
+        try:
+            conn = self._connect(master_address).result(_ATTEMPT_TIMEOUT + 1)
+            reply = messaging.request(conn, "join", {"member": self.me.to_wire()}).result(_ATTEMPT_TIMEOUT + 1)
+        except Exception as exc:
+            log.debug("join via %s failed: %s", format_address(master_address), exc)
+            return
+        if not reply.get("ok"):
+            log.debug("join via %s refused: %s", format_address(master_address), reply)
+            conn.close("join refused")
+            return
+        members = tuple(Member.from_wire(m) for m in reply["members"])
+        master = members[0]
+        self._links[master.uuid] = conn
+        self._close_probes(keep=conn)
+        self._enter_cluster(reply["version"], members)
+
+    def _become_first_member(self) -> None:
+        log.info("no cluster found: %s starts a new one as its master", self.me)
+        self._close_probes()
+        self._enter_cluster(1, (self.me,))
+
+    def _enter_cluster(self, version: int, members) -> None:
+        self._set_state(State.MEMBER)
+        self._suspected.clear()
+        self._apply(version, members, force=True)
+        self._join_error = None
+        self._joined.set()
+        master = self.master()
+        log.info("joined the cluster: %d members, master %s", len(members), master)
+
+    def _fail_join(self, error: JoinError) -> None:
+        log.error("%s", error)
+        self._join_error = error
+        self._joined.set()
+        self._stop = True
+
+    # -- the member list ---------------------------------------------------------------------
+
+    def _apply(self, version: int, members, *, force: bool = False) -> None:
+        if not force and version <= self.version:
+            return
+        old = self._members
+        members = tuple(members)
+        if self.state is State.MEMBER and all(m.uuid != self.me.uuid for m in members):
+            log.warning("the master removed this member from the cluster; rejoining")
+            self._rejoin()
+            return
+        self.version = version
+        self._members = members
+        now = self.clock.monotonic()
+        uuids = {m.uuid for m in members}
+        for member in members:
+            if member.uuid != self.me.uuid:
+                self._last_heard.setdefault(member.uuid, now)
+                self._ensure_link(member)
+        for uuid in list(self._last_heard):
+            if uuid not in uuids:
+                del self._last_heard[uuid]
+        self._suspected &= uuids
+        for uuid in list(self._links):
+            if uuid not in uuids:
+                self._links.pop(uuid).close("no longer a member")
+        self.listeners.emit_changes(old, members, version)
+        for conn in list(self._clients):
+            self._send(conn, "members", {"version": version, "members": [m.to_wire() for m in members]})
+
+    def _rejoin(self) -> None:
+        self.listeners.emit_changes(self._members, [self.me], self.version)
+        self._members = ()
+        self.version = 0
+        self._joined.clear()
+        self._last_heard.clear()
+        self._suspected.clear()
+        for conn in self._links.values():
+            conn.close("rejoining")
+        self._links.clear()
+        self._set_state(State.JOINING)
+        self._join_started = self.clock.monotonic()
+        self._last_reasons = {}
+
+    def _publish(self, members) -> None:
+        """Master only: a new list, version bumped, sent to every member."""
+        self._apply(self.version + 1, members, force=True)
+        body = {"version": self.version, "members": [m.to_wire() for m in self._members]}
+        for member in self._members:
+            if member.uuid == self.me.uuid:
+                continue
+            conn = self._links.get(member.uuid)
+            if conn is not None and conn.is_open:
+                self._send(conn, "members", body)
+            # a member still being linked gets the list on its first heartbeat exchange
+
+    def _remove(self, uuids: set, reason: str) -> None:
+        gone = [m for m in self._members if m.uuid in uuids]
+        if not gone:
+            return
+        for member in gone:
+            log.warning("removing member %s: %s", member, reason)
+            conn = self._links.get(member.uuid)
+            if conn is not None and conn.is_open:
+                self._send(conn, "removed", {"reason": reason})
+            try:
+                self.discovery.member_dead(member.address)
+            except Exception:
+                log.exception("discovery could not prune %s", member)
+        self._publish([m for m in self._members if m.uuid not in uuids])
+
+    # -- links, heartbeats and failure detection -----------------------------------------
+
+    def _ensure_link(self, member: Member) -> None:
+        conn = self._links.get(member.uuid)
+        if conn is not None and conn.is_open or member.uuid in self._connecting:
+            return
+        future = self.transport.connect(member.address)
+        self._connecting[member.uuid] = future
+        future.add_done_callback(lambda done: self._post(lambda: self._link_done(member, done)))
+
+    def _link_done(self, member: Member, done: Future) -> None:
+        self._connecting.pop(member.uuid, None)
+        if all(m.uuid != member.uuid for m in self._members):
+            if not done.exception():
+                done.result().close("no longer a member")
+            return
+        error = done.exception()
+        if error is not None:
+            self._member_unreachable(member.uuid, f"cannot connect: {error}")
+            return
+        conn = done.result()
+        if conn.peer_info.get("uuid") != member.uuid:
+            conn.close("another process answers at that address")
+            self._member_unreachable(member.uuid, "another process answers at its address")
+            return
+        conn.attachment = member.uuid
+        self._links[member.uuid] = conn
+        self._send(conn, "hb", {"uuid": self.me.uuid, "version": self.version})
+
+    def on_connection_closed(self, conn) -> None:
+        """The transport's ``on_close`` (IO thread)."""
+        self._post(lambda: self._link_closed(conn))
+
+    def _link_closed(self, conn) -> None:
+        self._clients.discard(conn)
+        uuid = conn.peer_info.get("uuid")
+        if self._links.get(uuid) is conn:
+            del self._links[uuid]
+        if self.state is not State.MEMBER or all(m.uuid != uuid for m in self._members) or uuid == self.me.uuid:
+            return
+        if conn.close_reason and not conn.closed_by_peer:
+            return  # we closed it on purpose
+        member = next(m for m in self._members if m.uuid == uuid)
+        self._ensure_link(member)  # a failed reconnect confirms the member is gone
+
+    def _member_unreachable(self, uuid: str, reason: str) -> None:
+        if self.state is not State.MEMBER:
+            return
+        self._member_dead(uuid, reason)
+
+    def _heartbeat(self, now: float) -> None:
+        gap = now - self._last_tick
+        self._last_tick = now
+        if gap > max(2 * self.heartbeat_interval, self.failure_timeout / 2):
+            log.warning("this member was paused or starved for %.1f s; not blaming the others for it", gap)
+            for uuid in self._last_heard:
+                self._last_heard[uuid] = now
+        body = {"uuid": self.me.uuid, "version": self.version}
+        for member in self._members:
+            if member.uuid == self.me.uuid:
+                continue
+            conn = self._links.get(member.uuid)
+            if conn is not None and conn.is_open:
+                self._send(conn, "hb", body)
+            else:
+                self._ensure_link(member)
+        for uuid, heard in list(self._last_heard.items()):
+            silent = now - heard
+            if silent > self.failure_timeout:
+                self._member_dead(uuid, f"no heartbeat for {silent:.1f} s (failure_timeout {self.failure_timeout} s)")
+
+    def _member_dead(self, uuid: str, reason: str) -> None:
+        if uuid == self.me.uuid or all(m.uuid != uuid for m in self._members):
+            return
+        if self.is_master:
+            self._remove({uuid}, reason)
+            return
+        self._suspected.add(uuid)
+        alive = [m for m in self._members if m.uuid not in self._suspected]
+        master = self.master()
+        if master is not None and master.uuid in self._suspected:
+            if alive and alive[0].uuid == self.me.uuid:
+                log.warning("master %s is gone (%s); %s takes over as master", master, reason, self.me)
+                gone = {m.uuid for m in self._members} - {m.uuid for m in alive}
+                for member in self._members:
+                    if member.uuid in gone:
+                        try:
+                            self.discovery.member_dead(member.address)
+                        except Exception:
+                            log.exception("discovery could not prune %s", member)
+                self._publish(alive)
+            return
+        conn = self._links.get(master.uuid) if master else None
+        if conn is not None and conn.is_open:
+            self._send(conn, "suspect", {"uuid": uuid, "reason": reason})
+
+    def _send(self, conn, message_type: str, body) -> None:
+        try:
+            messaging.send(conn, message_type, body)
+        except GridError as exc:
+            log.debug("could not send %s to %r: %s", message_type, conn, exc)
+
+    # -- leaving ------------------------------------------------------------------------------
+
+    def _leave(self, done: Future) -> None:
+        if self.state is not State.MEMBER:
+            done.set_result(None)
+            return
+        self._set_state(State.LEAVING)
+        others = [m for m in self._members if m.uuid != self.me.uuid]
+        if self.is_master or not others:
+            body = {"version": self.version + 1, "members": [m.to_wire() for m in others]}
+            for member in others:
+                conn = self._links.get(member.uuid)
+                if conn is not None and conn.is_open:
+                    self._send(conn, "members", body)
+            done.set_result(None)
+            return
+        conn = self._links.get(self.master().uuid)
+        if conn is None or not conn.is_open:
+            done.set_exception(GridError("no link to the master"))
+            return
+        future = messaging.request(conn, "leave", {"uuid": self.me.uuid})
+        future.add_done_callback(lambda f: done.set_exception(f.exception()) if f.exception() else done.set_result(None))
+
+    # -- handlers (IO thread: quick, or post to the membership thread) -------------------------
+
+    def _on_who(self, conn, body) -> dict:
+        master = self.master()
+        return {
+            "uuid": self.me.uuid,
+            "address": list(self.me.address),
+            "state": "member" if self.state is State.MEMBER else "joining",
+            "master": list(master.address) if master and self.state is State.MEMBER else None,
+            "size": len(self._members),
+            "version": self.version,
+        }
+
+    def _on_join(self, conn, body) -> Future:
+        reply: Future = Future()
+        self._post(lambda: self._admit(conn, body, reply))
+        return reply
+
+    def _admit(self, conn, body, reply: Future) -> None:
+        if self.state is not State.MEMBER:
+            reply.set_result({"ok": False, "reason": f"{self.me} is {self.state.value}"})
+            return
+        if not self.is_master:
+            reply.set_result({"ok": False, "redirect": list(self.master().address)})
+            return
+        joiner = Member.from_wire(body["member"])
+        members = list(self._members)
+        if any(m.uuid == joiner.uuid for m in members):
+            reply.set_result({"ok": True, "version": self.version, "members": [m.to_wire() for m in members]})
+            return
+        replaced = [m for m in members if m.address == joiner.address]
+        if replaced:
+            log.info("%s restarted at the same address; replacing its old entry", joiner)
+        members = [m for m in members if m.address != joiner.address] + [joiner]
+        conn.attachment = joiner.uuid
+        log.info("admitting %s (%d members)", joiner, len(members))
+        self._publish(members)
+        reply.set_result({"ok": True, "version": self.version, "members": [m.to_wire() for m in self._members]})
+
+    def _on_members(self, conn, body) -> None:
+        members = tuple(Member.from_wire(m) for m in body["members"])
+        self._post(lambda: self._receive_members(body["version"], members))
+
+    def _receive_members(self, version: int, members) -> None:
+        if self.state is not State.MEMBER:
+            return
+        if version > self.version:
+            self._apply(version, members)
+
+    def _on_heartbeat(self, conn, body) -> None:
+        uuid = body["uuid"]
+        if uuid in self._last_heard:
+            self._last_heard[uuid] = self.clock.monotonic()
+        self._post(lambda: self._check_heartbeat(conn, uuid, body["version"]))
+
+    def _check_heartbeat(self, conn, uuid: str, version: int) -> None:
+        if self.state is not State.MEMBER or not self.is_master:
+            return
+        if all(m.uuid != uuid for m in self._members):
+            self._send(conn, "removed", {"reason": "not a member of this cluster (removed earlier)"})
+        elif version < self.version:
+            self._send(conn, "members", {"version": self.version, "members": [m.to_wire() for m in self._members]})
+
+    def _on_suspect(self, conn, body) -> None:
+        self._post(lambda: self._check_suspect(body["uuid"], body.get("reason", "")))
+
+    def _check_suspect(self, uuid: str, reason: str) -> None:
+        if not self.is_master or uuid not in self._last_heard:
+            return
+        conn = self._links.get(uuid)
+        silent = self.clock.monotonic() - self._last_heard[uuid]
+        if conn is None or not conn.is_open or silent > 2 * self.heartbeat_interval:
+            self._remove({uuid}, f"reported by another member: {reason}")
+
+    def _on_leave(self, conn, body) -> Future:
+        reply: Future = Future()
+
+        def handle():
+            if self.is_master:
+                self._remove({body["uuid"]}, "left the cluster")
+            reply.set_result(True)
+
+        self._post(handle)
+        return reply
+
+    def _on_removed(self, conn, body) -> None:
+        def handle():
+            if self.state is State.MEMBER and conn.peer_info.get("uuid") == getattr(self.master(), "uuid", None):
+                log.warning("removed from the cluster by the master: %s", body.get("reason"))
+                self._rejoin()
+
+        self._post(handle)
+
+    def _on_client_hello(self, conn, body) -> Future:
+        reply: Future = Future()
+
+        def handle():
+            if self.state is not State.MEMBER:
+                reply.set_exception(GridError(f"{self.me} is not a member yet ({self.state.value})"))
+                return
+            self._clients.add(conn)
+            reply.set_result({"version": self.version, "members": [m.to_wire() for m in self._members]})
+
+        self._post(handle)
+        return reply
+
+
+def advertised_address(host: str, port: int) -> tuple[str, int]:
+    """The address other members reach us at (``0.0.0.0`` resolved to this host's IP)."""
+    if host in ("0.0.0.0", "::", ""):
+        try:
+            host = socket.gethostbyname(socket.gethostname())
+        except OSError:
+            host = "127.0.0.1"
+    return (host, port)
+
+
+def local_member(address: tuple[str, int], uuid: str) -> Member:
+    return Member(uuid=uuid, address=address, pid=os.getpid(), hostname=socket.gethostname())
+
+
+__all__ = ["Member", "MembershipEvent", "Membership", "State", "advertised_address", "local_member", "parse_address"]

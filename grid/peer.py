@@ -1,0 +1,111 @@
+"""Peer: the composition root of a member process.
+
+It wires config -> transport -> router -> discovery -> membership, starts
+them in that order and stops them in reverse.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid as uuid_module
+
+from . import messaging
+from .config import Config, format_address, is_loopback, load_config, parse_address
+from .discovery import make_discovery
+from .membership import Membership, advertised_address, local_member
+from .transport import Transport
+
+log = logging.getLogger("grid.peer")
+
+
+class Peer:
+    """One member of a cluster, running in this process.
+
+    Args:
+        config: anything ``load_config`` takes (a Config, a dict, a path) or None for the lookup.
+        clock: an object with ``monotonic()``.
+
+    Raises:
+        ConfigError, SecurityError: bad config, or a non-loopback bind without a secret.
+    """
+
+    def __init__(self, config=None, *, clock=time):
+        self.config: Config = load_config(config)
+        self.secret = self.config.resolved_secret()
+        host = self.config.bind_host()
+        if self.secret is None:
+            log.warning("no secret configured: binding and discovering on loopback only (%s); "
+                        "set `secret` or GRID_SECRET to reach other machines", host)
+        elif not is_loopback(host) and self.config.tls is None:
+            log.info("traffic is authenticated but not encrypted; add a [tls] section on untrusted networks")
+        self.uuid = uuid_module.uuid4().hex
+        self.router = messaging.Router()
+        self.transport = Transport(
+            cluster_id=self.config.id, secret=self.secret, info={"uuid": self.uuid, "role": "member"},
+            on_frame=self.router.on_frame, on_close=self._on_close,
+            handshake_timeout=self.config.handshake_timeout, tls=self.config.tls, clock=clock)
+        try:
+            bound = self.transport.listen(host, self.config.port)
+            self.address = advertised_address(*bound)
+            self.transport.info["address"] = format_address(self.address)
+            self.me = local_member(self.address, self.uuid)
+            self.discovery = make_discovery(self.config, secret=self.secret, cluster_id=self.config.id,
+                                            member_uuid=self.uuid, clock=clock)
+            required = parse_address(self.config.required, key="required") if self.config.required else None
+            self.membership = Membership(
+                me=self.me, transport=self.transport, router=self.router, discovery=self.discovery,
+                heartbeat_interval=self.config.heartbeat_interval, failure_timeout=self.config.failure_timeout,
+                required=required, clock=clock)
+        except BaseException:
+            self.transport.close()
+            raise
+        self._started = False
+        self._closed = False
+
+    def _on_close(self, conn) -> None:
+        self.membership.on_connection_closed(conn)
+
+    def start(self, timeout: float | None = None) -> Peer:
+        """Discover, join or form the cluster; return once this member is in it.
+
+        Raises:
+            JoinError: no cluster could be formed (the error says why).
+            DiscoveryError: discovery could not start.
+        """
+        self._started = True
+        try:
+            self.discovery.start(self.address)
+            self.membership.start()
+            self.membership.wait_joined(timeout)
+        except BaseException:
+            self.close(clean=False)
+            raise
+        return self
+
+    def members(self):
+        return self.membership.members()
+
+    def master(self):
+        return self.membership.master()
+
+    def close(self, clean: bool = True) -> None:
+        """Leave the cluster (cleanly: the others remove us at once) and stop every thread."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._started:
+            if clean:
+                self.membership.leave()
+            self.membership.close()
+            self.discovery.stop(clean=clean)
+        self.transport.close()
+
+    def __enter__(self) -> Peer:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<Peer {format_address(self.address)} {self.membership.state.value}>"
