@@ -28,7 +28,7 @@ import os
 import ssl
 
 from .errors import ConfigError, HandshakeError
-from .wire import Kind
+from .wire import HANDSHAKE_LIMIT, Kind
 
 PROTOCOL_VERSION = 1
 MAC_SIZE = 32
@@ -50,21 +50,49 @@ def _mac(key: bytes, label: bytes, *pieces: bytes) -> bytes:
 
 
 def _json(payload) -> dict:
+    """Parse a handshake JSON object; anything else is a HandshakeFailed carrying a REFUSE."""
+    payload = bytes(payload)
+    if len(payload) > HANDSHAKE_LIMIT:
+        _malformed(f"{len(payload)} bytes, over the limit of {HANDSHAKE_LIMIT}")
     try:
-        value = json.loads(bytes(payload).decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise HandshakeError(f"malformed handshake message: {exc}") from exc
+        value = json.loads(payload.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:  # RecursionError: "[[[[..." nesting
+        _malformed(str(exc)[:200])
     if not isinstance(value, dict):
-        raise HandshakeError("malformed handshake message: not a JSON object")
+        _malformed("not a JSON object")
     return value
+
+
+def _malformed(detail: str):
+    reason = f"malformed handshake message: {detail}"
+    raise HandshakeFailed(reason, reply=(Kind.REFUSE, refuse_payload(reason)))
 
 
 def _encode(value: dict) -> bytes:
     return json.dumps(value, separators=(",", ":"), sort_keys=True).encode("utf-8")
 
 
+def _shown(value, limit: int = 80) -> str:
+    """``repr`` of a value the peer sent, cut short: it goes into logs and a REFUSE."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "...'"
+
+
+def _kind_name(kind) -> str:
+    try:
+        return Kind(kind).name
+    except ValueError:
+        return f"kind {kind!r}"
+
+
 def refuse_payload(reason: str) -> bytes:
-    return _encode({"reason": reason[:1000]})
+    """The REFUSE payload for ``reason``, cut so the frame stays within HANDSHAKE_LIMIT."""
+    reason = reason[:1000]
+    payload = _encode({"reason": reason})
+    while len(payload) > HANDSHAKE_LIMIT:  # JSON escapes can make a character 12 bytes
+        reason = reason[: len(reason) // 2]
+        payload = _encode({"reason": reason})
+    return payload
 
 
 class HandshakeFailed(HandshakeError):
@@ -88,6 +116,7 @@ class _Handshake:
         self._state = "waiting-hello"
 
     def _fail(self, reason: str, *, tell_peer: bool = True):
+        self._state = "failed"
         reply = (Kind.REFUSE, refuse_payload(reason)) if tell_peer else None
         raise HandshakeFailed(reason, reply=reply)
 
@@ -96,6 +125,7 @@ class _Handshake:
             reason = str(_json(payload).get("reason", "no reason given"))
         except HandshakeError:
             reason = "no reason given"
+        self._state = "failed"
         raise HandshakeFailed(f"refused by peer: {reason}", by_peer=True)
 
 
@@ -120,7 +150,11 @@ class ClientHandshake(_Handshake):
             expected = _mac(self._key, b"grid-server", self._hello, body)
             if len(mac_s) != MAC_SIZE or not hmac.compare_digest(mac_s, expected):
                 self._fail("the server could not prove the cluster secret: the secrets differ")
-            challenge = _json(body)
+            try:
+                challenge = _json(body)
+            except HandshakeFailed:
+                self._state = "failed"
+                raise
             info = challenge.get("info")
             if not isinstance(info, dict):
                 self._fail("malformed challenge: no member info")
@@ -131,7 +165,7 @@ class ClientHandshake(_Handshake):
             self._state = "done"
             self.done = True
             return []
-        self._fail(f"unexpected {Kind(kind).name} during the handshake (state {self._state})")
+        self._fail(f"unexpected {_kind_name(kind)} during the handshake (state {self._state})")
 
 
 class ServerHandshake(_Handshake):
@@ -146,11 +180,15 @@ class ServerHandshake(_Handshake):
             self._refused(payload)
         if self._state == "waiting-hello" and kind == Kind.HELLO:
             self._hello = bytes(payload)
-            hello = _json(self._hello)
+            try:
+                hello = _json(self._hello)
+            except HandshakeFailed:
+                self._state = "failed"
+                raise
             if hello.get("v") != PROTOCOL_VERSION:
-                self._fail(f"handshake version {hello.get('v')!r} is not supported (this member speaks {PROTOCOL_VERSION})")
+                self._fail(f"handshake version {_shown(hello.get('v'))} is not supported (this member speaks {PROTOCOL_VERSION})")
             if hello.get("cluster") != self.cluster_id:
-                self._fail(f"cluster id {hello.get('cluster')!r} is not this cluster's {self.cluster_id!r}")
+                self._fail(f"cluster id {_shown(hello.get('cluster'))} is not this cluster's {self.cluster_id!r}")
             nonce = hello.get("nonce")
             info = hello.get("info")
             if not isinstance(nonce, str) or len(nonce) != 2 * _NONCE_BYTES or not isinstance(info, dict):
@@ -168,7 +206,7 @@ class ServerHandshake(_Handshake):
             self._state = "done"
             self.done = True
             return [(Kind.WELCOME, b"")]
-        self._fail(f"unexpected {Kind(kind).name} during the handshake (state {self._state})")
+        self._fail(f"unexpected {_kind_name(kind)} during the handshake (state {self._state})")
 
 
 def server_context(tls) -> ssl.SSLContext | None:
@@ -178,7 +216,7 @@ def server_context(tls) -> ssl.SSLContext | None:
     """
     if tls is None or not tls.cert:
         return None
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=tls.ca)
+    context = _new_context(ssl.Purpose.CLIENT_AUTH, tls)
     _load_chain(context, tls)
     context.verify_mode = ssl.CERT_REQUIRED if tls.ca else ssl.CERT_NONE
     return context
@@ -192,15 +230,30 @@ def client_context(tls) -> ssl.SSLContext | None:
     """
     if tls is None or not tls.cert:
         return None
-    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=tls.ca)
+    context = _new_context(ssl.Purpose.SERVER_AUTH, tls)
     context.check_hostname = False
     context.verify_mode = ssl.CERT_REQUIRED if tls.ca else ssl.CERT_NONE
     _load_chain(context, tls)
     return context
 
 
+def _new_context(purpose: ssl.Purpose, tls) -> ssl.SSLContext:
+    try:
+        return ssl.create_default_context(purpose, cafile=tls.ca)
+    except (OSError, ssl.SSLError) as exc:  # SSLError is an OSError; both named for the reader
+        raise ConfigError(
+            f"cannot load the CA certificate {tls.ca!r}: {exc}; point tls.ca at a readable PEM file "
+            "of the CA that signs the members' certificates",
+            key="tls.ca",
+        ) from exc
+
+
 def _load_chain(context: ssl.SSLContext, tls) -> None:
     try:
         context.load_cert_chain(tls.cert, tls.key)
     except (OSError, ssl.SSLError) as exc:
-        raise ConfigError(f"cannot load the certificate {tls.cert!r} / key {tls.key!r}: {exc}", key="tls.cert") from exc
+        raise ConfigError(
+            f"cannot load the certificate {tls.cert!r} / key {tls.key!r}: {exc}; point tls.cert and "
+            "tls.key at a readable PEM certificate and its matching private key",
+            key="tls.cert",
+        ) from exc

@@ -35,8 +35,11 @@ HAS_PROC = os.path.exists(f"/proc/{os.getpid()}/stat")
 def child_pids() -> set[int]:
     pids: set[int] = set()
     for path in glob.glob(f"/proc/{os.getpid()}/task/*/children"):
-        with open(path, encoding="ascii") as children:
-            pids.update(int(pid) for pid in children.read().split())
+        try:
+            with open(path, encoding="ascii") as children:
+                pids.update(int(pid) for pid in children.read().split())
+        except OSError:  # that thread ended between the listing and the read
+            continue
     return pids
 
 
