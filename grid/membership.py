@@ -256,9 +256,9 @@ class Membership:
         self._inbox.put(fn)
 
     def _run(self) -> None:
-        next_tick = self.clock.monotonic()
+        self._next_tick = self.clock.monotonic()
         while not self._stop:
-            timeout = max(0.0, next_tick - self.clock.monotonic())
+            timeout = max(0.0, self._next_tick - self.clock.monotonic())
             try:
                 item = self._inbox.get(timeout=timeout)
             except queue.Empty:
@@ -271,13 +271,13 @@ class Membership:
             if self._stop:
                 break
             now = self.clock.monotonic()
-            if now >= next_tick:
+            if now >= self._next_tick:
                 try:
                     interval = self._tick(now)
                 except Exception:
                     log.exception("membership tick failed")
                     interval = self.heartbeat_interval
-                next_tick = self.clock.monotonic() + interval
+                self._next_tick = self.clock.monotonic() + interval
         self._set_state(State.STOPPED)
 
     def _set_state(self, new: State) -> None:
@@ -306,7 +306,7 @@ class Membership:
 
     def _begin_join(self) -> None:
         self._set_state(State.JOINING)
-        self._join_started = self.clock.monotonic()
+        self._join_started = self._next_tick = self.clock.monotonic()
         self._last_reasons: dict = {}
 
     def _join_attempt(self) -> None:
@@ -462,7 +462,7 @@ class Membership:
             conn.close("rejoining")
         self._links.clear()
         self._set_state(State.JOINING)
-        self._join_started = self.clock.monotonic()
+        self._join_started = self._next_tick = self.clock.monotonic()
         self._last_reasons = {}
 
     def _publish(self, members) -> None:

@@ -220,3 +220,33 @@ def test_in_process_member_and_default_connection(local_cluster, monkeypatch):
             wait_for(lambda: len(default.members()) == 2, 5, "the default connection to see both")
         finally:
             default.close()
+
+
+def test_multicast_client_finds_the_members(local_cluster):
+    cluster = local_cluster(2, join="multicast")
+    config = {"id": cluster.cluster_id, "secret": cluster.secret, "join": "multicast",
+              "interface": "127.0.0.1", "multicast": {"port": cluster.multicast_port}}
+    with grid.connect(config, timeout=10) as client:
+        wait_for(lambda: {m.uuid for m in client.members()} == live_uuids(cluster), 5, "both members")
+
+
+def test_supervisor_runs_n_members_and_restarts_one_that_dies(tmp_path):
+    config = tmp_path / "grid.json"
+    registry = tmp_path / "registry"
+    config.write_text(json.dumps({"id": "procs", "secret": "s3", "join": "tcp", "members": {"path": f"{registry}/"},
+                                  "port": 0, "interface": "127.0.0.1", "join_timeout": 0.3}))
+    supervisor = subprocess.Popen([sys.executable, "-m", "grid", "peer", "--procs", "2", "--config", str(config)],
+                                  stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        ready = [supervisor.stdout.readline() for _ in range(2)]
+        assert all(line.startswith("grid peer ready 127.0.0.1:") for line in ready), ready
+        pids = [int(line.split("pid=")[1].split()[0]) for line in ready]
+        os.kill(pids[0], signal.SIGKILL)
+        again = supervisor.stdout.readline()
+        assert again.startswith("grid peer ready "), "a replacement member comes up"
+        assert int(again.split("pid=")[1].split()[0]) not in pids
+    finally:
+        supervisor.terminate()
+        assert supervisor.wait(15) == 0
+        supervisor.stdout.close()
+    assert not os.listdir(registry), "members left cleanly and removed their entries"
