@@ -725,6 +725,7 @@ def make_discovery(config: Config, *, secret: str | None, cluster_id: str | None
         return AwsDiscovery(config.aws, port=config.port, join_wait=config.join_timeout)
     if config.join == "tcp":
         addresses = [parse_address(text, DEFAULT_PORT, key="members", source=config.source) for text in members or []]
-        return StaticDiscovery(addresses, join_wait=config.join_timeout)
+        # Nobody else configured: a lone member, nothing to wait for.
+        return StaticDiscovery(addresses, join_wait=config.join_timeout if addresses else 0.0)
     raise ConfigError(f"unknown join method {config.join!r}: expected multicast, tcp or aws",
                       key="join", source=config.source)

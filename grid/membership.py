@@ -32,6 +32,7 @@ log = logging.getLogger("grid.membership")
 
 _JOIN_RETRY = 0.1  # seconds between join attempts
 _ATTEMPT_TIMEOUT = 1.0  # how long one join attempt waits for candidates to answer
+_MERGE_INTERVAL = 1.0  # how often a master looks for other clusters of the same id to merge with
 
 
 @dataclasses.dataclass(frozen=True, order=True)
@@ -182,6 +183,7 @@ class Membership:
         self.listeners = Listeners()
         self._stop = False
         self._last_tick = clock.monotonic()
+        self._next_merge_check = 0.0
         router.register("who", self._on_who)
         router.register("join", self._on_join)
         router.register("members", self._on_members)
@@ -190,6 +192,7 @@ class Membership:
         router.register("leave", self._on_leave)
         router.register("removed", self._on_removed)
         router.register("client_hello", self._on_client_hello)
+        router.register("merge", self._on_merge)
         self._thread = threading.Thread(target=self._run, name="grid-membership")
 
     # -- public, any thread -------------------------------------------------------------------
@@ -299,7 +302,10 @@ class Membership:
             return _JOIN_RETRY
         if self.state is State.MEMBER:
             self._heartbeat(now)
-            return min(self.heartbeat_interval, self.failure_timeout / 4)
+            if self.is_master and now >= self._next_merge_check:
+                self._next_merge_check = now + _MERGE_INTERVAL
+                self._look_for_other_clusters()
+            return min(self.heartbeat_interval, self.failure_timeout / 4, _MERGE_INTERVAL)
         return self.heartbeat_interval
 
     # -- joining ---------------------------------------------------------------------------
@@ -337,7 +343,7 @@ class Membership:
         leader = self.me.address if required == self.me.address else min(contenders)
         alone = len(contenders) == 1
         if leader == self.me.address:
-            if not alone or elapsed >= self.discovery.join_wait or not candidates or required == self.me.address:
+            if not alone or elapsed >= self.discovery.join_wait or required == self.me.address:
                 self._become_first_member()
         elif elapsed >= 4 * self.discovery.join_wait + 2:
             log.warning("member %s should have formed the cluster but has not; forming it here",
@@ -593,6 +599,58 @@ class Membership:
             messaging.send(conn, message_type, body)
         except GridError as exc:
             log.debug("could not send %s to %r: %s", message_type, conn, exc)
+
+    # -- merging clusters that found each other ------------------------------------------------
+
+    def _look_for_other_clusters(self) -> None:
+        """Master: ask discovered addresses outside our list which cluster they are in."""
+        known = {m.address for m in self._members}
+        try:
+            strangers = [a for a in self.discovery.candidates() if tuple(a) not in known]
+        except Exception as exc:
+            log.debug("merge check: discovery failed: %s", exc)
+            return
+        for address in strangers:
+            self.transport.connect(tuple(address)).add_done_callback(self._merge_probe_connected)
+
+    def _merge_probe_connected(self, done: Future) -> None:
+        if done.cancelled() or done.exception() is not None:
+            return
+        conn = done.result()
+        reply = messaging.request(conn, "who", None)
+        reply.add_done_callback(lambda answered: self._post(lambda: self._merge_answer(conn, answered)))
+
+    def _merge_answer(self, conn, answered: Future) -> None:
+        conn.close("merge probe done")
+        if answered.exception() is not None or self.state is not State.MEMBER or not self.is_master:
+            return
+        other = answered.result()
+        if other.get("state") != "member" or not other.get("master"):
+            return
+        if any(m.uuid == other.get("uuid") for m in self._members):
+            return
+        theirs = (-other["size"], tuple(other["master"]))
+        ours = (-len(self._members), self.me.address)
+        if theirs >= ours:
+            return  # we are the larger (or older) cluster: they come to us
+        target = tuple(other["master"])
+        log.warning("another cluster of %d members (master %s) found; this cluster of %d merges into it",
+                    other["size"], format_address(target), len(self._members))
+        for member in self._members:
+            link = self._links.get(member.uuid)
+            if member.uuid != self.me.uuid and link is not None and link.is_open:
+                self._send(link, "merge", {"target": list(target)})
+        self._rejoin()
+
+    def _on_merge(self, conn, body) -> None:
+        def handle():
+            master = self.master()
+            if self.state is State.MEMBER and master and conn.peer_info.get("uuid") == master.uuid:
+                log.warning("the master merges this cluster into the one at %s; rejoining",
+                            format_address(tuple(body["target"])))
+                self._rejoin()
+
+        self._post(handle)
 
     # -- leaving ------------------------------------------------------------------------------
 

@@ -250,3 +250,25 @@ def test_supervisor_runs_n_members_and_restarts_one_that_dies(tmp_path):
         assert supervisor.wait(15) == 0
         supervisor.stdout.close()
     assert not os.listdir(registry), "members left cleanly and removed their entries"
+
+
+def test_two_clusters_that_find_each_other_merge(tmp_path):
+    files = [tmp_path / "a.txt", tmp_path / "b.txt", tmp_path / "c.txt"]
+    base = {"id": "merge", "secret": "m", "join": "tcp", "port": 0, "interface": "127.0.0.1",
+            "join_timeout": 0.2, "heartbeat_interval": 0.2, "failure_timeout": 2.0}
+    peers = []
+    try:
+        # a cluster of two (a, b) and a lone one (c), unaware of each other
+        for index, members_file in enumerate(files):
+            peers.append(grid.Peer(dict(base, members={"path": str(members_file)})).start(10))
+            if index == 0:
+                files[1].write_text("%s:%d\n" % peers[0].address)
+        wait_for(lambda: len(peers[0].members()) == 2 and len(peers[2].members()) == 1, 5, "two clusters")
+        files[2].write_text("%s:%d\n" % peers[0].address)  # the split heals: c can see a
+        files[0].write_text("%s:%d\n" % peers[2].address)  # and a can see c
+        everyone = {p.uuid for p in peers}
+        wait_for(lambda: all({m.uuid for m in p.members()} == everyone for p in peers), 10, "one merged cluster")
+        assert {p.master().uuid for p in peers} == {peers[0].uuid}, "the smaller cluster joins the larger"
+    finally:
+        for peer in peers:
+            peer.close()
