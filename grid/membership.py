@@ -81,13 +81,17 @@ class Listeners:
         with self._lock:
             if self._closed:
                 return
+            listeners = tuple(self._listeners)  # a listener added later does not see older events
+            if not listeners:
+                return
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="grid-events")
                 self._thread.start()
-            self._queue.put(event)
+            self._queue.put((event, listeners))
 
     def add(self, listener) -> None:
-        self._listeners.append(listener)
+        with self._lock:
+            self._listeners.append(listener)
 
     def remove(self, listener) -> None:
         try:
@@ -119,10 +123,11 @@ class Listeners:
 
     def _run(self) -> None:
         while True:
-            event = self._queue.get()
-            if event is None:
+            item = self._queue.get()
+            if item is None:
                 return
-            for listener in list(self._listeners):
+            event, listeners = item
+            for listener in listeners:
                 try:
                     listener(event)
                 except Exception:

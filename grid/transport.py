@@ -27,12 +27,13 @@ import errno
 import heapq
 import itertools
 import logging
+import os
 import selectors
 import socket
 import ssl
 import threading
 import time
-from concurrent.futures import Future
+from concurrent.futures import Future, InvalidStateError
 
 from . import security, wire
 from .errors import ConnectionClosed, HandshakeError, ProtocolError, TransportError
@@ -42,6 +43,8 @@ log = logging.getLogger("grid.transport")
 
 _RECV_SIZE = 256 * 1024
 _ACCEPT_BACKLOG = 512
+_IOV_BATCH = 512  # buffers per sendmsg(); Linux refuses more than IOV_MAX (1024) with EMSGSIZE
+_TLS_WRITE_SIZE = 256 * 1024  # bytes per SSL write; a retry after WANT_WRITE resends the same prefix
 
 
 class State(enum.Enum):
@@ -83,6 +86,7 @@ class Connection:
         self._request_ids = itertools.count(1)
         self._deadline_timer = None
         self._events = 0
+        self._announced = False  # on_open was called, so on_close will be
 
     def __repr__(self) -> str:
         who = self.peer_info.get("address") or "%s:%s" % self.remote[:2]
@@ -109,6 +113,7 @@ class Connection:
         self._send_buffers(buffers)
 
     def _send_buffers(self, buffers: list) -> None:
+        failure = None
         with self._lock:
             if self.state is State.CLOSED:
                 raise ConnectionClosed(f"{self!r} is closed: {self.close_reason}", by_peer=self.closed_by_peer)
@@ -119,18 +124,26 @@ class Connection:
                 try:
                     sent = self._write(buffers)
                 except OSError as exc:
-                    self.transport.call_soon(self._fail, f"write failed: {exc}", True)
-                    raise ConnectionClosed(f"{self!r}: write failed: {exc}", by_peer=True) from exc
-                self._queue_remainder(buffers, sent)
-                queued_first = bool(self._out)
-        if queued_first and self.state is State.OPEN:
+                    failure = exc
+                else:
+                    self._queue_remainder(buffers, sent)
+                    queued_first = bool(self._out)
+        if failure is not None:
+            # Not inline: on the IO thread (a reply from on_frame) _fail would run in
+            # the middle of _read, and it takes self._lock, which we held just now.
+            self.transport._defer(self._fail, f"write failed: {failure}", True)
+            raise ConnectionClosed(f"{self!r}: write failed: {failure}", by_peer=True) from failure
+        if queued_first and self.state in (State.OPEN, State.HANDSHAKE):
             self.transport.call_soon(self._update_interest)
 
     def _write(self, buffers) -> int:
+        """Write from the start of ``buffers`` (a list or the queue); return the bytes sent."""
         try:
             if isinstance(self._sock, ssl.SSLSocket):
-                return self._sock.send(b"".join(buffers))
-            return self._sock.sendmsg(buffers)
+                # An SSL write is all or nothing, and after WANT_WRITE it must be retried
+                # with the same leading bytes: always offer the first _TLS_WRITE_SIZE queued.
+                return self._sock.send(_leading_bytes(buffers, _TLS_WRITE_SIZE))
+            return self._sock.sendmsg(list(itertools.islice(buffers, _IOV_BATCH)))
         except (BlockingIOError, ssl.SSLWantWriteError, ssl.SSLWantReadError):
             return 0
 
@@ -147,8 +160,7 @@ class Connection:
         """IO thread: write what is queued."""
         with self._lock:
             while self._out:
-                batch = list(itertools.islice(self._out, 64))
-                sent = self._write(batch)
+                sent = self._write(self._out)
                 if sent == 0:
                     break
                 while sent and self._out:
@@ -170,6 +182,7 @@ class Connection:
         with self._lock:
             request_id = next(self._request_ids)
             self._pending[request_id] = future
+        future.add_done_callback(lambda done: done.cancelled() and self._forget_request(request_id))
         try:
             self.send_frame(Kind.REQUEST, payload, request_id=request_id, flags=flags)
         except ConnectionClosed as exc:
@@ -178,7 +191,16 @@ class Connection:
             future.set_exception(exc)
         return future
 
+    def _forget_request(self, request_id: int) -> None:
+        with self._lock:
+            self._pending.pop(request_id, None)
+
     def respond(self, request_id: int, payload, *, error: bool = False) -> None:
+        """Answer the REQUEST ``request_id``; ``error`` marks the payload as a failure.
+
+        Raises:
+            ConnectionClosed: the connection is closed (or failed while writing).
+        """
         self.send_frame(Kind.RESPONSE, payload, request_id=request_id, flags=Flag.ERROR if error else 0)
 
     def close(self, reason: str = "closed by this side") -> None:
@@ -211,14 +233,18 @@ class Connection:
                 if mask & selectors.EVENT_READ:
                     self._read()
         except ProtocolError as exc:
+            log.warning("closing %r: protocol error: %s", self, exc)
             self._fail(f"protocol error: {exc}", False)
         except (ConnectionClosed, OSError) as exc:
             self._fail(str(exc) or type(exc).__name__, True)
+        except Exception as exc:  # a bug here must cost one connection, not the loop's attention
+            log.exception("closing %r after an unexpected error", self)
+            self._fail(f"internal error: {exc!r}", False)
 
     def _finish_connect(self) -> None:
         error = self._sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
         if error:
-            reason = f"cannot connect to {self.remote[0]}:{self.remote[1]}: {errno.errorcode.get(error, error)} ({__import__('os').strerror(error)})"
+            reason = f"cannot connect to {self.remote[0]}:{self.remote[1]}: {errno.errorcode.get(error, error)} ({os.strerror(error)})"
             self._fail(reason, True)
             return
         context = self.transport._client_tls
@@ -242,6 +268,7 @@ class Connection:
             self.transport._selector.modify(self._sock, self._events, self._on_event)
             return
         except (ssl.SSLError, OSError) as exc:
+            log.warning("TLS handshake with %s:%s failed: %s", *self.remote[:2], exc)
             self._fail(f"TLS handshake failed: {exc}", True)
             return
         self._begin_handshake()
@@ -256,41 +283,78 @@ class Connection:
             self.send_frame(kind, payload)
 
     def _read(self) -> None:
-        try:
-            data = self._sock.recv(_RECV_SIZE)
-        except (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
-            return
-        except OSError as exc:
-            raise ConnectionClosed(f"connection lost: {exc}") from exc
+        data = self._receive()
         if not data:
-            raise ConnectionClosed("closed by the peer")
-        if isinstance(self._sock, ssl.SSLSocket):
-            while self._sock.pending():
-                data += self._sock.recv(self._sock.pending())
-        for frame in self._decoder.feed(data):
-            if self.state is State.HANDSHAKE:
-                self._handshake_frame(frame)
-            elif frame.kind == Kind.RESPONSE:
-                with self._lock:
-                    future = self._pending.pop(frame.request_id, None)
-                if future is not None and future.set_running_or_notify_cancel():
-                    future.set_result(frame)
-            elif self.state is State.OPEN:
-                self.transport._dispatch(self, frame)
+            return
+        frames = self._decoder.feed(data)
+        while frames:
+            for frame in frames:
+                if self.state is State.CLOSED:
+                    return
+                self._handle(frame)
+            # During the handshake the decoder hands out one frame at a time, so that
+            # what follows WELCOME is judged by the authenticated decoder: go on.
+            frames = self._decoder.feed(b"") if self._decoder.buffered and self.state is not State.CLOSED else []
+
+    def _receive(self) -> bytes:
+        """Bytes from the socket; b"" when there is nothing yet. Raises ConnectionClosed."""
+        if not isinstance(self._sock, ssl.SSLSocket):
+            try:
+                data = self._sock.recv(_RECV_SIZE)
+            except (BlockingIOError, InterruptedError):
+                return b""
+            except OSError as exc:
+                raise ConnectionClosed(f"connection lost: {exc}") from exc
+            if not data:
+                raise ConnectionClosed("closed by the peer")
+            return data
+        # SSL_read gives one record (16 KiB) per call; read until it would block. Under
+        # the lock: an SSL object must not read here while a caller thread writes to it.
+        chunks = []
+        size = 0
+        with self._lock:
+            while size < _RECV_SIZE and self.state is not State.CLOSED:
+                try:
+                    chunk = self._sock.recv(_RECV_SIZE - size)
+                except (ssl.SSLWantReadError, ssl.SSLWantWriteError, BlockingIOError):
+                    break
+                except OSError as exc:
+                    raise ConnectionClosed(f"connection lost: {exc}") from exc
+                if not chunk:
+                    if chunks:
+                        break  # deliver what came first; the close is seen on the next read
+                    raise ConnectionClosed("closed by the peer")
+                chunks.append(chunk)
+                size += len(chunk)
+        return b"".join(chunks)
+
+    def _handle(self, frame: wire.Frame) -> None:
+        if self.state is State.HANDSHAKE:
+            self._handshake_frame(frame)
+        elif frame.kind == Kind.RESPONSE:
+            with self._lock:
+                future = self._pending.pop(frame.request_id, None)
+            if future is not None and future.set_running_or_notify_cancel():
+                future.set_result(frame)
+        elif self.state is State.OPEN:
+            self.transport._dispatch(self, frame)
 
     def _handshake_frame(self, frame: wire.Frame) -> None:
         try:
             replies = self._handshake.receive(frame.kind, frame.payload)
-        except security.HandshakeFailed as exc:
-            if exc.reply is not None:
+        except HandshakeError as exc:
+            reply = getattr(exc, "reply", None)
+            by_peer = getattr(exc, "by_peer", False)
+            reason = getattr(exc, "reason", None) or str(exc)
+            if reply is not None:
                 try:
-                    self.send_frame(*exc.reply)
+                    self.send_frame(*reply)
                     self._flush()
                 except (ConnectionClosed, OSError):
                     pass
-            side = "peer" if exc.by_peer else "this member"
-            log.warning("handshake with %s:%s refused (by %s): %s", *self.remote[:2], side, exc.reason)
-            self._fail(f"handshake failed: {exc.reason}", exc.by_peer, error=exc)
+            side = "peer" if by_peer else "this member"
+            log.warning("handshake with %s:%s refused (by %s): %s", *self.remote[:2], side, reason)
+            self._fail(f"handshake failed: {reason}", by_peer, error=exc)
             return
         for kind, payload in replies:
             self.send_frame(kind, payload)
@@ -312,6 +376,7 @@ class Connection:
     def _fail(self, reason: str, by_peer: bool, *, error: Exception | None = None) -> None:
         if self.state is State.CLOSED:
             return
+        log.debug("%r closed: %s", self, reason)
         with self._lock:
             self.state = State.CLOSED
             self.close_reason = reason
@@ -327,30 +392,59 @@ class Connection:
         self._sock.close()
         self.transport._forget(self)
         exc = error or ConnectionClosed(f"connection to {self.peer_info.get('address') or self.remote}: {reason}", by_peer=by_peer)
-        if not self.opened.done():
-            if isinstance(exc, ConnectionClosed) and self.outbound:
-                exc = TransportError(reason)
-            self.opened.set_exception(exc)
+        if isinstance(exc, ConnectionClosed) and self.outbound:
+            exc = TransportError(reason)
+        _set_exception(self.opened, exc)
         for future in pending.values():
-            if not future.done():
-                future.set_exception(ConnectionClosed(f"{reason} (request not answered)", by_peer=by_peer))
+            _set_exception(future, ConnectionClosed(f"{reason} (request not answered)", by_peer=by_peer))
         self.transport._closed(self)
 
 
-class _Timer:
-    __slots__ = ("when", "callback", "args", "cancelled")
+def _set_exception(future: Future, exc: BaseException) -> None:
+    """Fail ``future`` unless it is done (or being cancelled by its owner right now)."""
+    if future.done():
+        return
+    try:
+        future.set_exception(exc)
+    except InvalidStateError:  # cancelled between done() and here
+        pass
 
-    def __init__(self, when, callback, args):
+
+def _leading_bytes(buffers, limit: int) -> bytes:
+    """The first ``limit`` bytes of a sequence of byte buffers, joined."""
+    pieces = []
+    size = 0
+    for buffer in buffers:
+        view = memoryview(buffer).cast("B")[: limit - size]
+        pieces.append(view)
+        size += view.nbytes
+        if size >= limit:
+            break
+    return b"".join(pieces)
+
+
+def _failed(exc: BaseException) -> Future:
+    future: Future = Future()
+    future.set_exception(exc)
+    return future
+
+
+class _Timer:
+    __slots__ = ("when", "sequence", "callback", "args", "cancelled")
+
+    def __init__(self, when, sequence, callback, args):
         self.when = when
+        self.sequence = sequence  # timers due at the same moment run in the order they were set
         self.callback = callback
         self.args = args
         self.cancelled = False
 
     def cancel(self) -> None:
+        """Do not run the callback (no effect once it ran)."""
         self.cancelled = True
 
     def __lt__(self, other):
-        return self.when < other.when
+        return (self.when, self.sequence) < (other.when, other.sequence)
 
 
 class Transport:
@@ -386,9 +480,13 @@ class Transport:
         self._wake_w.setblocking(False)
         self._selector.register(self._wake_r, selectors.EVENT_READ, self._drain_wake)
         self._calls: collections.deque = collections.deque()
+        self._calls_lock = threading.Lock()
+        self._stopped = False  # no more calls are taken: the loop has run its last
         self._timers: list[_Timer] = []
         self._timers_lock = threading.Lock()
+        self._timer_sequence = itertools.count()
         self._connections: set[Connection] = set()
+        self._connections_lock = threading.Lock()
         self._listeners: list[socket.socket] = []
         self.address: tuple[str, int] | None = None
         self._running = True
@@ -403,8 +501,10 @@ class Transport:
         Port 0 lets the OS choose. Returns the bound address.
 
         Raises:
-            TransportError: no port in the range could be bound.
+            TransportError: no port in the range could be bound, or the transport is closed.
         """
+        if not self._running:
+            raise TransportError("cannot listen: this transport is closed; make a new Transport")
         last_error = None
         candidates = [0] if port == 0 else range(port, min(port + port_range, 65536))
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -437,30 +537,50 @@ class Transport:
         """
         host, port = address
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        if not self._running:
+            return _failed(TransportError(f"cannot connect to {host}:{port}: this transport is closed"))
         try:
             sock = socket.socket(family, socket.SOCK_STREAM)
         except OSError as exc:
-            future = Future()
-            future.set_exception(TransportError(f"cannot create a socket: {exc}"))
-            return future
+            return _failed(TransportError(f"cannot create a socket: {exc}"))
         sock.setblocking(False)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         conn = Connection(self, sock, outbound=True, remote=(host, port))
-        self.call_soon(self._start_connect, conn)
+        if not self._schedule(self._start_connect, conn, inline=True):
+            sock.close()
+            return _failed(TransportError(f"cannot connect to {host}:{port}: this transport is closed"))
         return conn.opened
 
     def call_soon(self, fn, *args) -> None:
-        """Run ``fn(*args)`` on the IO thread (runs inline when already on it)."""
-        if threading.current_thread() is self._thread:
+        """Run ``fn(*args)`` on the IO thread (runs inline when already on it).
+
+        Once the transport is closed, calls are dropped.
+        """
+        self._schedule(fn, *args, inline=True)
+
+    def _defer(self, fn, *args) -> None:
+        """Like call_soon, but never inline: after the current event, even on the IO thread."""
+        self._schedule(fn, *args, inline=False)
+
+    def _schedule(self, fn, *args, inline: bool) -> bool:
+        if inline and threading.current_thread() is self._thread:
             fn(*args)
-            return
-        self._calls.append((fn, args))
-        self._wake()
+            return True
+        with self._calls_lock:
+            if self._stopped:
+                return False
+            self._calls.append((fn, args))
+        if threading.current_thread() is not self._thread:
+            self._wake()
+        return True
 
     def call_later(self, delay: float, fn, *args) -> _Timer:
-        """Run ``fn(*args)`` on the IO thread after ``delay`` seconds; returns a cancellable handle."""
-        timer = _Timer(self.clock.monotonic() + delay, fn, args)
+        """Run ``fn(*args)`` on the IO thread after ``delay`` seconds; returns a cancellable handle.
+
+        Timers due at the same time run in the order they were set.
+        """
         with self._timers_lock:
+            timer = _Timer(self.clock.monotonic() + delay, next(self._timer_sequence), fn, args)
             heapq.heappush(self._timers, timer)
         if threading.current_thread() is not self._thread:
             self._wake()
@@ -468,7 +588,9 @@ class Transport:
 
     @property
     def connections(self) -> list[Connection]:
-        return list(self._connections)
+        """The connections now open or opening (a snapshot, safe from any thread)."""
+        with self._connections_lock:
+            return list(self._connections)
 
     def close(self) -> None:
         """Close every connection and the listener, stop the IO thread and join it."""
@@ -479,6 +601,12 @@ class Transport:
         self._running = False
         self._wake()
         self._thread.join()
+
+    def __enter__(self) -> Transport:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
 
     # -- IO thread ---------------------------------------------------------------------------
 
@@ -538,7 +666,7 @@ class Transport:
                 log.exception("error in a timer on the IO thread: %r", timer.callback)
 
     def _start_connect(self, conn: Connection) -> None:
-        self._connections.add(conn)
+        self._remember(conn)
         conn._deadline_timer = self.call_later(self.handshake_timeout, conn._handshake_deadline)
         try:
             result = conn._sock.connect_ex(conn.remote)
@@ -560,16 +688,22 @@ class Transport:
             except OSError as exc:
                 log.warning("accept failed: %s", exc)
                 return
-            sock.setblocking(False)
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            try:
+                sock.setblocking(False)
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                if self._server_tls is not None:
+                    sock = self._server_tls.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
+            except OSError as exc:  # reset before we got to it
+                log.info("dropping a connection from %s:%s at once: %s", *remote[:2], exc)
+                sock.close()
+                continue
             conn = Connection(self, sock, outbound=False, remote=remote)
-            self._connections.add(conn)
+            self._remember(conn)
             conn._deadline_timer = self.call_later(self.handshake_timeout, conn._handshake_deadline)
             if self._server_tls is not None:
                 conn._set_state(State.TLS)
-                conn._sock = self._server_tls.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
                 conn._events = selectors.EVENT_READ
-                self._selector.register(conn._sock, selectors.EVENT_READ, conn._on_event)
+                self._selector.register(sock, selectors.EVENT_READ, conn._on_event)
                 continue
             conn._events = selectors.EVENT_READ
             self._selector.register(sock, selectors.EVENT_READ, conn._on_event)
@@ -585,6 +719,7 @@ class Transport:
         else:
             conn.opened.set_running_or_notify_cancel()
             conn.opened.set_result(conn)
+        conn._announced = True
         if self.on_open is not None:
             try:
                 self.on_open(conn)
@@ -592,24 +727,34 @@ class Transport:
                 log.exception("error in on_open for %r", conn)
 
     def _dispatch(self, conn: Connection, frame: wire.Frame) -> None:
+        if self.on_frame is None:
+            log.debug("dropping a %s frame from %r: no on_frame handler", frame.kind.name, conn)
+            return
         try:
             self.on_frame(conn, frame)
         except Exception:
             log.exception("error handling a %s frame from %r", frame.kind.name, conn)
 
+    def _remember(self, conn: Connection) -> None:
+        with self._connections_lock:
+            self._connections.add(conn)
+
     def _forget(self, conn: Connection) -> None:
-        self._connections.discard(conn)
+        with self._connections_lock:
+            self._connections.discard(conn)
 
     def _closed(self, conn: Connection) -> None:
-        if conn.opened.done() and conn.opened.exception() is None and self.on_close is not None:
+        if conn._announced and self.on_close is not None:
             try:
                 self.on_close(conn)
             except Exception:
                 log.exception("error in on_close for %r", conn)
 
     def _shutdown(self) -> None:
+        with self._calls_lock:
+            self._stopped = True  # from here call_soon drops, connect fails at once
         self._run_calls()
-        for conn in list(self._connections):
+        for conn in self.connections:
             conn._fail("transport closed", False)
         for listener in self._listeners:
             try:

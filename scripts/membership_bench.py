@@ -46,6 +46,7 @@ import random
 import shutil
 import signal
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
@@ -67,12 +68,14 @@ FORMATION_JOIN_METHODS = ("tcp", "registry", "multicast")
 MEASUREMENTS = ("formation", "kill", "pause")
 POLL_INTERVAL = 0.005  # seconds between looks at the views; the resolution of "views agree"
 CONVERGENCE_TIMEOUT = 30.0  # seconds a formed cluster's views may take to agree before we give up
+SETUP_TIMEOUT = 15.0  # the same for a cluster made for the kill and pause measurements
+SETUP_ATTEMPTS = 3  # clusters tried for one kill/pause sample before the sample counts as failed
 CONVERGE_TARGET = 3.0  # from the issue: 16 peers converge in under 3 s
 KILL_TARGET = 1.0  # from the issue: a killed member is removed everywhere within 1 s
 
 
-class BenchTimeout(Exception):
-    """A state the benchmark waited for never came; the message says which and how far it got."""
+class MeasurementFailed(Exception):
+    """A state the benchmark waited for never came, or a peer died unasked; the message says which."""
 
 
 # ------------------------------------------------------------------------------- results
@@ -180,26 +183,28 @@ class PeerViews:
         Raises:
             NotConnected: the peer did not answer.
         """
-        client = grid.connect(cluster.config(index))
-        client.add_membership_listener(lambda event, index=index: self._record(index, event))
-        self.clients[index] = client
+        with _uninterrupted():  # a client made but not yet kept here would never be closed
+            client = grid.connect(cluster.config(index))
+            self.clients[index] = client
+            client.add_membership_listener(lambda event, index=index: self._record(index, event))
 
     def disconnect(self, index: int) -> None:
         """Close the client of peer ``index`` (before that peer is killed: it would reconnect elsewhere)."""
-        client = self.clients.pop(index, None)
-        if client is not None:
-            client.close()
+        with _uninterrupted():  # a half-closed client leaves its threads running
+            client = self.clients.pop(index, None)
+            if client is not None:
+                client.close()
 
     def close(self) -> None:
-        while self.clients:
-            self.disconnect(next(iter(self.clients)))
+        with _uninterrupted():
+            while self.clients:
+                self.disconnect(next(iter(self.clients)))
 
     def __enter__(self) -> PeerViews:
         return self
 
     def __exit__(self, *exc_info: object) -> None:
-        with _uninterrupted():
-            self.close()
+        self.close()
 
     def _record(self, index: int, event) -> None:
         now = time.monotonic()
@@ -265,7 +270,7 @@ def poll_until(predicate: Callable[[], bool], timeout: float, what: str,
     """Call ``predicate`` every POLL_INTERVAL until it is true; return the time.monotonic() it was.
 
     Raises:
-        BenchTimeout: still false after ``timeout`` seconds; the message names ``what`` and
+        MeasurementFailed: still false after ``timeout`` seconds; the message names ``what`` and
             ends with ``describe()``.
     """
     deadline = time.monotonic() + timeout
@@ -275,7 +280,7 @@ def poll_until(predicate: Callable[[], bool], timeout: float, what: str,
             return now
         if now >= deadline:
             detail = f" ({describe()})" if describe else ""
-            raise BenchTimeout(f"{what}: not reached within {timeout:g} s{detail}")
+            raise MeasurementFailed(f"{what}: not reached within {timeout:g} s{detail}")
         time.sleep(POLL_INTERVAL)
 
 
@@ -306,6 +311,8 @@ class Bench:
     def __init__(self, settings: Settings):
         self.settings = settings
         self.results = Results()
+        self.setup_clusters = 0  # tcp clusters made for kill/pause samples
+        self.setup_failures: list[str] = []  # why some of them never converged
         self._saved_logs = 0
 
     def run(self) -> None:
@@ -326,27 +333,74 @@ class Bench:
     def _sample(self, name: str, measure: Callable[[], None]) -> None:
         try:
             measure()
-        except (BenchTimeout, SimError, GridError, TimeoutError) as error:
+        except (MeasurementFailed, SimError, GridError, TimeoutError) as error:
             print(f"  {name}: FAILED: {error}", flush=True)
 
     # -- clusters
 
     @contextlib.contextmanager
     def formed_cluster(self, name: str) -> Iterator[tuple[LocalCluster, PeerViews]]:
-        """A tcp cluster of ``peers`` members with one client per peer, views agreed."""
+        """A tcp cluster of ``peers`` members with one client per peer, views agreed.
+
+        A cluster whose views never agree (a formation bug, measured by "formation")
+        is logged, counted in ``setup_failures`` and replaced, up to SETUP_ATTEMPTS times.
+
+        Raises:
+            MeasurementFailed: no cluster converged.
+        """
         s = self.settings
-        with _local_cluster(s.peers, join="tcp", **s.overrides) as cluster, PeerViews() as views:
-            try:
+        for attempt in range(1, SETUP_ATTEMPTS + 1):
+            self.setup_clusters += 1
+            with _local_cluster(s.peers, join="tcp", **s.overrides) as cluster, PeerViews() as views:
                 for index in range(s.peers):
                     views.connect(cluster, index)
                 everyone = {peer.uuid for peer in cluster.peers}
-                poll_until(lambda: views.agree(views.clients, everyone), CONVERGENCE_TIMEOUT,
-                           f"{name}: the {s.peers} views to agree before the measurement",
-                           lambda: views.describe(views.clients))
+                try:
+                    poll_until(lambda: views.agree(views.clients, everyone), SETUP_TIMEOUT,
+                               f"{name}: the {s.peers} views of a new tcp cluster to agree",
+                               lambda: views.describe(views.clients))
+                    self.check_peers(cluster)
+                except MeasurementFailed as error:
+                    self.setup_failures.append(str(error))
+                    print(f"  {error}; trying a new cluster ({attempt}/{SETUP_ATTEMPTS})", flush=True)
+                    self.save_logs(cluster, f"{name} setup")
+                    continue
                 yield cluster, views
-            except (BenchTimeout, GridError, TimeoutError, SimError):
-                self.save_logs(cluster, name)
-                raise
+                return
+        raise MeasurementFailed(f"{name}: none of {SETUP_ATTEMPTS} new tcp clusters converged")
+
+    @staticmethod
+    def second_look(cluster: LocalCluster, indexes: list[int], everyone: set[str], limit: int = 4) -> str:
+        """Ask a fresh client through each lagging peer, to tell a stale client from a stale peer."""
+        looks = []
+        for index in indexes[:limit]:
+            try:
+                with _uninterrupted():
+                    with grid.connect(cluster.config(index)) as fresh:
+                        members = fresh.members()
+            except (GridError, SimError) as error:
+                looks.append(f"peer {index}: a fresh client cannot connect ({error})")
+                continue
+            verdict = ("complete: only the first client's view is stale"
+                       if {m.uuid for m in members} == everyone else "incomplete too: the peer's own list is stale")
+            looks.append(f"a fresh client through peer {index} sees {len(members)} members, {verdict}")
+        return "; ".join(looks) if looks else "no lagging view to look at again"
+
+    @staticmethod
+    def check_peers(cluster: LocalCluster, expected_gone: Iterable[int] = ()) -> None:
+        """Raise if a peer the bench did not stop has exited.
+
+        Raises:
+            MeasurementFailed: naming each such peer and how it exited.
+        """
+        expected_gone = set(expected_gone)
+        exited = [(peer.index, peer.returncode) for peer in list(getattr(cluster, "peers", ()))
+                  if peer.index not in expected_gone and peer.returncode is not None]
+        if exited:
+            how = ", ".join(f"peer {index} {_describe_exit(code)}" for index, code in exited)
+            raise MeasurementFailed(
+                f"{how} during the measurement although the bench did not stop it (exit code 0: it "
+                "left on a SIGTERM/SIGINT from outside the bench; see its log)")
 
     def save_logs(self, cluster: LocalCluster, name: str) -> None:
         """Copy every peer's log to the log dir (the cluster's temp dir goes with it)."""
@@ -387,7 +441,7 @@ class Bench:
                                      f"< {CONVERGE_TARGET:g} s")
         try:
             ready, agreed, failure = self._measure_formation(join)
-        except (BenchTimeout, SimError, GridError, TimeoutError) as error:
+        except (MeasurementFailed, SimError, GridError, TimeoutError) as error:
             ready_row.add(None, str(error))
             agree_row.add(None, str(error))
             raise
@@ -433,12 +487,20 @@ class Bench:
                     if views.agree(views.clients, {peer.uuid for peer in peers}):
                         return all_ready_at - start, time.monotonic() - start, None
                     if now - all_ready_at >= CONVERGENCE_TIMEOUT:
+                        everyone = {peer.uuid for peer in peers}
+                        lagging = [index for index in sorted(views.clients) if views.uuids(index) != everyone]
                         failure = (f"{now - all_ready_at:.0f} s after all {s.peers} peers were ready the views "
-                                   f"still differ: {views.describe(views.clients)}")
+                                   f"still differ: {views.describe(views.clients)}; "
+                                   f"{self.second_look(cluster, lagging, everyone)}")
                         self.save_logs(cluster, f"formation {join}")
                         return all_ready_at - start, None, failure
                 if construct_errors:
                     raise construct_errors[0]  # a peer failed to start; LocalCluster says which
+                try:
+                    self.check_peers(cluster)
+                except MeasurementFailed:
+                    self.save_logs(cluster, f"formation {join}")
+                    raise
                 time.sleep(POLL_INTERVAL)
         finally:
             with _uninterrupted():
@@ -475,10 +537,10 @@ class Bench:
             with self.formed_cluster(f"kill {what}") as (cluster, views):
                 try:
                     removed, agreed, note = self._measure_kill(cluster, views, master)
-                except (BenchTimeout, GridError):
+                except (MeasurementFailed, GridError):
                     self.save_logs(cluster, f"kill {what}")
                     raise
-        except (BenchTimeout, SimError, GridError, TimeoutError) as error:
+        except (MeasurementFailed, SimError, GridError, TimeoutError) as error:
             removed_row.add(None, str(error))
             if agreed_row is not None:
                 agreed_row.add(None, str(error))
@@ -501,9 +563,10 @@ class Bench:
         start = time.monotonic()
         cluster.kill(victim)  # SIGKILL; returns once reaped
         left = views.wait_events(others, "left", victim_uuid, start, s.removal_timeout)
+        self.check_peers(cluster, expected_gone=[victim])
         if len(left) < len(others):
             missing = sorted(set(others) - set(left))
-            raise BenchTimeout(
+            raise MeasurementFailed(
                 f"killed peer {victim} still in the views of peers {missing} {s.removal_timeout:g} s later "
                 f"({views.describe(missing)})")
         removed = max(left.values()) - start
@@ -513,6 +576,7 @@ class Bench:
             agreed_at = poll_until(lambda: views.agree(others, survivors), CONVERGENCE_TIMEOUT,
                                    "one new master in every view", lambda: views.describe(others))
             agreed = agreed_at - start
+        self.check_peers(cluster, expected_gone=[victim])
         return removed, agreed, note
 
     # -- 3. pause
@@ -531,10 +595,10 @@ class Bench:
             with self.formed_cluster("pause member") as (cluster, views):
                 try:
                     samples, note = self._measure_pause(cluster, views, rows)
-                except (BenchTimeout, GridError):
+                except (MeasurementFailed, GridError):
                     self.save_logs(cluster, "pause member")
                     raise
-        except (BenchTimeout, SimError, GridError, TimeoutError) as error:
+        except (MeasurementFailed, SimError, GridError, TimeoutError) as error:
             for row, count in zip(rows, before):
                 if len(row.samples) == count:
                     row.add(None, str(error))
@@ -557,10 +621,11 @@ class Bench:
         start = time.monotonic()
         cluster.pause(victim)  # returns once the process is stopped
         left = views.wait_events(others, "left", victim_uuid, start, s.removal_timeout)
+        self.check_peers(cluster)
         if len(left) < len(others):
             missing = sorted(set(others) - set(left))
             cluster.resume(victim)
-            raise BenchTimeout(
+            raise MeasurementFailed(
                 f"paused peer {victim} still in the views of peers {missing} {s.removal_timeout:g} s "
                 f"after SIGSTOP ({views.describe(missing)})")
         removed = max(left.values()) - start
@@ -569,9 +634,10 @@ class Bench:
         start = time.monotonic()
         cluster.resume(victim)
         joined = views.wait_events(others, "joined", victim_uuid, start, CONVERGENCE_TIMEOUT)
+        self.check_peers(cluster)
         if len(joined) < len(others):
             missing = sorted(set(others) - set(joined))
-            raise BenchTimeout(
+            raise MeasurementFailed(
                 f"resumed peer {victim} not back in the views of peers {missing} {CONVERGENCE_TIMEOUT:g} s "
                 f"after SIGCONT ({views.describe(missing)})")
         back = max(joined.values()) - start
@@ -580,6 +646,7 @@ class Bench:
                             f"resumed peer {victim}'s own view to hold all {len(everyone)} members again",
                             lambda: views.describe([victim]))
         own = own_at - start
+        self.check_peers(cluster)
         own_row.add(own)
         return (removed, back, own), note
 
@@ -598,13 +665,40 @@ def _local_cluster(n: int, **options) -> Iterator[LocalCluster]:
                 cluster.terminate()
 
 
+def _source_state() -> str:
+    """Which grid is measured: the commit, and whether grid/ or sim/ have uncommitted changes."""
+    try:
+        commit = subprocess.run(["git", "-C", _REPO_ROOT, "rev-parse", "--short", "HEAD"], capture_output=True,
+                                text=True, timeout=5, check=True).stdout.strip()
+        changed = subprocess.run(["git", "-C", _REPO_ROOT, "status", "--porcelain", "--", "grid", "sim"],
+                                 capture_output=True, text=True, timeout=5, check=True).stdout.split("\n")
+    except (OSError, subprocess.SubprocessError):
+        return "grid source: unknown (no git)"
+    files = [line[3:] for line in changed if line.strip()]
+    return f"grid at {commit}" + (f" + uncommitted changes in {', '.join(files)}" if files else "")
+
+
+def _describe_exit(code: int) -> str:
+    if code < 0:
+        try:
+            return f"was killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"was killed by signal {-code}"
+    return f"exited with code {code}"
+
+
+_uninterrupted_depth = 0  # how many _uninterrupted blocks the main thread is in
+
+
 @contextlib.contextmanager
 def _uninterrupted() -> Iterator[None]:
     """Hold off Ctrl-C and SIGTERM while peers and clients are being started or stopped.
 
-    A signal that comes meanwhile is raised as KeyboardInterrupt once the block is done.
+    A signal that comes meanwhile is raised as KeyboardInterrupt once the outermost such
+    block is done.
     """
-    if threading.current_thread() is not threading.main_thread():
+    global _uninterrupted_depth
+    if threading.current_thread() is not threading.main_thread() or _uninterrupted_depth:
         yield
         return
     received: list[int] = []
@@ -613,9 +707,11 @@ def _uninterrupted() -> Iterator[None]:
         received.append(signum)
 
     previous = {sig: signal.signal(sig, remember) for sig in (signal.SIGINT, signal.SIGTERM)}
+    _uninterrupted_depth += 1
     try:
         yield
     finally:
+        _uninterrupted_depth -= 1
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     if received:
@@ -671,6 +767,8 @@ def main(argv: list[str] | None = None) -> int:
     _interrupt_on_sigterm()
     arguments = parse_arguments(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s bench %(name)s %(levelname)s %(message)s")
+    # A client whose peer is gone retries and warns every few seconds; the bench reports dead peers itself.
+    logging.getLogger("grid.client").setLevel(logging.ERROR)
     defaults = grid.Config()
     overrides: dict = {}
     if arguments.heartbeat_interval is not None:
@@ -685,7 +783,7 @@ def main(argv: list[str] | None = None) -> int:
         log_dir=arguments.log_dir, rng=random.Random(arguments.seed))
 
     print(f"membership bench: {settings.peers} peers, {settings.runs} run(s), "
-          f"{os.cpu_count()} cores, Python {platform.python_version()}")
+          f"{os.cpu_count()} cores, Python {platform.python_version()}, {_source_state()}")
     print(f"heartbeat_interval {heartbeat_interval:g} s, failure_timeout {failure_timeout:g} s"
           f"{'' if overrides else ' (grid defaults)'}; join_timeout {defaults.join_timeout:g} s")
     if "formation" in settings.measurements:
@@ -712,6 +810,11 @@ def main(argv: list[str] | None = None) -> int:
           "everywhere within 1 s; a paused one within failure_timeout plus one heartbeat.")
     if settings.peers != 16:
         print(f"note: this run used {settings.peers} peers, not the 16 the convergence target is about.")
+    if bench.setup_failures:
+        print(f"setup: {len(bench.setup_failures)} of {bench.setup_clusters} tcp clusters made for kill/pause "
+              "never converged and were replaced:")
+        for failure in bench.setup_failures:
+            print(f"  {failure}")
     failed = [row for row in bench.results.rows.values() if row.failures]
     for row in failed:
         for failure in dict.fromkeys(row.failures):

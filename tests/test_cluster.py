@@ -112,7 +112,7 @@ def test_membership_events_arrive_in_order(local_cluster):
         wait_for(lambda: ("joined", added.uuid) in events, 10, "the joined event")
         cluster.stop(added.index)
         wait_for(lambda: ("left", added.uuid) in events, 10, "the left event")
-        assert events == [("joined", added.uuid), ("left", added.uuid)]
+        assert events == [("joined", added.uuid), ("left", added.uuid)], (events, cluster.log(0)[-4000:])
 
 
 def test_registry_entries_written_removed_and_pruned(local_cluster):

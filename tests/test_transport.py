@@ -199,6 +199,13 @@ def assert_still_serving(server: Transport, make_transport) -> None:
     assert conn.request(b"still there?").result(WAIT).payload == b"echo:still there?"
 
 
+def settle(transport: Transport) -> None:
+    """Wait until the IO thread has finished the event it is handling now."""
+    done = threading.Event()
+    transport.call_soon(done.set)
+    assert done.wait(WAIT)
+
+
 def free_port() -> int:
     with socket.socket() as probe:
         probe.bind((LOOPBACK, 0))
@@ -363,6 +370,7 @@ def test_wrong_secret_is_refused_and_logged_on_both_sides(client, make_transport
     client_line = logs.wait_for(r"refused \(by this member\).*could not prove the cluster secret")
     server_line = logs.wait_for(r"refused \(by peer\).*could not prove the cluster secret")
     assert "secrets differ" in client_line and "secrets differ" in server_line
+    settle(server)
     assert client.connections == [] and server.connections == []
 
 
@@ -405,23 +413,44 @@ def test_silent_peer_is_closed_after_the_handshake_timeout(make_transport, logs)
     sock.close()
 
 
+class ManualClock:
+    """A clock that moves only when the test says so (the loop is woken to notice)."""
+
+    def __init__(self):
+        self.now = 1000.0
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float, transport: Transport) -> None:
+        self.now += seconds
+        settle(transport)  # wakes the loop; its timers run after this call ...
+        settle(transport)  # ... so they have run once this one is done
+
+
 def test_connect_to_a_silent_listener_fails_with_handshake_error(make_transport):
-    client = make_transport(handshake_timeout=0.3)
+    clock = ManualClock()
+    client = make_transport(handshake_timeout=2.0, clock=clock)
     with socket.socket() as mute:  # accepts TCP (backlog) but never speaks
         mute.bind((LOOPBACK, 0))
         mute.listen(1)
+        future = client.connect(mute.getsockname())
+        settle(client)
+        clock.advance(1.9, client)
+        assert not future.done()
 
-        with pytest.raises(HandshakeError, match="timed out"):
-            client.connect(mute.getsockname()).result(WAIT)
+        clock.advance(0.2, client)
+
+        with pytest.raises(HandshakeError, match="timed out after 2.0 s"):
+            future.result(WAIT)
 
 
 def test_an_open_connection_outlives_the_handshake_timeout(make_transport, server):
-    client = make_transport(handshake_timeout=0.2)
+    clock = ManualClock()
+    client = make_transport(handshake_timeout=1.0, clock=clock)
     conn = connect(client, server)
-    later = threading.Event()
 
-    client.call_later(0.3, later.set)
-    assert later.wait(WAIT)
+    clock.advance(60, client)
 
     assert conn.is_open
     assert conn.request(b"x").result(WAIT).payload == b"echo:x"
@@ -504,6 +533,7 @@ def test_nothing_is_unpickled_before_the_handshake(make_transport, tmp_path, log
     assert unpickled == []
     assert [frame.kind for frame in replies] in ([], [Kind.REFUSE])
     logs.wait_for("before authentication|malformed|unexpected")
+    settle(server)
     assert server.connections == []
     # The payload was live: unpickling it does create the marker.
     pickle.loads(pickle.dumps(Marker(tmp_path / "control")))
@@ -525,8 +555,9 @@ def test_write_failure_on_the_io_thread_closes_only_that_connection(server, serv
 # ------------------------------------------------------------------ closing
 
 
-def test_closing_the_peer_fails_pending_requests(make_transport, client, server_events, client_events):
-    server = make_transport(**server_events.callbacks())  # records REQUESTs, never answers
+def test_closing_the_peer_fails_pending_requests(make_transport, client, client_events):
+    server_events = Recorder()  # records REQUESTs, never answers
+    server = make_transport(**server_events.callbacks())
     server.listen(LOOPBACK, 0)
     conn = connect(client, server)
     pending = [conn.request(b"never answered %d" % number) for number in range(3)]
@@ -845,7 +876,7 @@ def pki(tmp_path_factory):
 
 @pytest.fixture
 def tls_server(make_transport, pki, server_events):
-    transport = make_transport(tls=pki.alpha, **server_events.callbacks())
+    transport = make_transport(tls=pki.alpha, info={"uuid": "server"}, **server_events.callbacks())
     transport.listen(LOOPBACK, 0)
     return transport
 
@@ -914,9 +945,16 @@ def test_tls_client_to_a_plain_server_is_refused(make_transport, pki, server):
 
 
 def test_tls_server_closes_a_silent_peer_after_the_handshake_timeout(make_transport, pki):
-    server = make_transport(tls=pki.alpha, handshake_timeout=0.3)
+    clock = ManualClock()
+    server = make_transport(tls=pki.alpha, handshake_timeout=1.0, clock=clock)
     server.listen(LOOPBACK, 0)
     sock = raw_socket(server.address)
+    deadline = time.monotonic() + WAIT
+    while not server.connections:  # until the IO thread has accepted it
+        assert time.monotonic() < deadline
+        settle(server)
+
+    clock.advance(1.0, server)
 
     assert read_until_closed(sock) == b""
     sock.close()
