@@ -148,7 +148,7 @@ class _ClientLink:
                 with self._lock:
                     self._conn = conn
                     self._lost.clear()
-                self._update(reply["version"], reply["members"], force=True)
+                self._update(reply["version"], reply["members"])
                 return
             if time.monotonic() >= deadline:
                 tried = "; ".join(f"{h}:{p}: {why}" for (h, p), why in reasons.items()) or "no candidates found"
@@ -159,11 +159,13 @@ class _ClientLink:
     def _on_members(self, conn, body) -> None:
         self._update(body["version"], body["members"])
 
-    def _update(self, version: int, members, *, force: bool = False) -> None:
+    def _update(self, version: int, members) -> None:
+        members = tuple(Member.from_wire(m) for m in members)
         with self._lock:
-            if not force and version <= self.version:
-                return
-            old, self.members = self.members, tuple(Member.from_wire(m) for m in members)
+            same_master = bool(members) and bool(self.members) and members[0].uuid == self.members[0].uuid
+            if same_master and version <= self.version:
+                return  # older news from the same master (a push can overtake the hello reply)
+            old, self.members = self.members, members
             self.version = version
             self.listeners.emit_changes(old, self.members, version)
 

@@ -23,6 +23,11 @@ Measurements:
     pause       SIGSTOP a non-master peer; time until every other peer's view lost it;
                 then SIGCONT and time until it is back in every view.
 
+A view that still lags STALE_CHECK_AFTER seconds after all peers are ready is looked
+at again through a fresh client: if that one sees every member, the first client
+missed an update (a client-side bug) and the sample fails at once with that
+diagnosis; otherwise the peer gets CONVERGENCE_TIMEOUT seconds in all.
+
 Every cluster uses the grid defaults (heartbeat_interval 1 s, failure_timeout 10 s)
 unless --heartbeat-interval / --failure-timeout say otherwise. Peers and clients
 are stopped on exit, on Ctrl-C and on SIGTERM. When a measurement fails (a view
@@ -68,6 +73,7 @@ FORMATION_JOIN_METHODS = ("tcp", "registry", "multicast")
 MEASUREMENTS = ("formation", "kill", "pause")
 POLL_INTERVAL = 0.005  # seconds between looks at the views; the resolution of "views agree"
 CONVERGENCE_TIMEOUT = 30.0  # seconds a formed cluster's views may take to agree before we give up
+STALE_CHECK_AFTER = 5.0  # seconds after all peers are ready to look again at lagging views with fresh clients
 SETUP_TIMEOUT = 15.0  # the same for a cluster made for the kill and pause measurements
 SETUP_ATTEMPTS = 3  # clusters tried for one kill/pause sample before the sample counts as failed
 CONVERGE_TARGET = 3.0  # from the issue: 16 peers converge in under 3 s
@@ -313,7 +319,7 @@ class Bench:
         self.results = Results()
         self.setup_clusters = 0  # tcp clusters made for kill/pause samples
         self.setup_failures: list[str] = []  # why some of them never converged
-        self._saved_logs = 0
+        self.saved_logs = 0
 
     def run(self) -> None:
         s = self.settings
@@ -361,8 +367,10 @@ class Bench:
                                lambda: views.describe(views.clients))
                     self.check_peers(cluster)
                 except MeasurementFailed as error:
-                    self.setup_failures.append(str(error))
-                    print(f"  {error}; trying a new cluster ({attempt}/{SETUP_ATTEMPTS})", flush=True)
+                    lagging = [index for index in sorted(views.clients) if views.uuids(index) != everyone]
+                    why = "; ".join([str(error), *self.second_look(cluster, lagging, everyone)])
+                    self.setup_failures.append(why)
+                    print(f"  {why}; trying a new cluster ({attempt}/{SETUP_ATTEMPTS})", flush=True)
                     self.save_logs(cluster, f"{name} setup")
                     continue
                 yield cluster, views
@@ -370,8 +378,12 @@ class Bench:
         raise MeasurementFailed(f"{name}: none of {SETUP_ATTEMPTS} new tcp clusters converged")
 
     @staticmethod
-    def second_look(cluster: LocalCluster, indexes: list[int], everyone: set[str], limit: int = 4) -> str:
-        """Ask a fresh client through each lagging peer, to tell a stale client from a stale peer."""
+    def second_look(cluster: LocalCluster, indexes: list[int], everyone: set[str], limit: int = 4) -> list[str]:
+        """Ask a fresh client through each lagging peer, to tell a stale client from a stale peer.
+
+        Returns:
+            One finding per peer looked at (at most ``limit``).
+        """
         looks = []
         for index in indexes[:limit]:
             try:
@@ -384,7 +396,7 @@ class Bench:
             verdict = ("complete: only the first client's view is stale"
                        if {m.uuid for m in members} == everyone else "incomplete too: the peer's own list is stale")
             looks.append(f"a fresh client through peer {index} sees {len(members)} members, {verdict}")
-        return "; ".join(looks) if looks else "no lagging view to look at again"
+        return looks
 
     @staticmethod
     def check_peers(cluster: LocalCluster, expected_gone: Iterable[int] = ()) -> None:
@@ -406,8 +418,8 @@ class Bench:
         """Copy every peer's log to the log dir (the cluster's temp dir goes with it)."""
         if self.settings.log_dir is None:
             self.settings.log_dir = tempfile.mkdtemp(prefix="membership-bench-logs-")
-        self._saved_logs += 1
-        folder = os.path.join(self.settings.log_dir, f"{self._saved_logs:02d}-{name.replace(' ', '-')}")
+        self.saved_logs += 1
+        folder = os.path.join(self.settings.log_dir, f"{self.saved_logs:02d}-{name.replace(' ', '-')}")
         os.makedirs(folder, exist_ok=True)
         for peer in cluster.peers:
             try:
@@ -448,7 +460,7 @@ class Bench:
         ready_row.add(ready)
         agree_row.add(agreed, failure)
         if failure:
-            print(f"  formation {join:9} {s.peers} peers: all ready {ready:.3f} s, views NEVER agree: {failure}",
+            print(f"  formation {join:9} {s.peers} peers: all ready {ready:.3f} s, views did not agree: {failure}",
                   flush=True)
         else:
             print(f"  formation {join:9} {s.peers} peers: all ready {ready:.3f} s, all views agree {agreed:.3f} s",
@@ -475,6 +487,7 @@ class Bench:
             with _uninterrupted():  # once started, the finally below must join it
                 constructor.start()
             all_ready_at = None
+            second_looked = False
             while True:
                 now = time.monotonic()
                 peers = list(getattr(cluster, "peers", ()))
@@ -486,12 +499,17 @@ class Bench:
                 if all_ready_at is not None and len(views.clients) == s.peers:
                     if views.agree(views.clients, {peer.uuid for peer in peers}):
                         return all_ready_at - start, time.monotonic() - start, None
-                    if now - all_ready_at >= CONVERGENCE_TIMEOUT:
+                    waited = now - all_ready_at
+                    if waited >= CONVERGENCE_TIMEOUT or (waited >= STALE_CHECK_AFTER and not second_looked):
                         everyone = {peer.uuid for peer in peers}
                         lagging = [index for index in sorted(views.clients) if views.uuids(index) != everyone]
-                        failure = (f"{now - all_ready_at:.0f} s after all {s.peers} peers were ready the views "
-                                   f"still differ: {views.describe(views.clients)}; "
-                                   f"{self.second_look(cluster, lagging, everyone)}")
+                        looks = self.second_look(cluster, lagging, everyone)
+                        second_looked = True
+                        stale_clients_only = bool(looks) and all("only the first client" in look for look in looks)
+                        if waited < CONVERGENCE_TIMEOUT and not stale_clients_only:
+                            continue  # a peer's own list lags: give it the full CONVERGENCE_TIMEOUT
+                        failure = (f"{waited:.0f} s after all {s.peers} peers were ready the views "
+                                   f"still differ: {views.describe(views.clients)}; {'; '.join(looks)}")
                         self.save_logs(cluster, f"formation {join}")
                         return all_ready_at - start, None, failure
                 if construct_errors:
@@ -819,7 +837,7 @@ def main(argv: list[str] | None = None) -> int:
     for row in failed:
         for failure in dict.fromkeys(row.failures):
             print(f"failure in '{row.label}': {failure}")
-    if settings.log_dir is not None:
+    if bench.saved_logs:
         print(f"peer logs of failed measurements: {settings.log_dir}")
     return 1 if failed else 0
 
