@@ -43,18 +43,20 @@ class Member:
     address: tuple[str, int]
     pid: int = 0
     hostname: str = ""
+    workers: int = 1  # task threads: how much work the executor keeps in flight here
 
     def __str__(self) -> str:
         return format_address(self.address)
 
     def to_wire(self) -> dict:
-        return {"uuid": self.uuid, "address": list(self.address), "pid": self.pid, "hostname": self.hostname}
+        return {"uuid": self.uuid, "address": list(self.address), "pid": self.pid, "hostname": self.hostname,
+                "workers": self.workers}
 
     @classmethod
     def from_wire(cls, data: dict) -> Member:
         host, port = data["address"]
         return cls(uuid=data["uuid"], address=(host, int(port)), pid=data.get("pid", 0),
-                   hostname=data.get("hostname", ""))
+                   hostname=data.get("hostname", ""), workers=data.get("workers", 1))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -797,8 +799,8 @@ def advertised_address(host: str, port: int) -> tuple[str, int]:
     return (host, port)
 
 
-def local_member(address: tuple[str, int], uuid: str) -> Member:
-    return Member(uuid=uuid, address=address, pid=os.getpid(), hostname=socket.gethostname())
+def local_member(address: tuple[str, int], uuid: str, workers: int = 1) -> Member:
+    return Member(uuid=uuid, address=address, pid=os.getpid(), hostname=socket.gethostname(), workers=workers)
 
 
 __all__ = ["Member", "MembershipEvent", "Membership", "State", "advertised_address", "local_member", "parse_address"]

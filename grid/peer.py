@@ -15,6 +15,8 @@ from .config import Config, format_address, is_loopback, load_config, parse_addr
 from .discovery import make_discovery
 from .membership import Membership, advertised_address, local_member
 from .transport import Transport
+from . import worker
+from .worker import TaskRunner
 
 log = logging.getLogger("grid.peer")
 
@@ -49,7 +51,7 @@ class Peer:
             bound = self.transport.listen(host, self.config.port)
             self.address = advertised_address(*bound)
             self.transport.info["address"] = format_address(self.address)
-            self.me = local_member(self.address, self.uuid)
+            self.me = local_member(self.address, self.uuid, self.config.effective_workers())
             self.discovery = make_discovery(self.config, secret=self.secret, cluster_id=self.config.id,
                                             member_uuid=self.uuid, clock=clock)
             required = parse_address(self.config.required, key="required") if self.config.required else None
@@ -57,6 +59,8 @@ class Peer:
                 me=self.me, transport=self.transport, router=self.router, discovery=self.discovery,
                 heartbeat_interval=self.config.heartbeat_interval, failure_timeout=self.config.failure_timeout,
                 required=required, clock=clock)
+            self.tasks = TaskRunner(self.router, workers=self.config.effective_workers())
+            worker._current_member = self.me
         except BaseException:
             self.transport.close()
             raise
@@ -99,6 +103,7 @@ class Peer:
                 self.membership.leave()
             self.membership.close()
             self.discovery.stop(clean=clean)
+        self.tasks.close()
         self.transport.close()
 
     def __enter__(self) -> Peer:

@@ -1,0 +1,788 @@
+"""GridExecutor: a ``concurrent.futures.Executor`` whose workers are the members of a cluster.
+
+::
+
+    caller threads                                   IO thread (the executor's own "grid-io")
+    --------------                                   -----------------------------------------
+    submit(fn, *args) -> Future                      "results" from a member:
+      pick the least-loaded link with credit           futures resolved, credit freed,
+      idle link: send now, from this thread            backlog handed to the freed link
+      busy link: queue; sent in one frame later      a link drops or its member leaves:
+    map(fn, *its): chunks submitted as results         its in-flight tasks go back to the
+      are consumed; yields in order                    backlog (at most max_retries times)
+
+No central scheduler: this process sends work to each member directly, keeping a
+credit window per member (bounded work in flight), so ``map`` over an endless
+iterable runs in bounded memory. A function travels once per link and is then
+named by its id; tiny tasks share frames both ways.
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import itertools
+import logging
+import math
+import operator
+import threading
+import time
+import weakref
+from concurrent.futures import Future
+
+from . import messaging, serialize
+from .client import Cluster, connect
+from .config import format_address, load_config
+from .errors import BrokenGrid, GridError, NotConnected, RemoteError, WorkerCrashed
+from .transport import Transport
+from .wire import Kind
+from .worker import CALL, CANCELLED, CHUNK, FAILED, OK
+
+log = logging.getLogger("grid.executor")
+
+_MIN_CREDIT = 2  # tasks in flight per member task thread, at least
+_MAX_CREDIT = 64  # ... and at most, when tasks are tiny
+_QUEUED_WORK = 0.002  # seconds of work worth keeping queued on a member per task thread
+_CHUNK_TARGET = 0.01  # seconds a map chunk should take on a member
+_MAX_CHUNK = 65536
+_FUNCTION_CACHE = 1024
+
+
+class RemoteTraceback(Exception):
+    """The traceback of an exception raised on a member; attached as ``__cause__``."""
+
+    def __init__(self, text: str):
+        super().__init__(text)
+        self.text = text
+
+    def __str__(self) -> str:
+        return f'\n"""\n{self.text}"""'
+
+
+class _Task:
+    __slots__ = ("id", "future", "fn", "function_id", "pickled", "kind", "args", "kwargs", "attempts", "pinned",
+                 "link")
+
+    def __init__(self, task_id, future, fn, function, kind, args, kwargs, pinned=None):
+        self.id = task_id
+        self.future = future
+        self.fn = fn
+        self.function_id, self.pickled = function
+        self.kind = kind
+        self.args = args
+        self.kwargs = kwargs
+        self.attempts = 0
+        self.pinned = pinned  # a member uuid, or None for any member
+        self.link = None
+
+    def describe(self) -> str:
+        name = getattr(self.fn, "__qualname__", None) or repr(self.fn)
+        if self.kind == CHUNK:
+            return f"{name} over a chunk of {len(self.args)} items (first: {_short(self.args[0]) if self.args else ''})"
+        return f"{name}{_short(self.args)}"
+
+
+class _Link:
+    """This executor's connection to one member, with its credit window."""
+
+    __slots__ = ("member", "conn", "in_flight", "outbox", "sent_functions", "send_lock", "flush_pending",
+                 "pinned", "average", "closed")
+
+    def __init__(self, member, conn):
+        self.member = member
+        self.conn = conn
+        self.in_flight: dict[int, _Task] = {}
+        self.outbox: list[_Task] = []
+        self.sent_functions: set[int] = set()
+        self.send_lock = threading.Lock()
+        self.flush_pending = False
+        self.pinned: collections.deque = collections.deque()
+        self.average = None  # seconds per task, moving average
+        self.closed = False
+
+    @property
+    def credit(self) -> int:
+        workers = max(1, self.member.workers)
+        if self.average is None:
+            return workers * _MIN_CREDIT
+        per_worker = _QUEUED_WORK / max(self.average, 1e-6)
+        return workers * int(min(_MAX_CREDIT, max(_MIN_CREDIT, per_worker)))
+
+    def spare(self) -> int:
+        return self.credit - len(self.in_flight)
+
+
+class GridExecutor(concurrent.futures.Executor):
+    """Run callables on the members of a cluster; returns stdlib ``Future``s.
+
+    Args:
+        max_workers: with no cluster configured, the number of member processes of the
+            embedded local cluster (default: the core count). Ignored for a given cluster.
+        cluster: a ``grid.Cluster`` (from ``grid.connect``), or anything ``grid.connect``
+            takes (a config dict or path). None: the configured cluster, or, if nothing is
+            configured, a private embedded cluster torn down on shutdown.
+        initializer, initargs: ``initializer(*initargs)`` runs once on every member
+            before it takes this executor's work.
+        max_retries: how often a task is re-run after the member running it died.
+
+    Raises:
+        NotConnected: no member of the cluster could be reached.
+    """
+
+    def __init__(self, max_workers: int | None = None, *, cluster=None, initializer=None, initargs=(),
+                 max_retries: int = 3, startup_timeout: float = 30.0):
+        if max_workers is not None and max_workers < 1:
+            raise ValueError("max_workers must be greater than 0")
+        if max_retries < 0:
+            raise ValueError("max_retries must be 0 or more")
+        self._max_retries = max_retries
+        self._lock = threading.RLock()
+        self._shutdown = False
+        self._ids = itertools.count(1)
+        self._links: dict[str, _Link] = {}
+        self._connecting: set[str] = set()
+        self._backlog: collections.deque = collections.deque()
+        self._functions: collections.OrderedDict = collections.OrderedDict()  # id(fn) -> (fn, (id, pickled))
+        self._function_ids = itertools.count(1)
+        self._all_done = threading.Condition(self._lock)
+        self._outstanding = 0
+        self._embedded = None
+        self._owns_cluster = False
+        self._init = None
+        if initializer is not None:
+            self._init = serialize.dumps((initializer, tuple(initargs)))
+        self._cluster = self._open_cluster(cluster, max_workers, startup_timeout)
+        config = self._cluster.config
+        self._router = messaging.Router()
+        self._router.register("results", self._on_results)
+        try:
+            self._transport = Transport(
+                cluster_id=config.id, secret=config.resolved_secret(), info={"role": "executor"},
+                on_frame=self._router.on_frame, on_close=self._on_link_closed,
+                handshake_timeout=config.handshake_timeout, tls=config.tls, name="grid-io-executor")
+        except BaseException:
+            self._close_cluster()
+            raise
+        self._cluster.add_membership_listener(self._on_membership)
+        for member in self._cluster.members():
+            self._open_link(member)
+        self._await_first_link(startup_timeout)
+
+    # -- setting up ---------------------------------------------------------------------------------
+
+    def _open_cluster(self, cluster, max_workers, startup_timeout) -> Cluster:
+        if isinstance(cluster, Cluster):
+            return cluster
+        if cluster is None:
+            config = load_config()
+            if config.source == "defaults":
+                from .embedded import EmbeddedCluster
+
+                self._embedded = EmbeddedCluster(max_workers or config.effective_workers(),
+                                                 startup_timeout=startup_timeout)
+                cluster = self._embedded.client_config()
+            else:
+                cluster = config
+        try:
+            opened = connect(cluster, timeout=startup_timeout)
+        except BaseException:
+            if self._embedded is not None:
+                self._embedded.close()
+            raise
+        self._owns_cluster = True
+        return opened
+
+    def _await_first_link(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            while not self._links:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or (not self._connecting and not self._cluster.members()):
+                    break
+                self._all_done.wait(min(remaining, 0.05))
+            if self._links:
+                return
+        self._teardown()
+        raise NotConnected("the executor could not link to any member of the cluster; "
+                           "check that members are running (`python -m grid members`)")
+
+    def _open_link(self, member) -> None:
+        with self._lock:
+            if member.uuid in self._links or member.uuid in self._connecting or self._shutdown:
+                return
+            self._connecting.add(member.uuid)
+        future = self._transport.connect(member.address)
+        future.add_done_callback(lambda done: self._link_opened(member, done))
+
+    def _link_opened(self, member, done: Future) -> None:
+        error = None if done.cancelled() else done.exception()
+        with self._lock:
+            self._connecting.discard(member.uuid)
+            if done.cancelled() or error is not None:
+                log.info("cannot link to member %s: %s", member, error)
+                self._all_done.notify_all()
+                return
+            conn = done.result()
+            if self._shutdown or all(m.uuid != member.uuid for m in self._cluster.members()):
+                conn.close("not needed")
+                self._all_done.notify_all()
+                return
+            link = _Link(member, conn)
+            conn.attachment = link
+        if self._init is not None:
+            try:
+                messaging.send(conn, "init", self._init)
+            except GridError:
+                return
+        with self._lock:
+            self._links[member.uuid] = link
+            self._refill(link)
+            self._all_done.notify_all()
+        self._flush(link)
+
+    def _on_membership(self, event) -> None:
+        if event.kind == "joined":
+            self._open_link(event.member)
+            return
+        with self._lock:
+            link = self._links.get(event.member.uuid)
+        if link is not None:
+            link.conn.close(f"member {event.member} left the cluster")
+
+    # -- submitting -----------------------------------------------------------------------------------
+
+    def submit(self, fn, /, *args, **kwargs) -> Future:
+        """Run ``fn(*args, **kwargs)`` on the least loaded member; returns a Future.
+
+        Raises:
+            RuntimeError: the executor is shut down.
+            SerializationError: ``fn`` cannot travel (a lambda without cloudpickle).
+        """
+        return self._submit(fn, CALL, args, kwargs, None)
+
+    def submit_to_member(self, member, fn, /, *args, **kwargs) -> Future:
+        """Run ``fn(*args, **kwargs)`` on ``member`` (a Member, its uuid or its "host:port").
+
+        The Future fails with ``WorkerCrashed`` if that member dies or leaves first.
+        """
+        return self._submit(fn, CALL, args, kwargs, self._resolve_member(member).uuid)
+
+    def submit_to_all(self, fn, /, *args, **kwargs) -> dict:
+        """Run ``fn(*args, **kwargs)`` once on every current member; returns ``{member: Future}``."""
+        return {member: self._submit(fn, CALL, args, kwargs, member.uuid) for member in self.members()}
+
+    def members(self) -> list:
+        """The members this executor can send work to."""
+        return self._cluster.members()
+
+    def _resolve_member(self, member):
+        for candidate in self._cluster.members():
+            if member in (candidate, candidate.uuid, format_address(candidate.address), candidate.address):
+                return candidate
+        raise GridError(f"{member!r} is not a member of the cluster; members: "
+                        f"{[format_address(m.address) for m in self._cluster.members()]}")
+
+    def _submit(self, fn, kind, args, kwargs, pinned, function=None) -> Future:
+        if self._shutdown:
+            raise RuntimeError("cannot schedule new futures after shutdown")
+        function = function or self._function(fn)
+        future: Future = Future()
+        task = _Task(next(self._ids), future, fn, function, kind, args, kwargs, pinned)
+        future.add_done_callback(lambda done, task=task: done.cancelled() and self._cancelled(task))
+        with self._lock:
+            if self._shutdown:
+                raise RuntimeError("cannot schedule new futures after shutdown")
+            self._outstanding += 1
+            link, send_now = self._place(task)
+        if link is not None:
+            if send_now:
+                self._flush(link)
+            else:
+                self._schedule_flush(link)
+        return future
+
+    def _function(self, fn) -> tuple:
+        """``(function_id, pickled)`` for ``fn``, pickled once while it stays in the cache."""
+        cached = self._functions.get(id(fn))
+        if cached is not None and cached[0] is fn:
+            return cached[1]
+        if not callable(fn):
+            raise TypeError(f"{fn!r} is not callable")
+        function = (next(self._function_ids), serialize.dumps_function(fn))
+        with self._lock:
+            self._functions[id(fn)] = (fn, function)  # holding fn keeps its id from being reused
+            while len(self._functions) > _FUNCTION_CACHE:
+                self._functions.popitem(last=False)
+        return function
+
+    # -- placement (under self._lock) -------------------------------------------------------------------
+
+    def _place(self, task: _Task):
+        """Give ``task`` to a link with credit, or queue it. Returns (link, send_now)."""
+        if task.pinned is not None:
+            link = self._links.get(task.pinned)
+            if link is None:
+                if task.pinned in self._connecting:
+                    self._backlog.append(task)
+                    return None, False
+                self._fail_pinned(task)
+                return None, False
+            if link.spare() <= 0:
+                link.pinned.append(task)
+                return None, False
+        else:
+            link = self._least_loaded()
+            if link is None:
+                self._backlog.append(task)
+                return None, False
+        was_idle = not link.in_flight
+        self._assign(link, task)
+        return link, was_idle
+
+    def _least_loaded(self):
+        best, best_spare = None, 0
+        for link in self._links.values():
+            spare = link.spare()
+            if spare > best_spare:
+                best, best_spare = link, spare
+        return best
+
+    def _assign(self, link: _Link, task: _Task) -> None:
+        task.link = link
+        link.in_flight[task.id] = task
+        link.outbox.append(task)
+
+    def _refill(self, link: _Link) -> bool:
+        """Hand queued tasks to ``link`` up to its credit; True if any were given."""
+        given = False
+        while link.spare() > 0 and link.pinned:
+            self._assign(link, link.pinned.popleft())
+            given = True
+        skipped = []
+        while link.spare() > 0 and self._backlog:
+            task = self._backlog.popleft()
+            if task.future.cancelled():
+                continue
+            if task.pinned is not None and task.pinned != link.member.uuid:
+                skipped.append(task)
+                continue
+            self._assign(link, task)
+            given = True
+        self._backlog.extendleft(reversed(skipped))
+        return given
+
+    def _fail_pinned(self, task: _Task) -> None:
+        self._finish_outstanding(1)
+        if task.future.set_running_or_notify_cancel():
+            task.future.set_exception(WorkerCrashed(
+                f"task {task.describe()} was pinned to a member that is no longer in the cluster"))
+
+    # -- sending ------------------------------------------------------------------------------------------
+
+    def _schedule_flush(self, link: _Link) -> None:
+        with self._lock:
+            if link.flush_pending:
+                return
+            link.flush_pending = True
+        self._transport.call_soon(self._flush, link)
+
+    def _flush(self, link: _Link) -> None:
+        """Send what is in ``link``'s outbox as one frame (functions first sent once per link)."""
+        with link.send_lock:
+            with self._lock:
+                tasks, link.outbox = link.outbox, []
+                link.flush_pending = False
+            if not tasks or link.closed:
+                return
+            functions, wire_tasks = [], []
+            for task in tasks:
+                if task.function_id not in link.sent_functions:
+                    link.sent_functions.add(task.function_id)
+                    functions.append((task.function_id, task.pickled))
+                wire_tasks.append((task.id, task.function_id, task.kind, task.args, task.kwargs))
+            try:
+                parts = serialize.dumps_parts(("tasks", (functions, wire_tasks)))
+            except Exception:
+                parts = self._drop_unpicklable(link, tasks, functions)
+                if parts is None:
+                    return
+            try:
+                link.conn.send_frame(Kind.MESSAGE, parts if len(parts) > 1 else parts[0])
+            except GridError as exc:
+                log.debug("sending to %s failed (%s); its tasks are retried when the link closes", link.member, exc)
+
+    def _drop_unpicklable(self, link: _Link, tasks, functions):
+        good = []
+        for task in tasks:
+            try:
+                serialize.dumps_parts((task.args, task.kwargs))
+            except Exception as exc:
+                with self._lock:
+                    link.in_flight.pop(task.id, None)
+                    self._finish_outstanding(1)
+                if task.future.set_running_or_notify_cancel():
+                    task.future.set_exception(exc)
+            else:
+                good.append((task.id, task.function_id, task.kind, task.args, task.kwargs))
+        if not good:
+            return None
+        return serialize.dumps_parts(("tasks", (functions, good)))
+
+    def _cancelled(self, task: _Task) -> None:
+        """A Future was cancelled: drop the task, or tell its member to skip it."""
+        with self._lock:
+            link = task.link
+            if link is None or task.id not in link.in_flight:
+                if task in self._backlog:
+                    self._backlog.remove(task)
+                    self._finish_outstanding(1)
+                return
+        try:
+            messaging.send(link.conn, "cancel", [task.id])
+        except GridError:
+            pass
+
+    # -- results (IO thread) ----------------------------------------------------------------------------------
+
+    def _on_results(self, conn, results) -> None:
+        link = conn.attachment
+        finished = []
+        with self._lock:
+            for task_id, status, value, seconds in results:
+                task = link.in_flight.pop(task_id, None)
+                if task is None:
+                    continue
+                finished.append((task, status, value, seconds))
+                if status != CANCELLED:
+                    per_task = seconds / len(task.args) if task.kind == CHUNK and task.args else seconds
+                    link.average = per_task if link.average is None else 0.8 * link.average + 0.2 * per_task
+            self._finish_outstanding(len(finished))
+            more = self._refill(link)
+        for task, status, value, seconds in finished:
+            _complete(task, status, value, seconds)
+        if more:
+            self._flush(link)
+
+    def _finish_outstanding(self, count: int) -> None:
+        if count:
+            self._outstanding -= count
+            if self._outstanding == 0:
+                self._all_done.notify_all()
+
+    def _on_link_closed(self, conn) -> None:
+        link = conn.attachment
+        if not isinstance(link, _Link):
+            return
+        with self._lock:
+            link.closed = True
+            if self._links.get(link.member.uuid) is link:
+                del self._links[link.member.uuid]
+            orphans = sorted(link.in_flight.values(), key=operator.attrgetter("id"))
+            link.in_flight.clear()
+            pinned = list(link.pinned)
+            link.pinned.clear()
+            retry, failed = [], []
+            for task in orphans:
+                task.attempts += 1
+                task.link = None
+                if task.future.cancelled():
+                    self._finish_outstanding(1)
+                elif task.pinned is None and task.attempts <= self._max_retries:
+                    retry.append(task)
+                else:
+                    failed.append(task)
+            self._backlog.extendleft(reversed(retry))
+            refilled = [other for other in self._links.values() if self._refill(other)]
+        if self._shutdown and not orphans:
+            return
+        if orphans or pinned:
+            log.warning("member %s was lost with %d tasks in flight (%s); %d will run elsewhere",
+                        link.member, len(orphans), conn.close_reason, len(retry))
+        if failed or pinned:
+            report = self._embedded.exit_report(link.member.address, timeout=0.5) if self._embedded else None
+            cause = report or f"the connection was lost ({conn.close_reason})"
+            with self._lock:
+                self._finish_outstanding(len(failed) + len(pinned))
+            for task in failed + pinned:
+                if task.future.set_running_or_notify_cancel():
+                    attempts = (f"after {task.attempts} attempts (max_retries={self._max_retries})"
+                                if task.pinned is None else "(it was pinned to that member)")
+                    task.future.set_exception(WorkerCrashed(
+                        f"task {task.describe()} failed {attempts}: member {link.member} died while running "
+                        f"it: {cause}"))
+        for other in refilled:
+            self._flush(other)
+
+    # -- map --------------------------------------------------------------------------------------------------
+
+    def map(self, fn, *iterables, timeout=None, chunksize=None):
+        """Like ``map(fn, *iterables)``, run on the members; lazy, ordered, bounded in memory.
+
+        Args:
+            timeout: seconds from this call until each next result must be ready
+                (``TimeoutError`` otherwise).
+            chunksize: items per task; None picks it from measured task times.
+
+        Returns:
+            An iterator of results; a task's exception is raised where iteration reaches it.
+        """
+        if chunksize is not None and chunksize < 1:
+            raise ValueError("chunksize must be >= 1.")
+        end = None if timeout is None else time.monotonic() + timeout
+        chunks = self._chunk_futures(fn, iterables, chunksize)
+
+        def results():
+            try:
+                for future in chunks:
+                    remaining = None if end is None else end - time.monotonic()
+                    values, error = future.result(remaining)
+                    yield from values
+                    if error is not None:
+                        raise error
+            finally:
+                chunks.close()
+
+        return results()
+
+    def map_unordered(self, fn, *iterables, chunksize=None):
+        """Like ``map`` but yields results as they complete (the order is lost)."""
+        return self._unordered(fn, iterables, chunksize)
+
+    def _unordered(self, fn, iterables, chunksize):
+        chunks = self._chunk_futures(fn, iterables, chunksize, ordered=False)
+        try:
+            for future in chunks:
+                values, error = future.result()
+                yield from values
+                if error is not None:
+                    raise error
+        finally:
+            chunks.close()
+
+    def _chunk_futures(self, fn, iterables, chunksize, *, ordered=True):
+        """Submit chunks as the caller consumes; yield chunk futures (in order, or as completed)."""
+        if self._shutdown:
+            raise RuntimeError("cannot schedule new futures after shutdown")
+        function = self._function(fn)
+        items = zip(*iterables)
+        sizer = _ChunkSizer(chunksize, _length_hint(iterables), self)
+        pending: collections.deque = collections.deque()
+        exhausted = False
+
+        def top_up():
+            nonlocal exhausted
+            while not exhausted and len(pending) < sizer.window():
+                chunk = list(itertools.islice(items, sizer.size()))
+                if not chunk:
+                    exhausted = True
+                    return
+                pending.append(self._submit_chunk(fn, function, chunk, sizer))
+
+        top_up()  # start at once, like the stdlib's map; the rest as results are consumed
+
+        def generate():
+            try:
+                while pending:
+                    if ordered:
+                        future = pending.popleft()
+                    else:
+                        done, _ = concurrent.futures.wait(pending, return_when=concurrent.futures.FIRST_COMPLETED)
+                        future = next(f for f in pending if f in done)
+                        pending.remove(future)
+                    yield future
+                    top_up()
+            finally:
+                for future in pending:
+                    future.cancel()
+
+        return generate()
+
+    def _submit_chunk(self, fn, function, chunk, sizer) -> Future:
+        outer: Future = Future()
+        inner = self._submit(fn, CHUNK, chunk, None, None, function)
+
+        def relay(done: Future):
+            if done.cancelled():
+                outer.cancel()
+                return
+            if not outer.set_running_or_notify_cancel():
+                return
+            error = done.exception()
+            if error is not None:
+                if isinstance(error, WorkerCrashed):
+                    outer.set_result(([], error))
+                else:
+                    outer.set_exception(error)
+                return
+            values, failure, seconds = done.result()
+            sizer.observe(len(chunk), seconds)
+            outer.set_result((values, failure))
+
+        inner.add_done_callback(relay)
+        outer.add_done_callback(lambda done: done.cancelled() and inner.cancel())
+        return outer
+
+    def capacity(self) -> int:
+        """Tasks this executor keeps in flight across all members right now."""
+        with self._lock:
+            return sum(link.credit for link in self._links.values()) or 1
+
+    # -- shutting down -------------------------------------------------------------------------------------
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        """Stop taking work; with ``wait``, block until submitted work is done, then release
+        the links, the transport and (if this executor made it) the cluster.
+
+        Args:
+            cancel_futures: cancel every future that has not finished.
+        """
+        with self._lock:
+            self._shutdown = True
+            tasks = list(self._backlog)
+            if cancel_futures:
+                for link in self._links.values():
+                    tasks.extend(link.in_flight.values())
+                    tasks.extend(link.pinned)
+        if cancel_futures:
+            for task in tasks:
+                task.future.cancel()
+        if not wait:
+            self._closer = threading.Thread(target=self._close_when_done, name="grid-executor-shutdown")
+            self._closer.start()
+            _pending_closers.add(self._closer)
+            return
+        self._close_when_done()
+
+    def _close_when_done(self) -> None:
+        with self._lock:
+            while self._outstanding > 0:
+                self._all_done.wait(0.1)
+        self._teardown()
+
+    def _teardown(self) -> None:
+        with self._lock:
+            if getattr(self, "_torn_down", False):
+                return
+            self._torn_down = True
+            self._shutdown = True
+        try:
+            self._cluster.remove_membership_listener(self._on_membership)
+        except Exception:
+            pass
+        self._transport.close()
+        self._close_cluster()
+
+    def _close_cluster(self) -> None:
+        if self._owns_cluster:
+            self._cluster.close()
+        if self._embedded is not None:
+            self._embedded.close()
+
+    def __exit__(self, *exc_info):
+        self.shutdown(wait=True)
+        return False
+
+
+class _ChunkSizer:
+    """Chooses map chunk sizes from measured task times, and how many chunks to keep in flight."""
+
+    def __init__(self, chunksize, length, executor: GridExecutor):
+        self.fixed = chunksize
+        self.length = length
+        self.executor = executor
+        self.current = chunksize or 1
+        self.per_item = None
+
+    def size(self) -> int:
+        if self.fixed:
+            return self.fixed
+        return self.current
+
+    def window(self) -> int:
+        return max(4, 2 * self.executor.capacity())
+
+    def observe(self, items: int, seconds: float) -> None:
+        if self.fixed or items <= 0:
+            return
+        per_item = max(seconds / items, 1e-7)
+        self.per_item = per_item if self.per_item is None else 0.7 * self.per_item + 0.3 * per_item
+        ideal = _CHUNK_TARGET / self.per_item
+        limit = _MAX_CHUNK
+        if self.length:
+            members = max(1, len(self.executor._links))
+            limit = max(1, min(limit, math.ceil(self.length / (4 * members))))
+        self.current = int(max(1, min(ideal, 4 * self.current, limit)))
+
+
+def _complete(task: _Task, status, value, seconds) -> None:
+    future = task.future
+    if status == CANCELLED:
+        future.cancel()
+        return
+    if not future.set_running_or_notify_cancel():
+        return
+    if task.kind == CHUNK:
+        if status == OK:
+            future.set_result((value, None, seconds))
+        else:
+            values, packed = value
+            future.set_result((values, _unpack_error(packed), seconds))
+        return
+    if status == OK:
+        future.set_result(value)
+    else:
+        future.set_exception(_unpack_error(value))
+
+
+def _unpack_error(packed) -> BaseException:
+    exc, text = packed
+    if not isinstance(exc, BaseException):
+        exc = RemoteError(str(exc))
+    exc.__cause__ = RemoteTraceback(text)
+    return exc
+
+
+def _length_hint(iterables) -> int | None:
+    hints = [operator.length_hint(iterable, -1) for iterable in iterables]
+    if not hints or any(hint < 0 for hint in hints):
+        return None
+    return min(hints)
+
+
+def _short(value, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+_pending_closers: weakref.WeakSet = weakref.WeakSet()
+
+
+# -- the default connection's executor ----------------------------------------------------------------
+
+_default_executor: GridExecutor | None = None
+_default_lock = threading.Lock()
+
+
+def default_executor() -> GridExecutor:
+    """The executor of the default connection: the configured cluster, or an embedded one."""
+    global _default_executor
+    with _default_lock:
+        if _default_executor is None or _default_executor._shutdown:
+            from .client import cluster
+
+            config = load_config()
+            _default_executor = GridExecutor() if config.source == "defaults" else GridExecutor(cluster=cluster())
+            import atexit
+
+            atexit.register(_default_executor.shutdown)
+        return _default_executor
+
+
+def fmap(fn, *iterables, chunksize=None):
+    """``map`` on the default connection's executor: lazy, ordered, bounded in memory."""
+    return default_executor().map(fn, *iterables, chunksize=chunksize)
+
+
+def ufmap(fn, *iterables, chunksize=None):
+    """Like ``fmap`` but yields results as they complete."""
+    return default_executor().map_unordered(fn, *iterables, chunksize=chunksize)

@@ -1,0 +1,236 @@
+"""The member's half of the executor: run the tasks that executors send here.
+
+    executor link --"tasks"--> IO thread: decode, queue -----> task threads ("grid-task-N")
+                                                                 run fn(*args) / a chunk
+    executor link <--"results"-- sent straight from the task thread, batched while
+                                 more tasks are queued behind it
+
+Each executor link has its own state: the functions it sent (by id, so a function
+travels once per link), its initializer (run before any of its tasks), and the
+tasks it cancelled before they started.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+import traceback
+
+from . import messaging, serialize
+from .errors import GridError, RemoteError
+
+log = logging.getLogger("grid.worker")
+
+CALL, CHUNK = 0, 1  # task kinds
+OK, FAILED, CANCELLED = 0, 1, 2  # result statuses
+_RESULT_BATCH = 256  # results per frame at most
+_RESULT_DELAY = 0.005  # seconds a finished result may wait for others to share its frame
+
+
+_current_member = None
+
+
+def current_member():
+    """The ``Member`` this code runs on (inside a task on a member), or None in a client."""
+    return _current_member
+
+
+class _LinkState:
+    """What one executor link has told this member."""
+
+    __slots__ = ("functions", "cancelled", "init_done", "held", "lock", "pending_results")
+
+    def __init__(self):
+        self.functions: dict[int, object] = {}
+        self.cancelled: set[int] = set()
+        self.init_done = True
+        self.held: list = []  # tasks that arrived before the initializer finished
+        self.lock = threading.Lock()
+        self.pending_results: list = []
+
+
+class TaskRunner:
+    """Runs executor tasks on ``workers`` threads of this member."""
+
+    def __init__(self, router, *, workers: int):
+        self.workers = workers
+        self.tasks_done = 0
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._threads = [threading.Thread(target=self._run, name=f"grid-task-{index}") for index in range(workers)]
+        router.register("tasks", self._on_tasks)
+        router.register("cancel", self._on_cancel)
+        router.register("init", self._on_init)
+        for thread in self._threads:
+            thread.start()
+
+    def close(self) -> None:
+        """Stop the task threads after the task each is running; join them."""
+        for _ in self._threads:
+            self._queue.put(None)
+        for thread in self._threads:
+            thread.join()
+
+    @property
+    def queued(self) -> int:
+        return self._queue.qsize()
+
+    # -- IO thread ------------------------------------------------------------------------------
+
+    @staticmethod
+    def _state(conn) -> _LinkState:
+        state = conn.attachment
+        if not isinstance(state, _LinkState):
+            state = conn.attachment = _LinkState()
+        return state
+
+    def _on_tasks(self, conn, body) -> None:
+        functions, tasks = body
+        state = self._state(conn)
+        for function_id, pickled in functions:
+            try:
+                state.functions[function_id] = serialize.loads(pickled)
+            except Exception as exc:
+                state.functions[function_id] = _Unloadable(exc)
+        if not state.init_done:
+            with state.lock:
+                if not state.init_done:
+                    state.held.extend(tasks)
+                    return
+        put = self._queue.put
+        for task in tasks:
+            put((conn, state, task))
+
+    def _on_cancel(self, conn, task_ids) -> None:
+        self._state(conn).cancelled.update(task_ids)
+
+    def _on_init(self, conn, pickled) -> None:
+        state = self._state(conn)
+        state.init_done = False
+        self._queue.put((conn, state, ("init", pickled)))
+
+    # -- task threads -----------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        get, get_nowait = self._queue.get, self._queue.get_nowait
+        dirty: dict[int, tuple] = {}  # links with results not yet sent, by id(state)
+        while True:
+            try:
+                item = get_nowait()
+            except queue.Empty:
+                for conn, state, _ in dirty.values():  # idle: send everything now
+                    self._flush(conn, state)
+                dirty.clear()
+                item = get()
+            if item is None:
+                for conn, state, _ in dirty.values():
+                    self._flush(conn, state)
+                return
+            conn, state, task = item
+            if task[0] == "init":
+                self._run_initializer(conn, state, task[1])
+                continue
+            result = self._execute(state, task)
+            state.pending_results.append(result)
+            self.tasks_done += 1
+            # Batch results while more work is queued behind this task, within a latency bound.
+            now = time.perf_counter()
+            first = dirty.setdefault(id(state), (conn, state, now))[2]
+            if len(state.pending_results) >= _RESULT_BATCH or now - first > _RESULT_DELAY:
+                self._flush(conn, state)
+                del dirty[id(state)]
+
+    def _execute(self, state: _LinkState, task) -> tuple:
+        task_id, function_id, kind, args, kwargs = task
+        if task_id in state.cancelled:
+            state.cancelled.discard(task_id)
+            return (task_id, CANCELLED, None, 0.0)
+        fn = state.functions.get(function_id)
+        started = time.perf_counter()
+        if fn is None:
+            error = GridError(f"function {function_id} was never sent on this link (a grid bug)")
+            return (task_id, FAILED, _pack_error(error), 0.0)
+        if kind == CALL:
+            try:
+                value = fn(*args, **kwargs)
+            except BaseException as exc:  # noqa: B036 - the caller gets every failure
+                if isinstance(exc, (KeyboardInterrupt, SystemExit)) and not isinstance(fn, _Unloadable):
+                    exc = RemoteError(f"task raised {type(exc).__name__}: {exc}")
+                return (task_id, FAILED, _pack_error(exc), time.perf_counter() - started)
+            return (task_id, OK, value, time.perf_counter() - started)
+        values = []
+        append = values.append
+        try:
+            for item in args:
+                append(fn(*item))
+        except BaseException as exc:  # noqa: B036
+            return (task_id, FAILED, (values, _pack_error(exc)), time.perf_counter() - started)
+        return (task_id, OK, values, time.perf_counter() - started)
+
+    def _flush(self, conn, state: _LinkState) -> None:
+        with state.lock:
+            results, state.pending_results = state.pending_results, []
+        if not results:
+            return
+        try:
+            parts = serialize.dumps_parts(("results", results))
+        except Exception:
+            parts = serialize.dumps_parts(("results", [_picklable(result) for result in results]))
+        try:
+            conn.send_frame(messaging.Kind.MESSAGE, parts if len(parts) > 1 else parts[0])
+        except GridError as exc:
+            log.info("results for %d tasks could not be sent (%s); the executor will retry them", len(results), exc)
+
+    def _run_initializer(self, conn, state: _LinkState, pickled) -> None:
+        try:
+            fn, args = serialize.loads(pickled)
+            fn(*args)
+        except BaseException as exc:  # noqa: B036
+            log.error("executor initializer failed: %s", exc)
+            error = _pack_error(exc)
+            with state.lock:
+                held, state.held = state.held, []
+                state.init_done = True
+            for task in held:
+                state.pending_results.append((task[0], FAILED, error, 0.0))
+            self._flush(conn, state)
+            return
+        with state.lock:
+            held, state.held = state.held, []
+            state.init_done = True
+        for task in held:
+            self._queue.put((conn, state, task))
+
+
+class _Unloadable:
+    """Stands in for a function that could not be unpickled here; calling it says why."""
+
+    def __init__(self, error: BaseException):
+        self.error = error
+
+    def __call__(self, *args, **kwargs):
+        raise RemoteError(f"this member cannot load the function: {type(self.error).__name__}: {self.error}; "
+                          "is its module importable on every member? (grid.deploy ships it)") from self.error
+
+
+def _pack_error(exc: BaseException) -> tuple:
+    text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    return (exc, text)
+
+
+def _picklable(result: tuple) -> tuple:
+    """A result whose value or exception cannot be pickled becomes a RemoteError that says so."""
+    task_id, status, value, seconds = result
+    try:
+        serialize.dumps(value)
+        return result
+    except Exception as exc:
+        if status == FAILED and isinstance(value, tuple) and len(value) == 2 and isinstance(value[1], str):
+            original, text = value
+            return (task_id, FAILED, (RemoteError(f"{type(original).__name__}: {original}"), text), seconds)
+        if status == FAILED:  # a chunk: (values, (exc, text))
+            values, (original, text) = value
+            return (task_id, FAILED, ([], (RemoteError(f"{type(original).__name__}: {original}"), text)), seconds)
+        error = RemoteError(f"the task's result ({type(value).__name__}) cannot be pickled: {exc}")
+        return (task_id, FAILED, _pack_error(error), seconds)
