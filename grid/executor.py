@@ -166,7 +166,7 @@ class GridExecutor(concurrent.futures.Executor):
         self._cluster.add_membership_listener(self._on_membership)
         for member in self._cluster.members():
             self._open_link(member)
-        self._await_first_link(startup_timeout)
+        self._await_links(startup_timeout)
 
     # -- setting up ---------------------------------------------------------------------------------
 
@@ -192,10 +192,10 @@ class GridExecutor(concurrent.futures.Executor):
         self._owns_cluster = True
         return opened
 
-    def _await_first_link(self, timeout: float) -> None:
+    def _await_links(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
-        with self._lock:
-            while not self._links:
+        with self._lock:  # every first link attempt concluded, and at least one link open
+            while self._connecting or not self._links:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0 or (not self._connecting and not self._cluster.members()):
                     break
@@ -340,11 +340,14 @@ class GridExecutor(concurrent.futures.Executor):
         return link, was_idle
 
     def _least_loaded(self):
-        best, best_spare = None, 0
+        """The link with the least work in flight per task thread, among those with credit."""
+        best, best_load = None, None
         for link in self._links.values():
-            spare = link.spare()
-            if spare > best_spare:
-                best, best_spare = link, spare
+            if link.spare() <= 0:
+                continue
+            load = len(link.in_flight) / max(1, link.member.workers)
+            if best_load is None or load < best_load:
+                best, best_load = link, load
         return best
 
     def _assign(self, link: _Link, task: _Task) -> None:
