@@ -75,7 +75,7 @@ def _encode(value: dict) -> bytes:
 def _shown(value, limit: int = 80) -> str:
     """``repr`` of a value the peer sent, cut short: it goes into logs and a REFUSE."""
     text = repr(value)
-    return text if len(text) <= limit else text[:limit] + "...'"
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def _kind_name(kind) -> str:
@@ -115,8 +115,23 @@ class _Handshake:
         self.peer_info: dict | None = None
         self._state = "waiting-hello"
 
+    def receive(self, kind: Kind, payload) -> list[tuple]:
+        """Take one frame from the peer; return the frames to send back.
+
+        Raises:
+            HandshakeFailed: on any mismatch, with the REFUSE to send (if any) as
+                ``reply``. The handshake then stays failed.
+        """
+        try:
+            return self._receive(kind, payload)
+        except HandshakeFailed:
+            self._state = "failed"
+            raise
+
+    def _receive(self, kind: Kind, payload) -> list[tuple]:
+        raise NotImplementedError
+
     def _fail(self, reason: str, *, tell_peer: bool = True):
-        self._state = "failed"
         reply = (Kind.REFUSE, refuse_payload(reason)) if tell_peer else None
         raise HandshakeFailed(reason, reply=reply)
 
@@ -125,7 +140,6 @@ class _Handshake:
             reason = str(_json(payload).get("reason", "no reason given"))
         except HandshakeError:
             reason = "no reason given"
-        self._state = "failed"
         raise HandshakeFailed(f"refused by peer: {reason}", by_peer=True)
 
 
@@ -140,8 +154,7 @@ class ClientHandshake(_Handshake):
         self._state = "hello-sent"
         return [(Kind.HELLO, self._hello)]
 
-    def receive(self, kind: Kind, payload) -> list[tuple]:
-        """Raises HandshakeFailed (with the REFUSE to send, if any) on any mismatch."""
+    def _receive(self, kind: Kind, payload) -> list[tuple]:
         if kind == Kind.REFUSE:
             self._refused(payload)
         if self._state == "hello-sent" and kind == Kind.CHALLENGE:
@@ -150,11 +163,7 @@ class ClientHandshake(_Handshake):
             expected = _mac(self._key, b"grid-server", self._hello, body)
             if len(mac_s) != MAC_SIZE or not hmac.compare_digest(mac_s, expected):
                 self._fail("the server could not prove the cluster secret: the secrets differ")
-            try:
-                challenge = _json(body)
-            except HandshakeFailed:
-                self._state = "failed"
-                raise
+            challenge = _json(body)
             info = challenge.get("info")
             if not isinstance(info, dict):
                 self._fail("malformed challenge: no member info")
@@ -174,17 +183,12 @@ class ServerHandshake(_Handshake):
     def start(self) -> list[tuple]:
         return []
 
-    def receive(self, kind: Kind, payload) -> list[tuple]:
-        """Raises HandshakeFailed (with the REFUSE to send, if any) on any mismatch."""
+    def _receive(self, kind: Kind, payload) -> list[tuple]:
         if kind == Kind.REFUSE:
             self._refused(payload)
         if self._state == "waiting-hello" and kind == Kind.HELLO:
             self._hello = bytes(payload)
-            try:
-                hello = _json(self._hello)
-            except HandshakeFailed:
-                self._state = "failed"
-                raise
+            hello = _json(self._hello)
             if hello.get("v") != PROTOCOL_VERSION:
                 self._fail(f"handshake version {_shown(hello.get('v'))} is not supported (this member speaks {PROTOCOL_VERSION})")
             if hello.get("cluster") != self.cluster_id:

@@ -182,7 +182,13 @@ class Connection:
         with self._lock:
             request_id = next(self._request_ids)
             self._pending[request_id] = future
-        future.add_done_callback(lambda done: done.cancelled() and self._forget_request(request_id))
+
+        def forget_if_cancelled(done: Future) -> None:  # a caller that gives up must not leak its entry
+            if done.cancelled():
+                with self._lock:
+                    self._pending.pop(request_id, None)
+
+        future.add_done_callback(forget_if_cancelled)
         try:
             self.send_frame(Kind.REQUEST, payload, request_id=request_id, flags=flags)
         except ConnectionClosed as exc:
@@ -190,10 +196,6 @@ class Connection:
                 self._pending.pop(request_id, None)
             future.set_exception(exc)
         return future
-
-    def _forget_request(self, request_id: int) -> None:
-        with self._lock:
-            self._pending.pop(request_id, None)
 
     def respond(self, request_id: int, payload, *, error: bool = False) -> None:
         """Answer the REQUEST ``request_id``; ``error`` marks the payload as a failure.
@@ -456,8 +458,17 @@ class Transport:
         on_frame: ``fn(conn, frame)`` on the IO thread for each frame after authentication
             (except RESPONSEs, which resolve their request's Future). Keep it quick.
         on_open: ``fn(conn)`` on the IO thread when a connection is authenticated.
-        on_close: ``fn(conn)`` on the IO thread when an authenticated connection closes.
-        tls: a ``TlsConfig`` or None.
+        on_close: ``fn(conn)`` on the IO thread when an authenticated connection closes
+            (exactly once, and only for connections that on_open saw).
+        handshake_timeout: seconds from connect/accept until the handshake (TCP, TLS and
+            HMAC) must be done; a connection still not authenticated then is closed.
+        tls: a ``TlsConfig`` (or any object with ``cert``, ``key``, ``ca``) or None.
+        clock: an object with ``monotonic()`` for timers (tests pass a manual one).
+        max_payload: the largest frame accepted after authentication, in bytes.
+        name: the IO thread's name.
+
+    Raises:
+        ConfigError: the TLS certificate, key or CA cannot be loaded.
     """
 
     def __init__(self, *, cluster_id: str, secret: str | None, info: dict, on_frame=None, on_open=None,

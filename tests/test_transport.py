@@ -6,9 +6,7 @@ every Transport is closed by the fixture, which then checks no IO thread is left
 
 from __future__ import annotations
 
-import datetime
 import hashlib
-import ipaddress
 import logging
 import os
 import pickle
@@ -28,6 +26,7 @@ from grid.errors import ConnectionClosed, HandshakeError, TransportError
 from grid.security import ClientHandshake
 from grid.transport import Connection, Transport
 from grid.wire import HEADER, Flag, FrameDecoder, Kind, frame_bytes, split_parts
+from tests.test_security import make_pki  # a throwaway CA (skips when `cryptography` is missing)
 
 SECRET = "s3cret"
 CLUSTER = "test-cluster"
@@ -149,8 +148,7 @@ def connect(client: Transport, server: Transport) -> Connection:
 
 
 def raw_socket(address) -> socket.socket:
-    sock = socket.create_connection(address, timeout=WAIT)
-    return sock
+    return socket.create_connection(address, timeout=WAIT)
 
 
 def read_until_closed(sock: socket.socket) -> bytes:
@@ -204,6 +202,21 @@ def settle(transport: Transport) -> None:
     done = threading.Event()
     transport.call_soon(done.set)
     assert done.wait(WAIT)
+
+
+class ManualClock:
+    """A clock that moves only when the test says so (the loop is woken to notice)."""
+
+    def __init__(self):
+        self.now = 1000.0
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float, transport: Transport) -> None:
+        self.now += seconds
+        settle(transport)  # wakes the loop; its timers run after this call ...
+        settle(transport)  # ... so they have run once this one is done
 
 
 def free_port() -> int:
@@ -413,21 +426,6 @@ def test_silent_peer_is_closed_after_the_handshake_timeout(make_transport, logs)
     sock.close()
 
 
-class ManualClock:
-    """A clock that moves only when the test says so (the loop is woken to notice)."""
-
-    def __init__(self):
-        self.now = 1000.0
-
-    def monotonic(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float, transport: Transport) -> None:
-        self.now += seconds
-        settle(transport)  # wakes the loop; its timers run after this call ...
-        settle(transport)  # ... so they have run once this one is done
-
-
 def test_connect_to_a_silent_listener_fails_with_handshake_error(make_transport):
     clock = ManualClock()
     client = make_transport(handshake_timeout=2.0, clock=clock)
@@ -540,16 +538,30 @@ def test_nothing_is_unpickled_before_the_handshake(make_transport, tmp_path, log
     assert (tmp_path / "control").is_dir()
 
 
-def test_write_failure_on_the_io_thread_closes_only_that_connection(server, server_events, make_transport):
-    # The server answers from its IO thread into a socket the peer has reset.
+def test_write_failure_on_the_io_thread_closes_only_that_connection(make_transport, logs):
+    # The server answers from its IO thread into a socket the peer has just reset.
+    got_request, peer_reset = threading.Event(), threading.Event()
+    events = Recorder()
+
+    def on_frame(conn, frame):
+        got_request.set()
+        assert peer_reset.wait(WAIT)
+        conn.respond(frame.request_id, b"into the void")
+
+    server = make_transport(on_frame=on_frame, on_open=events.on_open, on_close=events.on_close)
+    server.listen(LOOPBACK, 0)
     sock, _ = raw_authenticated(server.address)
-    server_events.opened.get(timeout=WAIT)
     sock.sendall(frame_bytes(Kind.REQUEST, b"answer me", request_id=1))
+    assert got_request.wait(WAIT)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     sock.close()  # RST
+    peer_reset.set()
 
-    assert server_events.closed_event.wait(WAIT)
-    assert_still_serving(server, make_transport)
+    assert events.closed_event.wait(WAIT)
+    assert "write failed" in events.closed[0].close_reason
+    logs.wait_for("error handling a REQUEST frame")  # respond() raised ConnectionClosed into on_frame
+    other = make_transport(on_frame=lambda conn, frame: None)
+    assert connect(other, server).is_open
 
 
 # ------------------------------------------------------------------ closing
@@ -665,17 +677,17 @@ def test_close_from_the_io_thread_is_refused(make_transport):
     assert "own IO thread" in str(result[0])
 
 
-def test_cancelled_connect_closes_quietly(client, server, server_events, logs):
+def test_cancelled_connect_closes_quietly(client, server, server_events, client_events, logs):
     future = client.connect(server.address)
-    cancelled = future.cancel()
 
-    if cancelled:  # the usual case: the handshake takes longer than this line
-        assert server_events.closed_event.wait(WAIT)
-        with pytest.raises(CancelledError):
-            future.result(0)
+    assert future.cancel()  # four handshake messages take longer than this line
+
+    assert server_events.closed_event.wait(WAIT)  # the client hung up once authenticated
+    with pytest.raises(CancelledError):
+        future.result(0)
     client.close()
-    assert [m for m in logs.messages() if "Traceback" in m or "error handling" in m or "error in" in m] == []
-    assert not [r for r in logs.records if r.levelno >= logging.ERROR]
+    assert client_events.opened.empty() and client_events.closed == []
+    assert not [record for record in logs.records if record.levelno >= logging.ERROR]
 
 
 def test_a_cancelled_request_is_forgotten_and_its_late_response_ignored(make_transport, client, logs):
@@ -823,50 +835,6 @@ def test_listen_on_port_zero_lets_the_os_choose(make_transport):
 
 
 # ------------------------------------------------------------------ TLS
-
-
-def make_pki(folder, *, names):
-    """A throwaway CA and certificates it signs (see the twin in test_security.py)."""
-    x509 = pytest.importorskip("cryptography.x509")
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    now = datetime.datetime.now(datetime.timezone.utc)
-
-    def name(text):
-        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, text)])
-
-    def sign(subject, public_key, ca_key, *, is_ca):
-        builder = (
-            x509.CertificateBuilder().subject_name(name(subject)).issuer_name(name("grid test CA"))
-            .public_key(public_key).serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
-            .add_extension(x509.BasicConstraints(ca=is_ca, path_length=None), critical=True)
-        )
-        if is_ca:
-            builder = builder.add_extension(x509.KeyUsage(
-                digital_signature=True, key_cert_sign=True, crl_sign=True, content_commitment=False,
-                key_encipherment=False, data_encipherment=False, key_agreement=False, encipher_only=False,
-                decipher_only=False), critical=True)
-        else:
-            builder = builder.add_extension(
-                x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address(LOOPBACK))]), critical=False)
-        return builder.sign(ca_key, hashes.SHA256())
-
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca_path = folder / "ca.pem"
-    ca_path.write_bytes(sign("grid test CA", ca_key.public_key(), ca_key, is_ca=True).public_bytes(serialization.Encoding.PEM))
-    pki = types.SimpleNamespace(ca=str(ca_path))
-    for member in names:
-        key = ec.generate_private_key(ec.SECP256R1())
-        (folder / f"{member}.pem").write_bytes(
-            sign(member, key.public_key(), ca_key, is_ca=False).public_bytes(serialization.Encoding.PEM))
-        (folder / f"{member}.key").write_bytes(key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
-        setattr(pki, member, types.SimpleNamespace(
-            cert=str(folder / f"{member}.pem"), key=str(folder / f"{member}.key"), ca=str(ca_path)))
-    return pki
 
 
 @pytest.fixture(scope="module")
