@@ -285,10 +285,14 @@ class Connection:
             self.send_frame(kind, payload)
 
     def _read(self) -> None:
-        data = self._receive()
-        if not data:
-            return
-        frames = self._decoder.feed(data)
+        target = self._decoder.receive_buffer()
+        if target is not None and not isinstance(self._sock, ssl.SSLSocket):
+            frames = self._decoder.received_into(self._receive_into(target))  # a large payload, in place
+        else:
+            data = self._receive()
+            if not data:
+                return
+            frames = self._decoder.feed(data)
         while frames:
             for frame in frames:
                 if self.state is State.CLOSED:
@@ -297,6 +301,19 @@ class Connection:
             # During the handshake the decoder hands out one frame at a time, so that
             # what follows WELCOME is judged by the authenticated decoder: go on.
             frames = self._decoder.feed(b"") if self._decoder.buffered and self.state is not State.CLOSED else []
+
+    def _receive_into(self, target: memoryview) -> int:
+        try:
+            count = self._sock.recv_into(target)
+        except (BlockingIOError, InterruptedError):
+            return 0
+        except OSError as exc:
+            raise ConnectionClosed(f"connection lost: {exc}") from exc
+        finally:
+            target.release()
+        if not count:
+            raise ConnectionClosed("closed by the peer")
+        return count
 
     def _receive(self) -> bytes:
         """Bytes from the socket; b"" when there is nothing yet. Raises ConnectionClosed."""

@@ -26,6 +26,7 @@ HEADER = struct.Struct("!2sBBBxQI")
 HEADER_SIZE = HEADER.size
 HANDSHAKE_LIMIT = 4096
 DEFAULT_MAX_PAYLOAD = 512 * 1024 * 1024
+LARGE_FRAME = 64 * 1024  # payloads this big are received in place, not through the stream buffer
 _U32 = struct.Struct("!I")
 _U64 = struct.Struct("!Q")
 
@@ -124,6 +125,8 @@ class FrameDecoder:
         self._buffer = bytearray()
         self._start = 0
         self._header: tuple | None = None
+        self._large: bytearray | None = None  # the payload of a large frame, filled in place
+        self._filled = 0
 
     def authenticated(self, max_payload: int = DEFAULT_MAX_PAYLOAD) -> None:
         """Leave the handshake: accept every kind and payloads up to ``max_payload``."""
@@ -142,8 +145,17 @@ class FrameDecoder:
             ProtocolError: bad magic or version, unknown or unexpected kind, or a
                 length over the limit. The stream cannot be resynchronised after it.
         """
+        if self._large is not None:
+            data = self._fill_large(data)
+            if self._filled < len(self._large):
+                return []
+            frames = [self._finish_large()]
+            if self.handshake:
+                self._buffer += data
+                return frames
+        else:
+            frames = []
         self._buffer += data
-        frames = []
         while True:
             if self._header is None:
                 if len(self._buffer) - self._start < HEADER_SIZE:
@@ -152,6 +164,8 @@ class FrameDecoder:
             kind, flags, request_id, length = self._header
             end = self._start + length
             if len(self._buffer) < end:
+                if length >= LARGE_FRAME and not self.handshake:
+                    self._begin_large(length)
                 break
             with memoryview(self._buffer) as view:
                 payload = bytes(view[self._start : end])
@@ -164,6 +178,42 @@ class FrameDecoder:
             del self._buffer[: self._start]
             self._start = 0
         return frames
+
+    # A large frame's payload goes straight into its own buffer, which the transport
+    # may fill with recv_into (``receive_buffer``): one copy from the kernel, none after.
+
+    def receive_buffer(self) -> memoryview | None:
+        """Where the next bytes belong, if a large frame is being filled; else None."""
+        if self._large is None:
+            return None
+        return memoryview(self._large)[self._filled :]
+
+    def received_into(self, count: int) -> list[Frame]:
+        """``count`` bytes were written into ``receive_buffer()``; return the finished frame, if any."""
+        self._filled += count
+        if self._filled < len(self._large):
+            return []
+        return [self._finish_large()]
+
+    def _begin_large(self, length: int) -> None:
+        self._large = bytearray(length)
+        with memoryview(self._buffer) as view:
+            self._fill_large(view[self._start :])
+        del self._buffer[:]
+        self._start = 0
+
+    def _fill_large(self, data):
+        take = min(len(data), len(self._large) - self._filled)
+        self._large[self._filled : self._filled + take] = data[:take]
+        self._filled += take
+        if self._filled < len(self._large):
+            return b""
+        return data[take:]
+
+    def _finish_large(self) -> Frame:
+        kind, flags, request_id, _ = self._header
+        payload, self._large, self._filled, self._header = self._large, None, 0, None
+        return Frame(kind, flags, request_id, payload)
 
     def _parse_header(self) -> tuple:
         magic, version, kind, flags, request_id, length = HEADER.unpack_from(self._buffer, self._start)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import struct
 
 import pytest
@@ -321,3 +322,28 @@ def test_wire_does_no_io():
 
     for module in ("socket", "threading", "time", "selectors"):
         assert f"import {module}" not in source
+
+
+@pytest.mark.parametrize("in_place", [False, True], ids=["feed", "recv_into"])
+def test_large_frames_among_small_ones_in_any_chunking(in_place):
+    rng = random.Random(7)
+    sizes = [rng.choice([0, 5, 100, wire.LARGE_FRAME - 1, wire.LARGE_FRAME, 300_000]) for _ in range(60)]
+    stream = b"".join(wire.frame_bytes(wire.Kind.MESSAGE, bytes([i % 251]) * size, request_id=i)
+                      for i, size in enumerate(sizes))
+    decoder = wire.FrameDecoder()
+    decoder.authenticated()
+    frames, position = [], 0
+    while position < len(stream):
+        step = rng.choice([1, 17, 4096, 70_000, 400_000])
+        target = decoder.receive_buffer() if in_place else None
+        if target is not None:
+            step = min(step, len(target), len(stream) - position)
+            target[:step] = stream[position:position + step]
+            target.release()
+            frames += decoder.received_into(step)
+        else:
+            frames += decoder.feed(stream[position:position + step])
+        position += step
+    assert [f.request_id for f in frames] == list(range(60))
+    assert [len(f.payload) for f in frames] == sizes
+    assert all(bytes(f.payload) == bytes([f.request_id % 251]) * len(f.payload) for f in frames)
