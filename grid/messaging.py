@@ -12,7 +12,7 @@ from concurrent.futures import Future
 
 from . import serialize
 from .errors import GridError, RemoteError
-from .wire import Flag, Kind
+from .wire import Flag, Kind, split_parts
 
 log = logging.getLogger("grid.messaging")
 
@@ -39,7 +39,10 @@ class Router:
     def on_frame(self, conn, frame) -> None:
         """The transport's ``on_frame``: decode, look up, run, answer."""
         try:
-            message_type, body = serialize.loads(frame.payload)
+            if frame.flags & Flag.MULTIPART:
+                message_type, body = serialize.loads_parts(split_parts(frame))
+            else:
+                message_type, body = serialize.loads(frame.payload)
         except Exception as exc:  # an authenticated peer sent something undecodable
             log.warning("undecodable %s frame from %r: %s", frame.kind.name, conn, exc)
             if frame.kind == Kind.REQUEST:
@@ -113,7 +116,10 @@ def request(conn, message_type: str, body) -> Future:
             return
         frame = done.result()
         try:
-            value = serialize.loads(frame.payload)
+            if frame.flags & Flag.MULTIPART:
+                value = serialize.loads_parts(split_parts(frame))
+            else:
+                value = serialize.loads(frame.payload)
         except Exception as exc:
             result.set_exception(GridError(f"undecodable response to {message_type!r}: {exc}"))
             return

@@ -14,7 +14,9 @@ the handshake has succeeded.
 
 from __future__ import annotations
 
+import io
 import pickle
+import types
 
 from .errors import GridError
 
@@ -26,22 +28,48 @@ try:  # optional: lambdas, closures and __main__ functions by value
 except ImportError:  # pragma: no cover - exercised by the stdlib-only test in a subprocess
     _cloudpickle = None
 
-_MAIN_MARKER = b"__main__"
-
 
 class SerializationError(GridError, TypeError):
     """An object cannot be sent to another process (the message says what to do)."""
 
 
-def dumps(obj) -> bytes:
-    """Pickle ``obj`` in-band (control messages and small payloads)."""
+class _Pickler(pickle.Pickler):
+    """The C pickler, noting whether anything must travel by value (it is in ``__main__``).
+
+    ``reducer_override`` is not called for plain data (ints, strings, bytes, lists, ...),
+    so noting costs nothing on the payloads that matter for speed.
+    """
+
+    def __init__(self, file, buffer_callback=None):
+        super().__init__(file, PROTOCOL, buffer_callback=buffer_callback)
+        self.needs_value = False
+
+    def reducer_override(self, obj):
+        if not self.needs_value and isinstance(obj, (types.FunctionType, type)) \
+                and getattr(obj, "__module__", None) == "__main__":
+            self.needs_value = True
+        return NotImplemented
+
+
+def dumps(obj, buffers: list | None = None) -> bytes:
+    """Pickle ``obj``; with ``buffers``, out-of-band buffers are appended to it.
+
+    Raises:
+        SerializationError: it cannot travel (the message says why and what to do).
+    """
+    file = io.BytesIO()
+    pickler = _Pickler(file, None if buffers is None else buffers.append)
     try:
-        data = pickle.dumps(obj, protocol=PROTOCOL)
+        pickler.dump(obj)
     except Exception as exc:
-        return _by_value(obj, exc)
-    if _MAIN_MARKER in data and _cloudpickle is not None:
-        return _by_value(obj, None)
-    return data
+        if buffers is not None:
+            buffers.clear()
+        return _by_value(obj, exc, buffers)
+    if pickler.needs_value and _cloudpickle is not None:
+        if buffers is not None:
+            buffers.clear()
+        return _by_value(obj, None, buffers)
+    return file.getvalue()
 
 
 def loads(data, buffers=None):
@@ -50,27 +78,13 @@ def loads(data, buffers=None):
 
 
 def dumps_parts(obj) -> list:
-    """Pickle ``obj`` into ``[pickle, buffer, ...]``: large buffers travel out-of-band, uncopied.
+    """Pickle ``obj`` into ``[pickle, buffer, ...]`` for a multipart frame.
 
-    Small payloads (the common case) cost one C-pickler call; only a payload that
-    came out large is scanned for buffers to send out-of-band.
+    Buffers wrapped with ``out_of_band`` (see ``wrap_buffers``) travel out-of-band:
+    written to the socket from the caller's object, never copied into the pickle.
     """
-    data = dumps(obj)
-    if len(data) < OUT_OF_BAND_MIN:
-        return [data]
-    wrapped = _wrap_large(obj)
-    if wrapped is obj:
-        return [data]
     buffers: list = []
-    try:
-        data = pickle.dumps(wrapped, protocol=PROTOCOL, buffer_callback=buffers.append)
-    except Exception as exc:
-        buffers.clear()
-        data = _by_value(wrapped, exc, buffers)
-    else:
-        if _MAIN_MARKER in data and _cloudpickle is not None:
-            buffers.clear()
-            data = _by_value(wrapped, None, buffers)
+    data = dumps(obj, buffers)
     return [data, *(buffer.raw() for buffer in buffers)]
 
 
@@ -90,13 +104,15 @@ def dumps_function(fn) -> bytes:
             return _cloudpickle.dumps(fn, protocol=PROTOCOL)
         except Exception as exc:
             raise SerializationError(f"cannot send {fn!r} to another process: {exc}") from exc
+    file = io.BytesIO()
+    pickler = _Pickler(file)
     try:
-        data = pickle.dumps(fn, protocol=PROTOCOL)
+        pickler.dump(fn)
     except Exception as exc:
         raise SerializationError(_install_hint(fn, exc)) from exc
-    if _MAIN_MARKER in data:
+    if pickler.needs_value:
         raise SerializationError(_install_hint(fn, None))
-    return data
+    return file.getvalue()
 
 
 def _by_value(obj, error, buffers=None) -> bytes:
@@ -148,23 +164,26 @@ def _is_large(value) -> bool:
     return False
 
 
-def _wrap_large(obj):
-    if _is_large(obj):
-        return _OutOfBand(obj)
-    kind = type(obj)
-    if kind is tuple or kind is list:
-        if any(_is_large(item) for item in obj):
-            wrapped = [_OutOfBand(item) if _is_large(item) else _wrap_nested(item) for item in obj]
-            return tuple(wrapped) if kind is tuple else wrapped
-        if any(type(item) is tuple or type(item) is list for item in obj):
-            wrapped = [_wrap_nested(item) for item in obj]
-            return tuple(wrapped) if kind is tuple else wrapped
-    return obj
-
-
-def _wrap_nested(obj):
-    kind = type(obj)
-    if (kind is tuple or kind is list) and any(_is_large(item) for item in obj):
-        wrapped = [_OutOfBand(item) if _is_large(item) else item for item in obj]
+def _wrap(value):
+    if _is_large(value):
+        return _OutOfBand(value)
+    kind = type(value)
+    if (kind is tuple or kind is list) and value and any(_is_large(item) for item in value):
+        wrapped = [_OutOfBand(item) if _is_large(item) else item for item in value]
         return tuple(wrapped) if kind is tuple else wrapped
-    return obj
+    return value
+
+
+def wrap_buffers(values):
+    """Mark the large buffers among ``values`` (and one level inside them) to travel out-of-band.
+
+    Looks at the first value only to decide whether to look at all: a sequence of
+    small items (the common case) costs one check, not one per item.
+    """
+    if not values:
+        return values
+    first = values[0]
+    if not (_is_large(first) or (type(first) in (tuple, list) and any(_is_large(item) for item in first))):
+        return values
+    wrapped = [_wrap(value) for value in values]
+    return tuple(wrapped) if type(values) is tuple else wrapped
