@@ -141,6 +141,9 @@ class EmbeddedCluster:
         env = dict(os.environ)
         env.pop("GRID", None)
         env.pop("GRID_SECRET", None)
+        # Like ProcessPoolExecutor's workers, members import what this process can import
+        # (the script's folder, the test rootdir, ...), though they run in the temp folder.
+        env["PYTHONPATH"] = os.pathsep.join(_import_path())
         with open(log_path, "wb") as log_file:
             popen = subprocess.Popen(
                 [sys.executable, "-m", "grid", "peer", "--procs", "1", "--config", path],
@@ -220,6 +223,17 @@ class EmbeddedCluster:
             report = f"member process {process.popen.pid} {how}; its log ends with:\n{_tail(process.log_path)}"
             self._exits[process.address] = report
             return report
+
+
+def _import_path() -> list[str]:
+    """This process's ``sys.path`` as absolute folders ('' is the current folder), in order."""
+    folders = []
+    for entry in sys.path:
+        if isinstance(entry, str):
+            folder = os.path.abspath(entry or os.curdir)
+            if folder not in folders:
+                folders.append(folder)
+    return folders
 
 
 def _free_ports(count: int) -> list[int]:

@@ -34,9 +34,10 @@ from . import messaging, serialize
 from .client import Cluster, connect
 from .config import format_address, load_config
 from .errors import BrokenGrid, GridError, NotConnected, RemoteError, WorkerCrashed
+from .membership import local_target
 from .transport import Transport
 from .wire import Kind
-from .worker import CALL, CANCELLED, CHUNK, FAILED, OK
+from .worker import CALL, CANCELLED, CHUNK, OK, UNSENDABLE
 
 log = logging.getLogger("grid.executor")
 
@@ -102,14 +103,17 @@ class _Link:
 
     @property
     def credit(self) -> int:
-        workers = max(1, self.member.workers)
-        if self.average is None:
-            return workers * _MIN_CREDIT
-        per_worker = _QUEUED_WORK / max(self.average, 1e-6)
-        return workers * int(min(_MAX_CREDIT, max(_MIN_CREDIT, per_worker)))
+        return max(1, self.member.workers) * _credit_per_worker(self.average)
 
     def spare(self) -> int:
         return self.credit - len(self.in_flight)
+
+
+def _credit_per_worker(task_seconds: float | None) -> int:
+    """Tasks worth keeping in flight per member task thread, for tasks taking ``task_seconds``."""
+    if task_seconds is None:
+        return _MIN_CREDIT
+    return int(min(_MAX_CREDIT, max(_MIN_CREDIT, _QUEUED_WORK / max(task_seconds, 1e-6))))
 
 
 class GridExecutor(concurrent.futures.Executor):
@@ -211,21 +215,22 @@ class GridExecutor(concurrent.futures.Executor):
             if member.uuid in self._links or member.uuid in self._connecting or self._shutdown:
                 return
             self._connecting.add(member.uuid)
-        future = self._transport.connect(member.address)
+        future = self._transport.connect(local_target(member))
         future.add_done_callback(lambda done: self._link_opened(member, done))
 
     def _link_opened(self, member, done: Future) -> None:
+        # The member stays in _connecting until its link is in _links: a task pinned to it
+        # (submit_to_all right after __init__) waits in the backlog instead of failing.
         error = None if done.cancelled() else done.exception()
         with self._lock:
-            self._connecting.discard(member.uuid)
             if done.cancelled() or error is not None:
                 log.info("cannot link to member %s: %s", member, error)
-                self._all_done.notify_all()
+                self._link_failed(member)
                 return
             conn = done.result()
             if self._shutdown or all(m.uuid != member.uuid for m in self._cluster.members()):
                 conn.close("not needed")
-                self._all_done.notify_all()
+                self._link_failed(member)
                 return
             link = _Link(member, conn)
             conn.attachment = link
@@ -233,12 +238,24 @@ class GridExecutor(concurrent.futures.Executor):
             try:
                 messaging.send(conn, "init", self._init)
             except GridError:
+                with self._lock:
+                    self._link_failed(member)
                 return
         with self._lock:
+            self._connecting.discard(member.uuid)
             self._links[member.uuid] = link
             self._refill(link)
             self._all_done.notify_all()
         self._flush(link)
+
+    def _link_failed(self, member) -> None:
+        """(Under self._lock) no link to ``member``: fail the tasks waiting for it."""
+        self._connecting.discard(member.uuid)
+        waiting = [task for task in self._backlog if task.pinned == member.uuid]
+        for task in waiting:
+            self._backlog.remove(task)
+            self._fail_pinned(task)
+        self._all_done.notify_all()
 
     def _on_membership(self, event) -> None:
         if event.kind == "joined":
@@ -359,12 +376,17 @@ class GridExecutor(concurrent.futures.Executor):
         """Hand queued tasks to ``link`` up to its credit; True if any were given."""
         given = False
         while link.spare() > 0 and link.pinned:
-            self._assign(link, link.pinned.popleft())
+            task = link.pinned.popleft()
+            if task.future.cancelled():  # its _cancelled callback may not have run yet
+                self._finish_outstanding(1)
+                continue
+            self._assign(link, task)
             given = True
         skipped = []
         while link.spare() > 0 and self._backlog:
             task = self._backlog.popleft()
             if task.future.cancelled():
+                self._finish_outstanding(1)
                 continue
             if task.pinned is not None and task.pinned != link.member.uuid:
                 skipped.append(task)
@@ -402,7 +424,8 @@ class GridExecutor(concurrent.futures.Executor):
                 if task.function_id not in link.sent_functions:
                     link.sent_functions.add(task.function_id)
                     functions.append((task.function_id, task.pickled))
-                wire_tasks.append((task.id, task.function_id, task.kind, task.args, task.kwargs))
+                wire_tasks.append((task.id, task.function_id, task.kind, serialize.wrap_buffers(task.args),
+                                   task.kwargs))
             try:
                 parts = serialize.dumps_parts(("tasks", (functions, wire_tasks)))
             except Exception:
@@ -428,6 +451,7 @@ class GridExecutor(concurrent.futures.Executor):
             else:
                 good.append((task.id, task.function_id, task.kind, task.args, task.kwargs))
         if not good:
+            link.sent_functions.difference_update(function_id for function_id, _ in functions)
             return None
         return serialize.dumps_parts(("tasks", (functions, good)))
 
@@ -436,9 +460,12 @@ class GridExecutor(concurrent.futures.Executor):
         with self._lock:
             link = task.link
             if link is None or task.id not in link.in_flight:
-                if task in self._backlog:
-                    self._backlog.remove(task)
-                    self._finish_outstanding(1)
+                pinned_link = self._links.get(task.pinned) if task.pinned is not None else None
+                for waiting in (self._backlog, pinned_link.pinned if pinned_link else ()):
+                    if task in waiting:
+                        waiting.remove(task)
+                        self._finish_outstanding(1)
+                        break
                 return
         try:
             messaging.send(link.conn, "cancel", [task.id])
@@ -456,9 +483,8 @@ class GridExecutor(concurrent.futures.Executor):
                 if task is None:
                     continue
                 finished.append((task, status, value, seconds))
-                if status != CANCELLED:
-                    per_task = seconds / len(task.args) if task.kind == CHUNK and task.args else seconds
-                    link.average = per_task if link.average is None else 0.8 * link.average + 0.2 * per_task
+                if status != CANCELLED:  # per task, chunks too: the credit counts tasks
+                    link.average = seconds if link.average is None else 0.8 * link.average + 0.2 * seconds
             self._finish_outstanding(len(finished))
             more = self._refill(link)
         for task, status, value, seconds in finished:
@@ -630,6 +656,10 @@ class GridExecutor(concurrent.futures.Executor):
         with self._lock:
             return sum(link.credit for link in self._links.values()) or 1
 
+    def _task_threads(self) -> int:
+        with self._lock:
+            return sum(max(1, link.member.workers) for link in self._links.values()) or 1
+
     # -- shutting down -------------------------------------------------------------------------------------
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
@@ -702,13 +732,21 @@ class _ChunkSizer:
         return self.current
 
     def window(self) -> int:
-        return max(4, 2 * self.executor.capacity())
+        """Chunks to keep submitted: twice what the members keep in flight of chunks this size.
+
+        Sized from the chunk's expected time, not the links' credit, which lags while
+        chunks grow: items submitted ahead stay bounded whatever the chunk size.
+        """
+        seconds = None if self.per_item is None else self.per_item * self.size()
+        return max(4, 2 * self.executor._task_threads() * _credit_per_worker(seconds))
 
     def observe(self, items: int, seconds: float) -> None:
-        if self.fixed or items <= 0:
+        if items <= 0:
             return
         per_item = max(seconds / items, 1e-7)
         self.per_item = per_item if self.per_item is None else 0.7 * self.per_item + 0.3 * per_item
+        if self.fixed:
+            return
         ideal = _CHUNK_TARGET / self.per_item
         limit = _MAX_CHUNK
         if self.length:
@@ -727,6 +765,8 @@ def _complete(task: _Task, status, value, seconds) -> None:
     if task.kind == CHUNK:
         if status == OK:
             future.set_result((value, None, seconds))
+        elif status == UNSENDABLE:
+            future.set_result(([], _unpack_error(value), seconds))
         else:
             values, packed = value
             future.set_result((values, _unpack_error(packed), seconds))
@@ -738,7 +778,15 @@ def _complete(task: _Task, status, value, seconds) -> None:
 
 
 def _unpack_error(packed) -> BaseException:
-    exc, text = packed
+    """The exception a task raised, from the worker's ``(pickled exception, traceback text)``."""
+    pickled, text = packed
+    try:
+        exc = serialize.loads(pickled)
+    except Exception as error:  # say, a class whose __init__ does not take its own args
+        raised = text.rstrip().splitlines()[-1] if text.strip() else "an exception"
+        exc = RemoteError(f"the task raised {raised}, but that exception cannot be unpickled here "
+                          f"({type(error).__name__}: {error}); make it picklable (its __reduce__ must "
+                          "rebuild it) and its class importable where the executor runs")
     if not isinstance(exc, BaseException):
         exc = RemoteError(str(exc))
     exc.__cause__ = RemoteTraceback(text)
@@ -775,9 +823,9 @@ def default_executor() -> GridExecutor:
 
             config = load_config()
             _default_executor = GridExecutor() if config.source == "defaults" else GridExecutor(cluster=cluster())
-            import atexit
-
-            atexit.register(_default_executor.shutdown)
+            # Like concurrent.futures: shut down before the interpreter joins non-daemon threads
+            # (an atexit hook runs after that join, which would wait for the executor's threads forever).
+            threading._register_atexit(_default_executor.shutdown)
         return _default_executor
 
 

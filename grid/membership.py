@@ -44,19 +44,20 @@ class Member:
     pid: int = 0
     hostname: str = ""
     workers: int = 1  # task threads: how much work the executor keeps in flight here
+    unix: str = ""  # a Unix socket path for processes on the same host ("" if none)
 
     def __str__(self) -> str:
         return format_address(self.address)
 
     def to_wire(self) -> dict:
         return {"uuid": self.uuid, "address": list(self.address), "pid": self.pid, "hostname": self.hostname,
-                "workers": self.workers}
+                "workers": self.workers, "unix": self.unix}
 
     @classmethod
     def from_wire(cls, data: dict) -> Member:
         host, port = data["address"]
         return cls(uuid=data["uuid"], address=(host, int(port)), pid=data.get("pid", 0),
-                   hostname=data.get("hostname", ""), workers=data.get("workers", 1))
+                   hostname=data.get("hostname", ""), workers=data.get("workers", 1), unix=data.get("unix", ""))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -799,8 +800,16 @@ def advertised_address(host: str, port: int) -> tuple[str, int]:
     return (host, port)
 
 
-def local_member(address: tuple[str, int], uuid: str, workers: int = 1) -> Member:
-    return Member(uuid=uuid, address=address, pid=os.getpid(), hostname=socket.gethostname(), workers=workers)
+def local_member(address: tuple[str, int], uuid: str, workers: int = 1, unix: str = "") -> Member:
+    return Member(uuid=uuid, address=address, pid=os.getpid(), hostname=socket.gethostname(), workers=workers,
+                  unix=unix)
+
+
+def local_target(member: Member):
+    """How to reach ``member`` from this process: its Unix socket when it runs on this host."""
+    if member.unix and member.hostname == socket.gethostname() and os.path.exists(member.unix):
+        return member.unix
+    return member.address
 
 
 __all__ = ["Member", "MembershipEvent", "Membership", "State", "advertised_address", "local_member", "parse_address"]

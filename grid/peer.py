@@ -7,6 +7,10 @@ them in that order and stops them in reverse.
 from __future__ import annotations
 
 import logging
+import os
+import shutil
+import socket
+import tempfile
 import time
 import uuid as uuid_module
 
@@ -51,7 +55,12 @@ class Peer:
             bound = self.transport.listen(host, self.config.port)
             self.address = advertised_address(*bound)
             self.transport.info["address"] = format_address(self.address)
-            self.me = local_member(self.address, self.uuid, self.config.effective_workers())
+            self._socket_dir = None
+            unix = ""
+            if hasattr(socket, "AF_UNIX"):  # a faster path for executors and clients on this host
+                self._socket_dir = tempfile.mkdtemp(prefix="grid-member-")
+                unix = self.transport.listen_unix(os.path.join(self._socket_dir, "member.sock"))
+            self.me = local_member(self.address, self.uuid, self.config.effective_workers(), unix)
             self.discovery = make_discovery(self.config, secret=self.secret, cluster_id=self.config.id,
                                             member_uuid=self.uuid, clock=clock)
             required = parse_address(self.config.required, key="required") if self.config.required else None
@@ -63,6 +72,7 @@ class Peer:
             worker._current_member = self.me
         except BaseException:
             self.transport.close()
+            self._remove_socket_dir()
             raise
         self._started = False
         self._closed = False
@@ -105,6 +115,11 @@ class Peer:
             self.discovery.stop(clean=clean)
         self.tasks.close()
         self.transport.close()
+        self._remove_socket_dir()
+
+    def _remove_socket_dir(self) -> None:
+        if getattr(self, "_socket_dir", None):
+            shutil.rmtree(self._socket_dir, ignore_errors=True)
 
     def __enter__(self) -> Peer:
         return self

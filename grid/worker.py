@@ -19,12 +19,12 @@ import time
 import traceback
 
 from . import messaging, serialize
-from .errors import GridError, RemoteError
+from .errors import BrokenGrid, GridError, RemoteError
 
 log = logging.getLogger("grid.worker")
 
 CALL, CHUNK = 0, 1  # task kinds
-OK, FAILED, CANCELLED = 0, 1, 2  # result statuses
+OK, FAILED, CANCELLED, UNSENDABLE = 0, 1, 2, 3  # result statuses (UNSENDABLE: the value cannot be pickled)
 _RESULT_BATCH = 256  # results per frame at most
 _RESULT_DELAY = 0.005  # seconds a finished result may wait for others to share its frame
 
@@ -40,12 +40,13 @@ def current_member():
 class _LinkState:
     """What one executor link has told this member."""
 
-    __slots__ = ("functions", "cancelled", "init_done", "held", "lock", "pending_results")
+    __slots__ = ("functions", "cancelled", "init_done", "init_error", "held", "lock", "pending_results")
 
     def __init__(self):
         self.functions: dict[int, object] = {}
         self.cancelled: set[int] = set()
         self.init_done = True
+        self.init_error = None  # the packed error of a failed initializer: every task fails with it
         self.held: list = []  # tasks that arrived before the initializer finished
         self.lock = threading.Lock()
         self.pending_results: list = []
@@ -123,6 +124,11 @@ class TaskRunner:
                     self._flush(conn, state)
                 dirty.clear()
                 item = get()
+            else:
+                for key, (conn, state, first) in dirty.items():
+                    if first is not None:  # the next task may run long: the IO thread sends these in time
+                        conn.transport.call_later(_RESULT_DELAY, self._flush, conn, state)
+                        dirty[key] = (conn, state, None)
             if item is None:
                 for conn, state, _ in dirty.values():
                     self._flush(conn, state)
@@ -132,12 +138,15 @@ class TaskRunner:
                 self._run_initializer(conn, state, task[1])
                 continue
             result = self._execute(state, task)
-            state.pending_results.append(result)
+            with state.lock:  # another thread may be taking the list in _flush
+                state.pending_results.append(result)
+                waiting = len(state.pending_results)
             self.tasks_done += 1
-            # Batch results while more work is queued behind this task, within a latency bound.
+            # Batch results while more work is queued behind this task, within a latency bound
+            # (first is None once a timer on the IO thread guarantees that bound).
             now = time.perf_counter()
             first = dirty.setdefault(id(state), (conn, state, now))[2]
-            if len(state.pending_results) >= _RESULT_BATCH or now - first > _RESULT_DELAY:
+            if waiting >= _RESULT_BATCH or (first is not None and now - first > _RESULT_DELAY):
                 self._flush(conn, state)
                 del dirty[id(state)]
 
@@ -146,11 +155,13 @@ class TaskRunner:
         if task_id in state.cancelled:
             state.cancelled.discard(task_id)
             return (task_id, CANCELLED, None, 0.0)
+        if state.init_error is not None:
+            return (task_id, FAILED, state.init_error if kind == CALL else ([], state.init_error), 0.0)
         fn = state.functions.get(function_id)
         started = time.perf_counter()
         if fn is None:
-            error = GridError(f"function {function_id} was never sent on this link (a grid bug)")
-            return (task_id, FAILED, _pack_error(error), 0.0)
+            error = _pack_error(GridError(f"function {function_id} was never sent on this link (a grid bug)"))
+            return (task_id, FAILED, error if kind == CALL else ([], error), 0.0)
         if kind == CALL:
             try:
                 value = fn(*args, **kwargs)
@@ -158,7 +169,7 @@ class TaskRunner:
                 if isinstance(exc, (KeyboardInterrupt, SystemExit)) and not isinstance(fn, _Unloadable):
                     exc = RemoteError(f"task raised {type(exc).__name__}: {exc}")
                 return (task_id, FAILED, _pack_error(exc), time.perf_counter() - started)
-            return (task_id, OK, value, time.perf_counter() - started)
+            return (task_id, OK, serialize.wrap_buffers((value,))[0], time.perf_counter() - started)
         values = []
         append = values.append
         try:
@@ -166,7 +177,7 @@ class TaskRunner:
                 append(fn(*item))
         except BaseException as exc:  # noqa: B036
             return (task_id, FAILED, (values, _pack_error(exc)), time.perf_counter() - started)
-        return (task_id, OK, values, time.perf_counter() - started)
+        return (task_id, OK, serialize.wrap_buffers(values), time.perf_counter() - started)
 
     def _flush(self, conn, state: _LinkState) -> None:
         with state.lock:
@@ -176,7 +187,7 @@ class TaskRunner:
         try:
             parts = serialize.dumps_parts(("results", results))
         except Exception:
-            parts = serialize.dumps_parts(("results", [_picklable(result) for result in results]))
+            parts = serialize.dumps_parts(("results", [_sendable(result) for result in results]))
         try:
             conn.send_frame(messaging.Kind.MESSAGE, parts if len(parts) > 1 else parts[0])
         except GridError as exc:
@@ -188,14 +199,11 @@ class TaskRunner:
             fn(*args)
         except BaseException as exc:  # noqa: B036
             log.error("executor initializer failed: %s", exc)
-            error = _pack_error(exc)
-            with state.lock:
-                held, state.held = state.held, []
-                state.init_done = True
-            for task in held:
-                state.pending_results.append((task[0], FAILED, error, 0.0))
-            self._flush(conn, state)
-            return
+            text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+            broken = BrokenGrid(f"the executor's initializer failed on member {current_member()} "
+                                f"({type(exc).__name__}: {exc}), so none of its tasks run there; fix the "
+                                "initializer (its traceback is the __cause__) and make a new executor")
+            state.init_error = (serialize.dumps(broken), text)
         with state.lock:
             held, state.held = state.held, []
             state.init_done = True
@@ -215,22 +223,26 @@ class _Unloadable:
 
 
 def _pack_error(exc: BaseException) -> tuple:
+    """``(pickled exception, traceback text)``: pickled apart, so an exception the caller
+    cannot unpickle fails only its own task (see ``executor._unpack_error``)."""
     text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
-    return (exc, text)
+    try:
+        pickled = serialize.dumps(exc)
+    except Exception as error:
+        pickled = serialize.dumps(RemoteError(f"{type(exc).__name__}: {exc} (the exception itself cannot be "
+                                              f"pickled: {error})"))
+    return (pickled, text)
 
 
-def _picklable(result: tuple) -> tuple:
-    """A result whose value or exception cannot be pickled becomes a RemoteError that says so."""
+def _sendable(result: tuple) -> tuple:
+    """``result``, or if its value cannot be pickled, an UNSENDABLE result with an error that says so."""
     task_id, status, value, seconds = result
     try:
         serialize.dumps(value)
         return result
     except Exception as exc:
-        if status == FAILED and isinstance(value, tuple) and len(value) == 2 and isinstance(value[1], str):
-            original, text = value
-            return (task_id, FAILED, (RemoteError(f"{type(original).__name__}: {original}"), text), seconds)
-        if status == FAILED:  # a chunk: (values, (exc, text))
-            values, (original, text) = value
-            return (task_id, FAILED, ([], (RemoteError(f"{type(original).__name__}: {original}"), text)), seconds)
-        error = RemoteError(f"the task's result ({type(value).__name__}) cannot be pickled: {exc}")
-        return (task_id, FAILED, _pack_error(error), seconds)
+        if status == FAILED and isinstance(value[0], list):  # a chunk's values before its failure
+            return (task_id, UNSENDABLE, value[1], seconds)
+        error = RemoteError(f"the task's result ({type(value).__name__}) cannot be pickled: {exc}; "
+                            "return plain data (or objects that pickle) from tasks")
+        return (task_id, UNSENDABLE, _pack_error(error), seconds)

@@ -1,0 +1,105 @@
+"""Task functions for tests/test_executor.py, importable by name on every member.
+
+Members import this module by reference (``tests.executor_helpers``), so a module
+global set by an executor's initializer is visible to the tasks that run after it.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+
+import grid
+
+GATE_TIMEOUT = 30.0  # seconds a gated task waits for its gate before failing
+
+initialized_with = None  # set by ``initialize`` on the member that ran it
+
+
+def initialize(token) -> None:
+    """An executor initializer: remembers ``token`` in this module on the member."""
+    global initialized_with
+    initialized_with = token
+
+
+def initialized_token():
+    """What ``initialize`` stored on the member running this task (None if it never ran)."""
+    return initialized_with
+
+
+def identity(value):
+    return value
+
+
+def add(a, b=0, *, c=0):
+    return a + b + c
+
+
+def square(x):
+    return x * x
+
+
+def fail_at(x, bad):
+    """``x`` unless ``x == bad``, which raises ValueError naming it."""
+    if x == bad:
+        raise ValueError(f"item {x} is bad")
+    return x
+
+
+def describe_buffer(value) -> tuple:
+    """The type name, length and first/last bytes of a buffer argument."""
+    view = memoryview(value)
+    return type(value).__name__, view.nbytes, bytes(view[:4]), bytes(view[-4:])
+
+
+def member_uuid() -> str:
+    """The uuid of the member running this task."""
+    return grid.current_member().uuid
+
+
+def simulated_work(x, seconds: float):
+    """``x``, after ``seconds`` of simulated work (an I/O-bound task, not a wait for a state)."""
+    end = time.perf_counter() + seconds
+    threading.Event().wait(seconds)
+    while time.perf_counter() < end:
+        pass
+    return x
+
+
+def gated(gate: str, value=None, marker: str | None = None):
+    """Block until the file ``gate`` exists, then create ``marker`` (if given) and return ``value``.
+
+    Raises:
+        TimeoutError: the gate did not open within GATE_TIMEOUT seconds.
+    """
+    deadline = time.monotonic() + GATE_TIMEOUT
+    pause = threading.Event()
+    while not os.path.exists(gate):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"gate {gate} did not open within {GATE_TIMEOUT} s")
+        pause.wait(0.002)
+    if marker is not None:
+        with open(marker, "w") as file:
+            file.write(str(os.getpid()))
+    return value
+
+
+def make_lock():
+    """A result that cannot be pickled."""
+    return threading.Lock()
+
+
+def crash(code: int):
+    """Kill the member process running this task at once with exit code ``code``."""
+    os._exit(code)
+
+
+def fail_to_initialize():
+    """An executor initializer that fails."""
+    raise RuntimeError("initializer failed on purpose")
+
+
+def lock_at(x, bad):
+    """``x``, or an unpicklable lock when ``x == bad``."""
+    return threading.Lock() if x == bad else x

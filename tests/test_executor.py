@@ -1,0 +1,578 @@
+"""GridExecutor conformance: one suite run against the embedded default and a sim cluster.
+
+Each test behaves as a ``concurrent.futures`` user expects from ``ProcessPoolExecutor``.
+Most tests share one executor per backend (module scope) and leave it idle; the
+``executor`` fixture checks that. Tests that shut an executor down make their own.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import itertools
+import os
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+import uuid
+from concurrent.futures import FIRST_COMPLETED, BrokenExecutor, as_completed, wait
+
+import pytest
+
+import grid
+from grid.executor import RemoteTraceback
+from sim import LocalCluster
+
+from . import executor_helpers as helpers
+from .conftest import wait_for
+
+RESULT_TIMEOUT = 30  # seconds; a hang fails the test instead of blocking the run
+
+
+class CustomError(Exception):
+    """An exception class defined in the test module; members import it by name."""
+
+
+class NeedsTwoArguments(Exception):
+    """Pickles but cannot be unpickled: ``__reduce__`` gives only ``args``, __init__ needs two."""
+
+    def __init__(self, what, why):
+        super().__init__(f"{what}: {why}")
+
+
+def raise_custom(message):
+    raise CustomError(message)
+
+
+def raise_needs_two(what):
+    raise NeedsTwoArguments(what, "because")
+
+
+def module_level_double(x):
+    return 2 * x
+
+
+# -- backends ---------------------------------------------------------------------------------------------
+
+
+class Backend:
+    """Makes executors of one kind; ``shared`` is the module-wide one."""
+
+    def __init__(self, name: str, directory):
+        self.name = name
+        self.directory = directory
+        self.sim: LocalCluster | None = None
+        self.shared: grid.GridExecutor | None = None
+
+    def new_executor(self, **kwargs) -> grid.GridExecutor:
+        """A fresh executor; the caller shuts it down (``close`` also closes its client)."""
+        if self.name == "embedded":
+            with pytest.MonkeyPatch.context() as patch:
+                patch.delenv("GRID", raising=False)
+                patch.delenv("GRID_SECRET", raising=False)
+                patch.setenv("HOME", str(self.directory))  # no ~/.grid/grid.toml either
+                patch.chdir(self.directory)  # no ./grid.toml in sight: the embedded default
+                executor = grid.GridExecutor(max_workers=2, **kwargs)
+            assert executor._embedded is not None, "expected an embedded cluster"
+            return executor
+        client = grid.connect(self.sim.config())
+        try:
+            return grid.GridExecutor(cluster=client, **kwargs)
+        except BaseException:
+            client.close()
+            raise
+
+    @staticmethod
+    def close(executor: grid.GridExecutor) -> None:
+        """Shut ``executor`` down (waiting) and close its client if it does not own it."""
+        executor.shutdown(wait=True)
+        if not executor._owns_cluster:
+            executor._cluster.close()
+
+
+@pytest.fixture(scope="module", params=["embedded", "sim"])
+def backend(request, tmp_path_factory):
+    backend = Backend(request.param, tmp_path_factory.mktemp(f"executor-{request.param}"))
+    if backend.name == "sim":
+        backend.sim = LocalCluster(2)
+    try:
+        backend.shared = backend.new_executor()
+        yield backend
+    finally:
+        if backend.shared is not None:
+            backend.close(backend.shared)
+        if backend.sim is not None:
+            backend.sim.terminate()
+
+
+@pytest.fixture
+def executor(backend):
+    """The backend's shared executor; the test must leave it idle (nothing outstanding)."""
+    yield backend.shared
+    wait_for(lambda: backend.shared._outstanding == 0, RESULT_TIMEOUT, "the shared executor to go idle")
+    assert not backend.shared._backlog
+
+
+@pytest.fixture
+def gate(tmp_path):
+    """A file path that gated tasks wait for; ``gate.open()`` lets them finish."""
+
+    class Gate:
+        path = str(tmp_path / f"gate-{uuid.uuid4().hex}")
+
+        def open(self):
+            with open(self.path, "w"):
+                pass
+
+    gate = Gate()
+    yield gate
+    gate.open()  # never leave a member task thread blocked
+
+
+def saturating_count(executor) -> int:
+    """More tasks than the executor keeps in flight: the last ones wait in its backlog."""
+    return executor.capacity() + 4
+
+
+# -- submit -------------------------------------------------------------------------------------------------
+
+
+def test_submit_returns_result(executor):
+    future = executor.submit(helpers.square, 7)
+    assert isinstance(future, concurrent.futures.Future)
+    assert future.result(RESULT_TIMEOUT) == 49
+
+
+def test_submit_passes_args_and_kwargs(executor):
+    assert executor.submit(helpers.add, 1, 2, c=3).result(RESULT_TIMEOUT) == 6
+    assert executor.submit(helpers.add, 1, b=10).result(RESULT_TIMEOUT) == 11
+    assert executor.submit(sorted, [3, 1, 2], reverse=True).result(RESULT_TIMEOUT) == [3, 2, 1]
+
+
+def test_many_submits_all_complete(executor):
+    futures = [executor.submit(helpers.square, i) for i in range(500)]
+    assert [f.result(RESULT_TIMEOUT) for f in futures] == [i * i for i in range(500)]
+
+
+# -- map ------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("chunksize", [None, 1, 7, 10_000])
+def test_map_is_ordered(executor, chunksize):
+    results = executor.map(helpers.square, range(1000), chunksize=chunksize)
+    assert list(results) == [i * i for i in range(1000)]
+
+
+def test_map_of_empty_iterable(executor):
+    assert list(executor.map(helpers.square, [])) == []
+
+
+def test_map_with_several_iterables_stops_at_the_shortest(executor):
+    assert list(executor.map(helpers.add, range(10), range(100, 105))) == [100, 102, 104, 106, 108]
+    assert list(executor.map(pow, [2, 3, 4], itertools.repeat(2))) == [4, 9, 16]
+
+
+def test_map_is_lazy(executor):
+    consumed = 0
+    total = 1_000_000
+
+    def items():
+        nonlocal consumed
+        for i in range(total):
+            consumed += 1
+            yield i
+
+    results = executor.map(helpers.square, items())
+    assert consumed < total
+    assert [next(results) for _ in range(10)] == [i * i for i in range(10)]
+    assert consumed < total
+    results.close()
+
+
+def test_map_raises_where_iteration_reaches_the_failure(executor):
+    results = executor.map(helpers.fail_at, range(100), itertools.repeat(42), chunksize=5)
+    seen = []
+    with pytest.raises(ValueError, match="item 42 is bad") as caught:
+        for value in results:
+            seen.append(value)
+    assert seen == list(range(42))
+    assert isinstance(caught.value.__cause__, RemoteTraceback)
+    assert "fail_at" in caught.value.__cause__.text
+
+
+def test_map_timeout_raises_timeout_error(executor, gate):
+    results = executor.map(helpers.gated, itertools.repeat(gate.path, 3), timeout=0.2)
+    started = time.monotonic()
+    with pytest.raises(TimeoutError):
+        next(results)
+    assert time.monotonic() - started < 5
+    with pytest.raises(StopIteration):  # like the stdlib's map: done after raising
+        next(results)
+    gate.open()
+
+
+def test_map_over_an_endless_iterable_stays_bounded(executor):
+    pulled = 0
+
+    def endless():
+        nonlocal pulled
+        for i in itertools.count():
+            pulled += 1
+            yield i
+
+    results = executor.map(helpers.identity, endless())
+    most_outstanding = most_ahead = 0
+    for expected, value in enumerate(itertools.islice(results, 5000)):
+        assert value == expected
+        most_outstanding = max(most_outstanding, executor._outstanding)
+        most_ahead = max(most_ahead, pulled - expected)
+    results.close()
+    # The design's bounds: tasks, twice what the members may have in flight at most; items
+    # taken from the iterable before their results were consumed, four chunks per task thread
+    # (two in flight, two queued here) of the largest chunk size, and the chunk being read.
+    threads = executor._task_threads()
+    assert most_outstanding <= 2 * threads * grid.executor._MAX_CREDIT
+    assert most_ahead <= (4 * threads + 1) * grid.executor._MAX_CHUNK
+
+
+# -- exceptions -------------------------------------------------------------------------------------------------
+
+
+def test_remote_exception_keeps_its_type_and_traceback(executor):
+    future = executor.submit(helpers.fail_at, 3, 3)
+    error = future.exception(RESULT_TIMEOUT)
+    assert type(error) is ValueError
+    assert str(error) == "item 3 is bad"
+    assert isinstance(error.__cause__, RemoteTraceback)
+    assert "in fail_at" in error.__cause__.text
+    assert "ValueError: item 3 is bad" in error.__cause__.text
+    with pytest.raises(ValueError, match="item 3 is bad"):
+        future.result()
+
+
+def test_exception_of_a_class_from_the_test_module(executor):
+    error = executor.submit(raise_custom, "custom failure").exception(RESULT_TIMEOUT)
+    assert type(error) is CustomError
+    assert str(error) == "custom failure"
+    assert "raise_custom" in error.__cause__.text
+
+
+def test_exception_that_cannot_be_unpickled_fails_the_future(executor):
+    error = executor.submit(raise_needs_two, "broken").exception(RESULT_TIMEOUT)
+    assert isinstance(error, grid.RemoteError)
+    assert "NeedsTwoArguments" in str(error)
+    assert "raise_needs_two" in error.__cause__.text
+
+
+def test_result_that_cannot_be_pickled_fails_the_future(executor):
+    error = executor.submit(helpers.make_lock).exception(RESULT_TIMEOUT)
+    assert isinstance(error, grid.RemoteError)
+    assert "cannot be pickled" in str(error)
+
+
+def test_map_raises_when_a_result_cannot_be_pickled(executor):
+    seen = []
+    with pytest.raises(grid.RemoteError, match="cannot be pickled"):
+        for value in executor.map(helpers.lock_at, range(20), itertools.repeat(12), chunksize=5):
+            seen.append(value)
+    assert seen == list(range(len(seen))) and 10 <= len(seen) <= 12
+
+
+def test_unpicklable_argument_fails_the_future(executor):
+    future = executor.submit(helpers.identity, threading.Lock())
+    error = future.exception(RESULT_TIMEOUT)
+    assert isinstance(error, TypeError)
+    assert "lock" in str(error)
+    # the function still works for later tasks on the same links
+    assert [executor.submit(helpers.identity, i).result(RESULT_TIMEOUT) for i in range(4)] == [0, 1, 2, 3]
+
+
+# -- waiting ----------------------------------------------------------------------------------------------------
+
+
+def test_wait_and_as_completed(executor, gate):
+    quick = [executor.submit(helpers.square, i) for i in range(10)]
+    done, not_done = wait(quick, timeout=RESULT_TIMEOUT)
+    assert done == set(quick) and not not_done
+    assert sorted(f.result() for f in as_completed(quick, timeout=RESULT_TIMEOUT)) == [i * i for i in range(10)]
+
+    slow = executor.submit(helpers.gated, gate.path, "slow")
+    fast = executor.submit(helpers.identity, "fast")
+    done, not_done = wait([slow, fast], timeout=RESULT_TIMEOUT, return_when=FIRST_COMPLETED)
+    assert done == {fast} and not_done == {slow}
+    gate.open()
+    assert next(as_completed([slow], timeout=RESULT_TIMEOUT)).result() == "slow"
+
+
+def test_results_are_not_held_back_by_a_long_task(executor, gate):
+    member = executor.members()[0]
+    quick = [executor.submit_to_member(member, helpers.identity, i) for i in range(3)]
+    slow = executor.submit_to_member(member, helpers.gated, gate.path, "slow")
+    assert [f.result(10) for f in quick] == [0, 1, 2]  # while the slow task still runs
+    assert not slow.done()
+    gate.open()
+    assert slow.result(RESULT_TIMEOUT) == "slow"
+
+
+# -- cancel ------------------------------------------------------------------------------------------------------
+
+
+def test_cancel_queued_work_never_runs(executor, gate, tmp_path):
+    count = saturating_count(executor)
+    futures = [executor.submit(helpers.gated, gate.path, i, str(tmp_path / f"ran-{i}")) for i in range(count)]
+    last = futures[-1]
+    assert last.cancel() is True
+    assert last.cancelled()
+    gate.open()
+    assert [f.result(RESULT_TIMEOUT) for f in futures[:-1]] == list(range(count - 1))
+    wait_for(lambda: executor._outstanding == 0, RESULT_TIMEOUT, "cancelled work to be dropped")
+    assert not (tmp_path / f"ran-{count - 1}").exists()
+    with pytest.raises(concurrent.futures.CancelledError):
+        last.result()
+
+
+def test_cancel_work_already_sent_to_a_member(executor, gate):
+    futures = [executor.submit(helpers.gated, gate.path, i) for i in range(executor.capacity())]
+    assert not executor._backlog  # every task went to a member
+    assert futures[-1].cancel() is True
+    gate.open()
+    assert [f.result(RESULT_TIMEOUT) for f in futures[:-1]] == list(range(len(futures) - 1))
+    assert futures[-1].cancelled()
+    # the member skips it or its result is dropped; either way the executor settles (the fixture checks)
+
+
+def test_cancel_queued_work_pinned_to_a_member_never_runs(executor, gate, tmp_path):
+    member = executor.members()[0]
+    count = executor._links[member.uuid].credit + 2
+    futures = [executor.submit_to_member(member, helpers.gated, gate.path, i, str(tmp_path / f"ran-{i}"))
+               for i in range(count)]
+    assert futures[-1].cancel() is True
+    gate.open()
+    assert [f.result(RESULT_TIMEOUT) for f in futures[:-1]] == list(range(count - 1))
+    wait_for(lambda: executor._outstanding == 0, RESULT_TIMEOUT, "cancelled work to be dropped")
+    assert not (tmp_path / f"ran-{count - 1}").exists()
+
+
+def test_closing_a_map_drops_its_queued_chunks(executor, gate, tmp_path):
+    markers = [str(tmp_path / f"ran-{i}") for i in range(200)]
+    gates = [str(tmp_path / "open-gate")] + [gate.path] * 199
+    open(gates[0], "w").close()
+    results = executor.map(helpers.gated, gates, range(200), markers, chunksize=1)
+    assert next(results) == 0
+    in_flight = executor.capacity()
+    results.close()
+    gate.open()
+    wait_for(lambda: executor._outstanding == 0, RESULT_TIMEOUT, "the closed map's work to be dropped")
+    ran = sum(os.path.exists(marker) for marker in markers)
+    assert os.path.exists(markers[0])
+    assert ran <= 1 + in_flight  # the first item, and at most what was already on the members
+
+
+# -- placement ---------------------------------------------------------------------------------------------------
+
+
+def test_submit_to_member_runs_there(executor):
+    members = executor.members()
+    assert len(members) == 2
+    for member in members:
+        assert executor.submit_to_member(member, helpers.member_uuid).result(RESULT_TIMEOUT) == member.uuid
+        assert executor.submit_to_member(member.uuid, helpers.member_uuid).result(RESULT_TIMEOUT) == member.uuid
+
+
+def test_submit_to_member_of_an_unknown_member_raises(executor):
+    with pytest.raises(grid.GridError, match="not a member"):
+        executor.submit_to_member("127.0.0.1:1", helpers.member_uuid)
+
+
+def test_submit_to_all_runs_once_on_every_member(executor):
+    futures = executor.submit_to_all(helpers.member_uuid)
+    assert sorted(m.uuid for m in futures) == sorted(m.uuid for m in executor.members())
+    assert {m.uuid: f.result(RESULT_TIMEOUT) for m, f in futures.items()} == {m.uuid: m.uuid for m in futures}
+
+
+def test_submit_uses_every_member(executor, gate):
+    futures = [executor.submit(helpers.gated, gate.path, i) for i in range(executor.capacity())]
+    assert len(executor._links) == 2
+    assert all(link.in_flight for link in executor._links.values())
+    gate.open()
+    assert [f.result(RESULT_TIMEOUT) for f in futures] == list(range(len(futures)))
+
+
+# -- what travels ----------------------------------------------------------------------------------------------
+
+
+def test_lambdas_and_closures_travel(executor):
+    offset = 10
+
+    def shifted(x):
+        return module_level_double(x) + offset
+
+    assert executor.submit(lambda x: x + offset, 1).result(RESULT_TIMEOUT) == 11
+    assert executor.submit(shifted, 1).result(RESULT_TIMEOUT) == 12
+    assert list(executor.map(lambda x, y: x * y + offset, range(5), range(5))) == [10, 11, 14, 19, 26]
+    assert list(executor.map(shifted, range(3), chunksize=1)) == [10, 12, 14]
+
+
+def test_large_bytes_round_trip(executor):
+    data = os.urandom(5 * 1024 * 1024)
+    assert executor.submit(helpers.identity, data).result(RESULT_TIMEOUT) == data
+    array = bytearray(data[: 1024 * 1024])
+    echoed = executor.submit(helpers.identity, array).result(RESULT_TIMEOUT)
+    assert type(echoed) is bytearray and echoed == array
+    assert list(executor.map(len, [data, data[:100], b""])) == [len(data), 100, 0]
+
+
+@pytest.mark.parametrize("size", [16, 1024 * 1024])
+def test_memoryview_argument(executor, size):
+    data = os.urandom(size)
+    _, length, head, tail = executor.submit(helpers.describe_buffer, memoryview(data)).result(RESULT_TIMEOUT)
+    assert (length, head, tail) == (size, data[:4], data[-4:])
+
+
+# -- initializer ---------------------------------------------------------------------------------------------------
+
+
+def test_initializer_runs_on_every_member_before_its_tasks(backend):
+    token = uuid.uuid4().hex
+    executor = backend.new_executor(initializer=helpers.initialize, initargs=(token,))
+    try:
+        futures = executor.submit_to_all(helpers.initialized_token)
+        assert len(futures) == 2
+        assert [f.result(RESULT_TIMEOUT) for f in futures.values()] == [token, token]
+        assert {executor.submit(helpers.initialized_token).result(RESULT_TIMEOUT) for _ in range(10)} == {token}
+    finally:
+        backend.close(executor)
+
+
+def test_failing_initializer_breaks_the_executor(backend):
+    executor = backend.new_executor(initializer=helpers.fail_to_initialize)
+    try:
+        error = executor.submit(helpers.square, 3).exception(RESULT_TIMEOUT)
+        assert isinstance(error, BrokenExecutor)
+        assert "initializer failed on purpose" in str(error)
+        assert "fail_to_initialize" in error.__cause__.text
+        with pytest.raises(BrokenExecutor):
+            list(executor.map(helpers.square, range(10)))
+    finally:
+        backend.close(executor)
+
+
+# -- shutdown ---------------------------------------------------------------------------------------------------------
+
+
+def test_shutdown_wait_true_waits_for_submitted_work(backend):
+    executor = backend.new_executor()
+    try:
+        futures = [executor.submit(helpers.simulated_work, i, 0.05) for i in range(6)]
+        executor.shutdown(wait=True)
+        assert all(f.done() for f in futures)
+        assert [f.result() for f in futures] == list(range(6))
+        with pytest.raises(RuntimeError, match="after shutdown"):
+            executor.submit(helpers.square, 1)
+        with pytest.raises(RuntimeError, match="after shutdown"):
+            executor.map(helpers.square, range(3))
+    finally:
+        backend.close(executor)
+
+
+def test_shutdown_without_wait_returns_at_once_and_work_completes(backend, gate):
+    executor = backend.new_executor()
+    try:
+        futures = [executor.submit(helpers.gated, gate.path, i) for i in range(saturating_count(executor))]
+        started = time.monotonic()
+        executor.shutdown(wait=False)
+        assert time.monotonic() - started < 2
+        assert not any(f.done() for f in futures)
+        with pytest.raises(RuntimeError):
+            executor.submit(helpers.square, 1)
+        gate.open()
+        assert [f.result(RESULT_TIMEOUT) for f in futures] == list(range(len(futures)))
+    finally:
+        backend.close(executor)
+
+
+def test_shutdown_cancel_futures_cancels_pending_work(backend, gate, tmp_path):
+    executor = backend.new_executor()
+    try:
+        count = saturating_count(executor)
+        futures = [executor.submit(helpers.gated, gate.path, i, str(tmp_path / f"ran-{i}")) for i in range(count)]
+        executor.shutdown(wait=False, cancel_futures=True)
+        assert all(f.cancelled() for f in futures[-4:])  # the backlog, never sent
+        gate.open()
+        executor.shutdown(wait=True)
+        assert all(f.done() for f in futures)
+        for i in range(count - 4, count):
+            assert not (tmp_path / f"ran-{i}").exists()
+    finally:
+        backend.close(executor)
+
+
+def test_context_manager_waits_and_shuts_down(backend):
+    with backend.new_executor() as executor:
+        futures = [executor.submit(helpers.simulated_work, i, 0.02) for i in range(4)]
+    try:
+        assert all(f.done() for f in futures)
+        assert [f.result() for f in futures] == [0, 1, 2, 3]
+        with pytest.raises(RuntimeError):
+            executor.submit(helpers.square, 1)
+    finally:
+        backend.close(executor)
+
+
+# -- member death -----------------------------------------------------------------------------------------------------
+
+
+def test_task_that_kills_its_member_fails_with_worker_crashed(backend, local_cluster):
+    if backend.name == "embedded":
+        executor = backend.new_executor(max_retries=1)
+    else:  # it kills both members: not the shared cluster
+        cluster = local_cluster(2)
+        executor = grid.GridExecutor(cluster=grid.connect(cluster.config()), max_retries=1)
+    try:
+        error = executor.submit(helpers.crash, 13).exception(RESULT_TIMEOUT)
+        assert isinstance(error, grid.WorkerCrashed)
+        assert isinstance(error, BrokenExecutor)
+        assert "crash" in str(error)
+        assert "died while running it" in str(error)
+        if backend.name == "embedded":
+            assert "exited with code 13" in str(error)
+            assert "log ends with" in str(error)
+    finally:
+        backend.close(executor)
+
+
+@pytest.mark.slow
+def test_map_survives_a_member_killed_midway(local_cluster):
+    cluster = local_cluster(2)
+    executor = grid.GridExecutor(cluster=grid.connect(cluster.config()))
+    try:
+        results = executor.map(helpers.simulated_work, range(10_000), itertools.repeat(0.0005), chunksize=10)
+        collected = list(itertools.islice(results, 2000))
+        assert any(link.in_flight for link in executor._links.values())
+        cluster.kill(0)
+        collected.extend(results)
+        assert collected == list(range(10_000))
+    finally:
+        Backend.close(executor)
+
+
+# -- fmap / ufmap on the default executor -----------------------------------------------------------------------------
+
+
+def test_fmap_and_ufmap_on_the_default_executor(tmp_path):
+    script = textwrap.dedent("""
+        import grid
+        offset = 1
+        print(list(grid.fmap(lambda x: x * x + offset, range(50))))
+        print(sorted(grid.ufmap(lambda x: x * x + offset, range(50))))
+        print(list(grid.fmap(lambda x, y: x + y, range(5), range(10, 13), chunksize=1)))
+    """)
+    environment = {k: v for k, v in os.environ.items() if k not in ("GRID", "GRID_SECRET")}
+    environment["HOME"] = str(tmp_path)  # no ~/.grid/grid.toml: the embedded default
+    completed = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=environment,
+                               capture_output=True, text=True, timeout=60)
+    assert completed.returncode == 0, completed.stderr
+    lines = completed.stdout.splitlines()
+    expected = [x * x + 1 for x in range(50)]
+    assert lines == [str(expected), str(expected), str([10, 12, 14])]
