@@ -37,7 +37,7 @@ from .errors import BrokenGrid, GridError, NotConnected, RemoteError, WorkerCras
 from .membership import local_target
 from .transport import Transport
 from .wire import Kind
-from .worker import CALL, CANCELLED, CHUNK, OK, UNSENDABLE
+from .worker import CALL, CANCELLED, CHUNK, CHUNK1, OK, UNSENDABLE
 
 log = logging.getLogger("grid.executor")
 
@@ -78,7 +78,7 @@ class _Task:
 
     def describe(self) -> str:
         name = getattr(self.fn, "__qualname__", None) or repr(self.fn)
-        if self.kind == CHUNK:
+        if self.kind != CALL:
             return f"{name} over a chunk of {len(self.args)} items (first: {_short(self.args[0]) if self.args else ''})"
         return f"{name}{_short(self.args)}"
 
@@ -593,7 +593,8 @@ class GridExecutor(concurrent.futures.Executor):
         if self._shutdown:
             raise RuntimeError("cannot schedule new futures after shutdown")
         function = self._function(fn)
-        items = zip(*iterables)
+        # One iterable: chunks of the items themselves, no 1-tuples to build and pickle.
+        kind, items = (CHUNK1, iter(iterables[0])) if len(iterables) == 1 else (CHUNK, zip(*iterables))
         sizer = _ChunkSizer(chunksize, _length_hint(iterables), self)
         pending: collections.deque = collections.deque()
         exhausted = False
@@ -605,7 +606,7 @@ class GridExecutor(concurrent.futures.Executor):
                 if not chunk:
                     exhausted = True
                     return
-                pending.append(self._submit_chunk(fn, function, chunk, sizer))
+                pending.append(self._submit_chunk(fn, function, kind, chunk, sizer))
 
         top_up()  # start at once, like the stdlib's map; the rest as results are consumed
 
@@ -626,9 +627,9 @@ class GridExecutor(concurrent.futures.Executor):
 
         return generate()
 
-    def _submit_chunk(self, fn, function, chunk, sizer) -> Future:
+    def _submit_chunk(self, fn, function, kind, chunk, sizer) -> Future:
         outer: Future = Future()
-        inner = self._submit(fn, CHUNK, chunk, None, None, function)
+        inner = self._submit(fn, kind, chunk, None, None, function)
 
         def relay(done: Future):
             if done.cancelled():
@@ -737,6 +738,8 @@ class _ChunkSizer:
         Sized from the chunk's expected time, not the links' credit, which lags while
         chunks grow: items submitted ahead stay bounded whatever the chunk size.
         """
+        if not self.fixed:  # growing chunks aim at _CHUNK_TARGET each: two per task thread suffice
+            return max(4, 2 * self.executor._task_threads() * _MIN_CREDIT)
         seconds = None if self.per_item is None else self.per_item * self.size()
         return max(4, 2 * self.executor._task_threads() * _credit_per_worker(seconds))
 
@@ -762,7 +765,7 @@ def _complete(task: _Task, status, value, seconds) -> None:
         return
     if not future.set_running_or_notify_cancel():
         return
-    if task.kind == CHUNK:
+    if task.kind != CALL:
         if status == OK:
             future.set_result((value, None, seconds))
         elif status == UNSENDABLE:

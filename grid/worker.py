@@ -12,6 +12,7 @@ tasks it cancelled before they started.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import queue
 import threading
@@ -23,8 +24,11 @@ from .errors import BrokenGrid, GridError, RemoteError
 
 log = logging.getLogger("grid.worker")
 
-CALL, CHUNK = 0, 1  # task kinds
+CALL, CHUNK, CHUNK1 = 0, 1, 2  # task kinds: fn(*args, **kwargs); fn(*item) per item; fn(item) per item
 OK, FAILED, CANCELLED, UNSENDABLE = 0, 1, 2, 3  # result statuses (UNSENDABLE: the value cannot be pickled)
+_QUICK_SECONDS = 0.0005  # a function that always ran faster than this may run on the IO thread
+_QUICK_RUNS = 5  # ... once it has done so this many times
+_INLINE_BATCH = 4  # at most this many tasks of one frame run on the IO thread
 _RESULT_BATCH = 256  # results per frame at most
 _RESULT_DELAY = 0.005  # seconds a finished result may wait for others to share its frame
 
@@ -38,9 +42,14 @@ def current_member():
 
 
 class _LinkState:
-    """What one executor link has told this member."""
+    """What one executor link has told this member.
 
-    __slots__ = ("functions", "cancelled", "init_done", "init_error", "held", "lock", "pending_results")
+    ``quick`` holds the functions that always ran in under ``_QUICK_SECONDS`` (at least
+    ``_QUICK_RUNS`` times): those may run on the IO thread. One slow run disqualifies a
+    function for good, so a long task never holds up heartbeats.
+    """
+
+    __slots__ = ("functions", "cancelled", "init_done", "init_error", "held", "lock", "pending_results", "quick", "runs")
 
     def __init__(self):
         self.functions: dict[int, object] = {}
@@ -50,6 +59,21 @@ class _LinkState:
         self.held: list = []  # tasks that arrived before the initializer finished
         self.lock = threading.Lock()
         self.pending_results: list = []
+        self.quick: set[int] = set()
+        self.runs: dict[int, int] = {}  # function id -> quick runs so far; -1: it was slow once
+
+    def timed(self, function_id: int, seconds: float) -> None:
+        runs = self.runs.get(function_id, 0)
+        if runs < 0:
+            return
+        if seconds > _QUICK_SECONDS:
+            self.runs[function_id] = -1
+            self.quick.discard(function_id)
+        elif runs + 1 >= _QUICK_RUNS:
+            self.runs[function_id] = _QUICK_RUNS
+            self.quick.add(function_id)
+        else:
+            self.runs[function_id] = runs + 1
 
 
 class TaskRunner:
@@ -99,6 +123,15 @@ class TaskRunner:
                 if not state.init_done:
                     state.held.extend(tasks)
                     return
+        if len(tasks) <= _INLINE_BATCH and self._queue.empty() and all(
+                task[1] in state.quick and (task[2] == CALL or len(task[3]) == 1) for task in tasks):
+            # Known-quick functions with nothing queued: run them here, on the IO thread,
+            # and save the hand-over to a task thread (tens of microseconds a task).
+            for task in tasks:
+                state.pending_results.append(self._execute(state, task))
+            self.tasks_done += len(tasks)
+            self._flush(conn, state)
+            return
         put = self._queue.put
         for task in tasks:
             put((conn, state, task))
@@ -169,15 +202,18 @@ class TaskRunner:
                 if isinstance(exc, (KeyboardInterrupt, SystemExit)) and not isinstance(fn, _Unloadable):
                     exc = RemoteError(f"task raised {type(exc).__name__}: {exc}")
                 return (task_id, FAILED, _pack_error(exc), time.perf_counter() - started)
-            return (task_id, OK, serialize.wrap_buffers((value,))[0], time.perf_counter() - started)
+            seconds = time.perf_counter() - started
+            state.timed(function_id, seconds)
+            return (task_id, OK, serialize.wrap_buffers((value,))[0], seconds)
         values = []
-        append = values.append
-        try:
-            for item in args:
-                append(fn(*item))
+        try:  # list.extend keeps what it appended before an exception: the results up to the failure
+            values.extend(map(fn, args) if kind == CHUNK1 else itertools.starmap(fn, args))
         except BaseException as exc:  # noqa: B036
             return (task_id, FAILED, (values, _pack_error(exc)), time.perf_counter() - started)
-        return (task_id, OK, serialize.wrap_buffers(values), time.perf_counter() - started)
+        seconds = time.perf_counter() - started
+        if len(values) == 1:
+            state.timed(function_id, seconds)
+        return (task_id, OK, serialize.wrap_buffers(values), seconds)
 
     def _flush(self, conn, state: _LinkState) -> None:
         with state.lock:
