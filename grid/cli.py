@@ -27,6 +27,8 @@ def main(argv=None) -> int:
     peer.add_argument("--config", help="config file (default: the lookup: ./grid.toml, ~/.grid/grid.toml, GRID)")
     peer.add_argument("--procs", type=int, default=None, help="member processes to run (default: the core count)")
     peer.add_argument("--log-level", default=os.environ.get("GRID_LOG_LEVEL", "INFO"))
+    peer.add_argument("--stop-on-eof", action="store_true",
+                      help="leave the cluster when standard input closes (the parent that started us died)")
     members = commands.add_parser("members", help="print the member list of the configured cluster")
     members.add_argument("--config")
     demo = commands.add_parser("demo", help="an embedded 3-member cluster maps a lambda; who computed what")
@@ -40,7 +42,7 @@ def main(argv=None) -> int:
         if procs < 1:
             parser.error("--procs must be at least 1")
         if procs == 1:
-            return run_member(args.config)
+            return run_member(args.config, stop_on_eof=args.stop_on_eof)
         return supervise(procs, args.config, args.log_level)
     if args.command == "members":
         return print_members(args.config)
@@ -49,13 +51,17 @@ def main(argv=None) -> int:
     return 2
 
 
-def run_member(config_path: str | None) -> int:
+def run_member(config_path: str | None, *, stop_on_eof: bool = False) -> int:
     """Run one member until SIGTERM/SIGINT; print its ready line once it is in the cluster."""
     from .peer import Peer
 
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
+    if stop_on_eof:
+        # Daemon on purpose: it blocks in read() until the process ends, and holds nothing.
+        threading.Thread(target=lambda: (sys.stdin.buffer.read(), stop.set()), name="stdin-watch",
+                         daemon=True).start()
     try:
         peer = Peer(config_path)
     except GridError as exc:

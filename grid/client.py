@@ -220,4 +220,6 @@ def cluster() -> Cluster:
     with _default_lock:
         if _default is None or _default._closed:
             _default = connect()
+            # Close it before the interpreter waits for non-daemon threads (as concurrent.futures does).
+            threading._register_atexit(_default.close)
         return _default

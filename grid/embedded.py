@@ -122,8 +122,9 @@ class EmbeddedCluster:
             except subprocess.TimeoutExpired:
                 process.popen.kill()
                 process.popen.wait()
-            if process.popen.stdout is not None:
-                process.popen.stdout.close()
+            for pipe in (process.popen.stdout, process.popen.stdin):
+                if pipe is not None:
+                    pipe.close()
         shutil.rmtree(self.directory, ignore_errors=True)
 
     # -- starting members --------------------------------------------------------------------------
@@ -146,8 +147,9 @@ class EmbeddedCluster:
         env["PYTHONPATH"] = os.pathsep.join(_import_path())
         with open(log_path, "wb") as log_file:
             popen = subprocess.Popen(
-                [sys.executable, "-m", "grid", "peer", "--procs", "1", "--config", path],
-                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=log_file, env=env,
+                [sys.executable, "-m", "grid", "peer", "--procs", "1", "--stop-on-eof", "--config", path],
+                # stdin: our end closes when this process dies, however it dies; the member then leaves
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log_file, env=env,
                 cwd=self.directory, start_new_session=True)
         process = _Process(popen, log_path)
         with self._lock:

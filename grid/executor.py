@@ -529,7 +529,7 @@ class GridExecutor(concurrent.futures.Executor):
                         link.member, len(orphans), conn.close_reason, len(retry))
         if failed or pinned:
             report = self._embedded.exit_report(link.member.address, timeout=0.5) if self._embedded else None
-            cause = report or f"the connection was lost ({conn.close_reason})"
+            cause = report or f"the connection was lost ({conn.farewell or conn.close_reason})"
             with self._lock:
                 self._finish_outstanding(len(failed) + len(pinned))
             for task in failed + pinned:
@@ -537,10 +537,12 @@ class GridExecutor(concurrent.futures.Executor):
                     attempts = (f"after {task.attempts} attempts (max_retries={self._max_retries})"
                                 if task.pinned is None else "(it was pinned to that member)")
                     task.future.set_exception(WorkerCrashed(
-                        f"task {task.describe()} failed {attempts}: member {link.member} died while running "
-                        f"it: {cause}"))
+                        f"task {task.describe()} failed {attempts}: member {link.member} was lost while "
+                        f"running it: {cause}"))
         for other in refilled:
             self._flush(other)
+        if not self._shutdown and any(m.uuid == link.member.uuid for m in self._cluster.members()):
+            self._open_link(link.member)  # the link broke but the member is still listed: link again
 
     # -- map --------------------------------------------------------------------------------------------------
 

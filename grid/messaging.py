@@ -29,7 +29,7 @@ class Router:
     """
 
     def __init__(self):
-        self._handlers: dict[str, object] = {}
+        self._handlers: dict[str, object] = {"goodbye": _note_goodbye}
 
     def register(self, message_type: str, handler) -> None:
         if message_type in self._handlers:
@@ -44,9 +44,15 @@ class Router:
             else:
                 message_type, body = serialize.loads(frame.payload)
         except Exception as exc:  # an authenticated peer sent something undecodable
-            log.warning("undecodable %s frame from %r: %s", frame.kind.name, conn, exc)
-            if frame.kind == Kind.REQUEST:
-                _respond_error(conn, frame.request_id, GridError(f"undecodable request: {exc}"))
+            # What it asked for is unknown, so nobody could be answered: close the link, and
+            # the other side fails (or retries elsewhere) what it had outstanding on it.
+            reason = f"undecodable {frame.kind.name} frame: {type(exc).__name__}: {exc}"
+            log.warning("closing %r: %s", conn, reason)
+            try:
+                send(conn, "goodbye", reason)  # so the other side can say why the link closed
+            except GridError:
+                pass
+            conn.close(reason)
             return
         handler = self._handlers.get(message_type)
         if handler is None:
@@ -68,6 +74,11 @@ class Router:
             result.add_done_callback(lambda done: _respond_future(conn, frame.request_id, done))
         else:
             _respond(conn, frame.request_id, result)
+
+
+def _note_goodbye(conn, reason) -> None:
+    """The peer is about to close this link, and says why (see ``Connection.farewell``)."""
+    conn.farewell = str(reason)[:1000]
 
 
 def _respond(conn, request_id: int, result) -> None:

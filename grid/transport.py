@@ -77,6 +77,7 @@ class Connection:
         self.closed_by_peer = False
         self.opened = Future()  # resolves to self once authenticated
         self.attachment = None  # free slot for the layer above (e.g. the member this link belongs to)
+        self.farewell: str | None = None  # why the peer said it closes this link, if it said
         self._sock = sock
         self._lock = threading.Lock()
         self._out: collections.deque = collections.deque()

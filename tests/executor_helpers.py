@@ -103,3 +103,15 @@ def fail_to_initialize():
 def lock_at(x, bad):
     """``x``, or an unpicklable lock when ``x == bad``."""
     return threading.Lock() if x == bad else x
+
+
+def explode():
+    """Raises when called: an object reduced to it cannot be unpickled anywhere."""
+    raise RuntimeError("this object cannot be unpickled")
+
+
+class Undecodable:
+    """Pickles fine here; unpickling it (on a member) raises."""
+
+    def __reduce__(self):
+        return (explode, ())

@@ -576,3 +576,45 @@ def test_fmap_and_ufmap_on_the_default_executor(tmp_path):
     lines = completed.stdout.splitlines()
     expected = [x * x + 1 for x in range(50)]
     assert lines == [str(expected), str(expected), str([10, 12, 14])]
+
+
+def test_an_argument_that_cannot_be_unpickled_fails_instead_of_hanging(backend):
+    executor = backend.new_executor(max_retries=1)
+    try:
+        future = executor.submit(helpers.identity, helpers.Undecodable())
+        with pytest.raises(grid.WorkerCrashed, match="undecodable"):
+            future.result(timeout=30)
+        assert executor.submit(helpers.identity, 5).result(timeout=30) == 5, "the link is made again"
+    finally:
+        backend.close(executor)
+
+
+def test_embedded_members_leave_when_their_parent_dies(tmp_path):
+    script = (
+        "import os, grid\n"
+        "executor = grid.GridExecutor(2)\n"
+        "print(' '.join(str(m.pid) for m in executor.members()), flush=True)\n"
+        "os._exit(0)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60,
+                          cwd=tmp_path, env={k: v for k, v in os.environ.items() if k != "GRID"})
+    pids = [int(pid) for pid in done.stdout.split()]
+    assert len(pids) == 2, done.stderr
+
+    def gone(pid):
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        return False
+
+    wait_for(lambda: all(gone(pid) for pid in pids), 15, "the orphaned members to exit")
+
+
+def test_a_script_using_the_default_cluster_exits(local_cluster, tmp_path):
+    cluster = local_cluster(1)
+    env = dict(os.environ, GRID=cluster.write_client_config())
+    done = subprocess.run([sys.executable, "-c", "import grid; print(len(grid.cluster().members()))"],
+                          capture_output=True, text=True, timeout=30, env=env, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "1"
