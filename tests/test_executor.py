@@ -534,7 +534,7 @@ def test_task_that_kills_its_member_fails_with_worker_crashed(backend, local_clu
         assert isinstance(error, grid.WorkerCrashed)
         assert isinstance(error, BrokenExecutor)
         assert "crash" in str(error)
-        assert "died while running it" in str(error)
+        assert "was lost while running it" in str(error)
         if backend.name == "embedded":
             assert "exited with code 13" in str(error)
             assert "log ends with" in str(error)
