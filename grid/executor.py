@@ -566,7 +566,7 @@ class GridExecutor(concurrent.futures.Executor):
             try:
                 for future in chunks:
                     remaining = None if end is None else end - time.monotonic()
-                    values, error = future.result(remaining)
+                    values, error = future.result(remaining)[:2]
                     yield from values
                     if error is not None:
                         raise error
@@ -583,7 +583,7 @@ class GridExecutor(concurrent.futures.Executor):
         chunks = self._chunk_futures(fn, iterables, chunksize, ordered=False)
         try:
             for future in chunks:
-                values, error = future.result()
+                values, error = future.result()[:2]
                 yield from values
                 if error is not None:
                     raise error
@@ -603,12 +603,16 @@ class GridExecutor(concurrent.futures.Executor):
 
         def top_up():
             nonlocal exhausted
-            while not exhausted and len(pending) < sizer.window():
+            window = sizer.window()
+            while not exhausted and len(pending) < window:
                 chunk = list(itertools.islice(items, sizer.size()))
                 if not chunk:
                     exhausted = True
                     return
-                pending.append(self._submit_chunk(fn, function, kind, chunk, sizer))
+                future = self._submit(fn, kind, chunk, None, None, function)
+                future.items = len(chunk)
+                future.add_done_callback(sizer.observe_future)  # result: (values, error, seconds)
+                pending.append(future)
 
         top_up()  # start at once, like the stdlib's map; the rest as results are consumed
 
@@ -628,31 +632,6 @@ class GridExecutor(concurrent.futures.Executor):
                     future.cancel()
 
         return generate()
-
-    def _submit_chunk(self, fn, function, kind, chunk, sizer) -> Future:
-        outer: Future = Future()
-        inner = self._submit(fn, kind, chunk, None, None, function)
-
-        def relay(done: Future):
-            if done.cancelled():
-                outer.cancel()
-                return
-            if not outer.set_running_or_notify_cancel():
-                return
-            error = done.exception()
-            if error is not None:
-                if isinstance(error, WorkerCrashed):
-                    outer.set_result(([], error))
-                else:
-                    outer.set_exception(error)
-                return
-            values, failure, seconds = done.result()
-            sizer.observe(len(chunk), seconds)
-            outer.set_result((values, failure))
-
-        inner.add_done_callback(relay)
-        outer.add_done_callback(lambda done: done.cancelled() and inner.cancel())
-        return outer
 
     def capacity(self) -> int:
         """Tasks this executor keeps in flight across all members right now."""
@@ -744,6 +723,11 @@ class _ChunkSizer:
             return max(4, 2 * self.executor._task_threads() * _MIN_CREDIT)
         seconds = None if self.per_item is None else self.per_item * self.size()
         return max(4, 2 * self.executor._task_threads() * _credit_per_worker(seconds))
+
+    def observe_future(self, future: Future) -> None:
+        """A chunk's Future is done: learn from its member time (a failed chunk teaches nothing)."""
+        if not future.cancelled() and future.exception() is None:
+            self.observe(getattr(future, "items", 0), future.result()[2])
 
     def observe(self, items: int, seconds: float) -> None:
         if items <= 0:
