@@ -27,3 +27,27 @@ def test_members_form_a_cluster_without_cloudpickle():
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "ok []", "only the standard library and grid were imported"
+
+
+def test_executor_without_cloudpickle_runs_importable_functions_and_explains_lambdas(tmp_path):
+    script = textwrap.dedent("""
+        import sys
+        sys.modules["cloudpickle"] = None
+        import grid
+        from grid.serialize import SerializationError
+        with grid.GridExecutor(1) as executor:
+            print(executor.submit(divmod, 17, 5).result())
+            print(list(executor.map(abs, [-1, -2, 3])))
+            try:
+                executor.submit(lambda: 1)
+            except SerializationError as error:
+                print("refused:", error)
+    """)
+    env = {key: value for key, value in __import__("os").environ.items() if key != "GRID"}
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60,
+                          cwd=tmp_path, env=env)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0] == "(3, 2)"
+    assert lines[1] == "[1, 2, 3]"
+    assert lines[2].startswith("refused:") and "pip install cloudpickle" in lines[2]
