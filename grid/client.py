@@ -40,6 +40,7 @@ class Cluster:
         else:
             self._peer = None
             self._link = _ClientLink(config, timeout=timeout)
+        _track(self)
 
     def members(self) -> list[Member]:
         """The current members, oldest (the master) first."""
@@ -73,6 +74,8 @@ class Cluster:
         if self._closed:
             return
         self._closed = True
+        with _exit_hook_lock:
+            _open.discard(self)
         if self._peer:
             self._peer.close()
         else:
@@ -212,6 +215,31 @@ def connect(config=None, *, member: bool = False, timeout: float | None = None) 
 
 _default: Cluster | None = None
 _default_lock = threading.Lock()
+_open: set = set()  # strong: an unreferenced handle still has threads running until closed
+_exit_hook_lock = threading.Lock()
+_exit_hook_installed = False
+
+
+def _track(handle: Cluster) -> None:
+    """Close ``handle`` at interpreter exit if its owner forgot to, so the process can end.
+
+    (Python waits for non-daemon threads at exit; the hook runs before that, as
+    concurrent.futures' does.)
+    """
+    global _exit_hook_installed
+    with _exit_hook_lock:
+        _open.add(handle)
+        if not _exit_hook_installed:
+            threading._register_atexit(_close_all_at_exit)
+            _exit_hook_installed = True
+
+
+def _close_all_at_exit() -> None:
+    for handle in list(_open):
+        try:
+            handle.close()
+        except Exception:  # exiting anyway: one broken handle must not keep the others open
+            log.exception("closing %r at exit failed", handle)
 
 
 def cluster() -> Cluster:
@@ -220,6 +248,4 @@ def cluster() -> Cluster:
     with _default_lock:
         if _default is None or _default._closed:
             _default = connect()
-            # Close it before the interpreter waits for non-daemon threads (as concurrent.futures does).
-            threading._register_atexit(_default.close)
         return _default

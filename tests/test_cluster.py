@@ -272,3 +272,12 @@ def test_two_clusters_that_find_each_other_merge(tmp_path):
     finally:
         for peer in peers:
             peer.close()
+
+
+def test_a_script_that_forgets_to_close_its_connection_still_exits(local_cluster, tmp_path):
+    cluster = local_cluster(1)
+    env = dict(os.environ, GRID=cluster.write_client_config())
+    done = subprocess.run([sys.executable, "-c", "import grid; print(len(grid.connect().members()))"],
+                          capture_output=True, text=True, timeout=30, env=env, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "1"

@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from grid import discovery as discovery_module
+from grid import multicast as multicast_module
 from grid.config import AwsConfig, Config, MembersPath, MulticastConfig
 from grid.discovery import (
     AwsDiscovery,
@@ -310,7 +310,7 @@ def send_raw(group_port: int, *datagrams: bytes) -> None:
 
 
 def signed(secret: str | None, **fields) -> bytes:
-    fields["mac"] = discovery_module._sign(fields, discovery_module._announcement_key(secret))
+    fields["mac"] = multicast_module._sign(fields, multicast_module._announcement_key(secret))
     return json.dumps(fields).encode()
 
 
@@ -446,10 +446,10 @@ def test_stop_joins_the_listener_thread_and_is_idempotent(multicast):
 
 
 def test_localhost_multicasts_on_the_loopback_interface():
-    assert discovery_module._multicast_interface("localhost") == LOOPBACK
-    assert discovery_module._multicast_interface("::1") == LOOPBACK
-    assert discovery_module._multicast_interface("127.0.0.5") == "127.0.0.5"
-    assert discovery_module._multicast_interface("0.0.0.0") == "0.0.0.0"
+    assert multicast_module._multicast_interface("localhost") == LOOPBACK
+    assert multicast_module._multicast_interface("::1") == LOOPBACK
+    assert multicast_module._multicast_interface("127.0.0.5") == "127.0.0.5"
+    assert multicast_module._multicast_interface("0.0.0.0") == "0.0.0.0"
 
 
 def test_context_manager_stops_the_listener(group_port):

@@ -618,3 +618,11 @@ def test_a_script_using_the_default_cluster_exits(local_cluster, tmp_path):
                           capture_output=True, text=True, timeout=30, env=env, cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "1"
+
+
+def test_a_script_that_forgets_to_shut_its_executor_down_still_exits(tmp_path):
+    script = "import grid\nexecutor = grid.GridExecutor(1)\nprint(executor.submit(sum, [1, 2]).result())\n"
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60,
+                          cwd=tmp_path, env={k: v for k, v in os.environ.items() if k != "GRID"})
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "3"
