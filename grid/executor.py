@@ -27,7 +27,6 @@ import math
 import operator
 import threading
 import time
-import weakref
 from concurrent.futures import Future
 
 from . import messaging, serialize
@@ -662,12 +661,15 @@ class GridExecutor(concurrent.futures.Executor):
         if cancel_futures:
             for task in tasks:
                 task.future.cancel()
+        closer = getattr(self, "_closer", None)
         if not wait:
-            self._closer = threading.Thread(target=self._close_when_done, name="grid-executor-shutdown")
-            self._closer.start()
-            _pending_closers.add(self._closer)
+            if closer is None:
+                self._closer = threading.Thread(target=self._close_when_done, name="grid-executor-shutdown")
+                self._closer.start()  # joined by a later shutdown(wait=True), or at interpreter exit
             return
         self._close_when_done()
+        if closer is not None and closer is not threading.current_thread():
+            closer.join()
 
     def _close_when_done(self) -> None:
         with self._lock:
@@ -797,7 +799,6 @@ def _short(value, limit: int = 80) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-_pending_closers: weakref.WeakSet = weakref.WeakSet()
 
 
 # -- the default connection's executor ----------------------------------------------------------------
