@@ -40,7 +40,7 @@ class Cluster:
         else:
             self._peer = None
             self._link = _ClientLink(config, timeout=timeout)
-        _track(self)
+        close_at_exit(self, self.close)
 
     def members(self) -> list[Member]:
         """The current members, oldest (the master) first."""
@@ -74,8 +74,7 @@ class Cluster:
         if self._closed:
             return
         self._closed = True
-        with _exit_hook_lock:
-            _open.discard(self)
+        forget_at_exit(self)
         if self._peer:
             self._peer.close()
         else:
@@ -215,29 +214,37 @@ def connect(config=None, *, member: bool = False, timeout: float | None = None) 
 
 _default: Cluster | None = None
 _default_lock = threading.Lock()
-_open: set = set()  # strong: an unreferenced handle still has threads running until closed
+_open: dict = {}  # handle -> its close function; strong: an unreferenced handle still has threads
 _exit_hook_lock = threading.Lock()
 _exit_hook_installed = False
 
 
-def _track(handle: Cluster) -> None:
-    """Close ``handle`` at interpreter exit if its owner forgot to, so the process can end.
+def close_at_exit(handle, close) -> None:
+    """Call ``close()`` at interpreter exit unless ``forget_at_exit(handle)`` came first.
 
-    (Python waits for non-daemon threads at exit; the hook runs before that, as
-    concurrent.futures' does.)
+    Python waits for non-daemon threads at exit; this hook runs before that (as
+    concurrent.futures' does), so a handle its owner forgot to close cannot keep the
+    process alive. Handles close newest first: an executor before the cluster it uses.
     """
     global _exit_hook_installed
     with _exit_hook_lock:
-        _open.add(handle)
+        _open[handle] = close
         if not _exit_hook_installed:
             threading._register_atexit(_close_all_at_exit)
             _exit_hook_installed = True
 
 
+def forget_at_exit(handle) -> None:
+    with _exit_hook_lock:
+        _open.pop(handle, None)
+
+
 def _close_all_at_exit() -> None:
-    for handle in list(_open):
+    with _exit_hook_lock:
+        closers = list(_open.items())
+    for handle, close in reversed(closers):
         try:
-            handle.close()
+            close()
         except Exception:  # exiting anyway: one broken handle must not keep the others open
             log.exception("closing %r at exit failed", handle)
 

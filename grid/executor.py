@@ -30,7 +30,7 @@ import time
 from concurrent.futures import Future
 
 from . import messaging, serialize
-from .client import Cluster, connect
+from .client import Cluster, close_at_exit, connect, forget_at_exit
 from .config import format_address, load_config
 from .errors import BrokenGrid, GridError, NotConnected, RemoteError, WorkerCrashed
 from .membership import local_target
@@ -170,7 +170,7 @@ class GridExecutor(concurrent.futures.Executor):
         for member in self._cluster.members():
             self._open_link(member)
         self._await_links(startup_timeout)
-        _track(self)
+        close_at_exit(self, self.shutdown)
 
     # -- setting up ---------------------------------------------------------------------------------
 
@@ -683,8 +683,7 @@ class GridExecutor(concurrent.futures.Executor):
                 return
             self._torn_down = True
             self._shutdown = True
-        with _exit_hook_lock:
-            _live.discard(self)
+        forget_at_exit(self)
         try:
             self._cluster.remove_membership_listener(self._on_membership)
         except Exception:
@@ -817,30 +816,6 @@ def default_executor() -> GridExecutor:
             config = load_config()
             _default_executor = GridExecutor() if config.source == "defaults" else GridExecutor(cluster=cluster())
         return _default_executor
-
-
-_live: set = set()  # strong: an unreferenced executor still has threads running until shut down
-_exit_hook_lock = threading.Lock()
-_exit_hook_installed = False
-
-
-def _track(executor: GridExecutor) -> None:
-    """Shut ``executor`` down at interpreter exit if its owner did not (as concurrent.futures does:
-    the hook runs before Python joins non-daemon threads, which would otherwise wait forever)."""
-    global _exit_hook_installed
-    with _exit_hook_lock:
-        _live.add(executor)
-        if not _exit_hook_installed:
-            threading._register_atexit(_shutdown_all_at_exit)
-            _exit_hook_installed = True
-
-
-def _shutdown_all_at_exit() -> None:
-    for executor in list(_live):
-        try:
-            executor.shutdown(wait=True)
-        except Exception:  # exiting anyway: shut the others down too
-            log.exception("shutting %r down at exit failed", executor)
 
 
 def fmap(fn, *iterables, chunksize=None):
