@@ -482,14 +482,15 @@ class Membership:
     def _publish(self, members) -> None:
         """Master only: a new list, version bumped, sent to every member."""
         self._apply(self.version + 1, members, force=True)
-        body = {"version": self.version, "members": [m.to_wire() for m in self._members]}
+        # a member still being linked gets the list on its first heartbeat exchange
+        self._send_to_others("members", {"version": self.version, "members": [m.to_wire() for m in self._members]})
+
+    def _send_to_others(self, message_type: str, body) -> None:
+        """Send to every other member over its outbound link, where that link is open."""
         for member in self._members:
-            if member.uuid == self.me.uuid:
-                continue
             conn = self._links.get(member.uuid)
-            if conn is not None and conn.is_open:
-                self._send(conn, "members", body)
-            # a member still being linked gets the list on its first heartbeat exchange
+            if member.uuid != self.me.uuid and conn is not None and conn.is_open:
+                self._send(conn, message_type, body)
 
     def _remove(self, uuids: set, reason: str) -> None:
         gone = [m for m in self._members if m.uuid in uuids]
@@ -644,10 +645,7 @@ class Membership:
         target = tuple(other["master"])
         log.warning("another cluster of %d members (master %s) found; this cluster of %d merges into it",
                     other["size"], format_address(target), len(self._members))
-        for member in self._members:
-            link = self._links.get(member.uuid)
-            if member.uuid != self.me.uuid and link is not None and link.is_open:
-                self._send(link, "merge", {"target": list(target)})
+        self._send_to_others("merge", {"target": list(target)})
         self._rejoin()
 
     def _on_merge(self, conn, body) -> None:
@@ -669,11 +667,7 @@ class Membership:
         self._set_state(State.LEAVING)
         others = [m for m in self._members if m.uuid != self.me.uuid]
         if self.is_master or not others:
-            body = {"version": self.version + 1, "members": [m.to_wire() for m in others]}
-            for member in others:
-                conn = self._links.get(member.uuid)
-                if conn is not None and conn.is_open:
-                    self._send(conn, "members", body)
+            self._send_to_others("members", {"version": self.version + 1, "members": [m.to_wire() for m in others]})
             done.set_result(None)
             return
         conn = self._links.get(self.master().uuid)
