@@ -5,18 +5,23 @@
         print(list(executor.map(lambda x: x * x, range(10))))
     with grid.connect() as cluster:              # or grid.cluster(), the process-wide default
         print(cluster.members())
+        cluster.exec_all("def worker(x): return x + 1")   # on every member, and on later joiners
 """
 
 from .client import Cluster, cluster, connect
 from .config import Config, load_config
-from .errors import BrokenGrid, GridError, RemoteError, WorkerCrashed
+from .errors import (BrokenGrid, CodeNotAllowed, GridError, RemoteError, ServiceNotFound, SomeMembersFailed,
+                     WorkerCrashed)
 from .executor import GridExecutor, fmap, ufmap
+from .livecode import Patch, deploy, eval_all, exec_all, load_all, run_all
 from .membership import Member, MembershipEvent
 from .peer import Peer
+from .services import service
 from .worker import current_member
 
 __all__ = [
-    "BrokenGrid", "Cluster", "Config", "GridError", "GridExecutor", "Member", "MembershipEvent", "Peer",
-    "RemoteError", "WorkerCrashed", "cluster", "connect", "current_member", "fmap", "load_config", "ufmap",
+    "BrokenGrid", "Cluster", "CodeNotAllowed", "Config", "GridError", "GridExecutor", "Member", "MembershipEvent",
+    "Patch", "Peer", "RemoteError", "ServiceNotFound", "SomeMembersFailed", "WorkerCrashed", "cluster", "connect",
+    "current_member", "deploy", "eval_all", "exec_all", "fmap", "load_all", "load_config", "run_all", "service", "ufmap",
 ]
 __version__ = "0.1.0"

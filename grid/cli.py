@@ -1,4 +1,4 @@
-"""The command line: ``python -m grid peer|members``."""
+"""The command line: ``python -m grid peer|members|demo|console|exec|eval``."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import sys
 import threading
 import time
 
-from .config import format_address
-from .errors import GridError
+from .config import format_address, load_config
+from .errors import ConfigError, GridError, SomeMembersFailed
 
 log = logging.getLogger("grid.cli")
 
@@ -29,11 +29,25 @@ def main(argv=None) -> int:
     peer.add_argument("--log-level", default=os.environ.get("GRID_LOG_LEVEL", "INFO"))
     peer.add_argument("--stop-on-eof", action="store_true",
                       help="leave the cluster when standard input closes (the parent that started us died)")
+    peer.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE",
+                      help="import MODULE before joining (e.g. one that offers services); repeatable")
     members = commands.add_parser("members", help="print the member list of the configured cluster")
     members.add_argument("--config")
     demo = commands.add_parser("demo", help="an embedded 3-member cluster maps a lambda; who computed what")
     demo.add_argument("--members", type=int, default=3)
     demo.add_argument("--items", type=int, default=24)
+    console = commands.add_parser("console", help="an interactive Python console on one member")
+    console.add_argument("address", nargs="?", metavar="ADDRESS",
+                         help="host:port of the member (default: the master of the configured cluster)")
+    console.add_argument("--config")
+    execute = commands.add_parser("exec", help="execute a Python file on every member (in a named module)")
+    execute.add_argument("file", metavar="FILE")
+    execute.add_argument("--module", default="user", help="the module to run it in (default: user)")
+    execute.add_argument("--config")
+    evaluate = commands.add_parser("eval", help="evaluate a Python expression on every member")
+    evaluate.add_argument("expression", metavar="EXPR")
+    evaluate.add_argument("--module", default="user", help="the module whose names it sees (default: user)")
+    evaluate.add_argument("--config")
     args = parser.parse_args(argv)
     if args.command == "peer":
         logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
@@ -42,17 +56,28 @@ def main(argv=None) -> int:
         if procs < 1:
             parser.error("--procs must be at least 1")
         if procs == 1:
-            return run_member(args.config, stop_on_eof=args.stop_on_eof)
-        return supervise(procs, args.config, args.log_level)
+            return run_member(args.config, stop_on_eof=args.stop_on_eof, imports=args.imports)
+        return supervise(procs, args.config, args.log_level, imports=args.imports)
     if args.command == "members":
         return print_members(args.config)
+    if args.command == "console":
+        from .console_client import run_console
+
+        return run_console(args.config, args.address)
+    if args.command == "exec":
+        return run_exec(args.file, args.module, args.config)
+    if args.command == "eval":
+        return run_eval(args.expression, args.module, args.config)
     if args.command == "demo":
         return run_demo(args.members, args.items)
     return 2
 
 
-def run_member(config_path: str | None, *, stop_on_eof: bool = False) -> int:
-    """Run one member until SIGTERM/SIGINT; print its ready line once it is in the cluster."""
+def run_member(config_path: str | None, *, stop_on_eof: bool = False, imports=()) -> int:
+    """Run one member until SIGTERM/SIGINT; print its ready line once it is in the cluster.
+
+    ``imports`` are modules to import before joining, after those of the config's ``imports``.
+    """
     from .peer import Peer
 
     stop = threading.Event()
@@ -63,12 +88,18 @@ def run_member(config_path: str | None, *, stop_on_eof: bool = False) -> int:
         threading.Thread(target=lambda: (sys.stdin.buffer.read(), stop.set()), name="stdin-watch",
                          daemon=True).start()
     try:
-        peer = Peer(config_path)
+        config = load_config(config_path)
+        if imports:
+            config = config.replace(imports=_merged_imports(config.imports, imports))
+        peer = Peer(config)
     except GridError as exc:
         print(f"grid peer: {exc}", file=sys.stderr)
         return 2
     try:
         peer.start()
+    except ConfigError as exc:  # an `imports` module that cannot be imported
+        print(f"grid peer: {exc}", file=sys.stderr)
+        return 2
     except GridError as exc:
         print(f"grid peer: cannot join: {exc}", file=sys.stderr)
         return 3
@@ -83,14 +114,24 @@ def run_member(config_path: str | None, *, stop_on_eof: bool = False) -> int:
     return 0
 
 
-def supervise(procs: int, config_path: str | None, log_level: str) -> int:
-    """Run ``procs`` member processes, restarting one that dies, until SIGTERM/SIGINT."""
+def _merged_imports(configured, extra) -> list[str]:
+    """The config's modules, then those of ``--import``, each once, in order."""
+    return list(dict.fromkeys([*configured, *extra]))
+
+
+def supervise(procs: int, config_path: str | None, log_level: str, *, imports=()) -> int:
+    """Run ``procs`` member processes, restarting one that dies, until SIGTERM/SIGINT.
+
+    Each member imports ``imports`` (``--import``) before it joins.
+    """
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     command = [sys.executable, "-m", "grid", "peer", "--procs", "1", "--log-level", log_level]
     if config_path:
         command += ["--config", config_path]
+    for module in imports:
+        command += ["--import", module]
     children: list[subprocess.Popen] = [subprocess.Popen(command) for _ in range(procs)]
     deaths: list[float] = []
     try:
@@ -133,6 +174,78 @@ def print_members(config_path: str | None) -> int:
         print(f"grid members: {exc}", file=sys.stderr)
         return 2
     return 0
+
+
+def run_exec(path: str, module: str, config_path: str | None) -> int:
+    """Execute the file at ``path`` on every member in ``module``; one line per member.
+
+    Returns:
+        0 when it ran everywhere, 1 when it failed on some member (each is printed with its
+        remote traceback), 2 when the file cannot be read or the cluster cannot be reached.
+    """
+    try:
+        with open(path, encoding="utf-8") as source_file:
+            source = source_file.read()
+    except OSError as exc:
+        print(f"grid exec: cannot read {path}: {exc.strerror or exc}", file=sys.stderr)
+        return 2
+    # local=False: the shell process ends right after, so running the file here too would
+    # only repeat its side effects (the members keep what it defines).
+    return _on_every_member(
+        "exec", lambda cluster: cluster.exec_all(source, module=module, filename=path, local=False),
+        lambda value: "ok", config_path)
+
+
+def run_eval(expression: str, module: str, config_path: str | None) -> int:
+    """Evaluate ``expression`` on every member in ``module``; print ``host:port<TAB>repr(value)``.
+
+    Returns:
+        0, 1 or 2 as for ``run_exec``.
+    """
+    return _on_every_member("eval", lambda cluster: cluster.eval_all(expression, module=module), repr, config_path)
+
+
+def _on_every_member(command: str, call, describe, config_path: str | None) -> int:
+    from .client import connect
+
+    try:
+        with connect(config_path) as cluster:
+            try:
+                results, errors = call(cluster), {}
+            except SomeMembersFailed as exc:
+                results, errors = exc.results, exc.errors
+    except (SyntaxError, ValueError) as exc:  # raised before anything was sent
+        import traceback
+
+        print(f"grid {command}: " + "".join(traceback.format_exception_only(exc)).rstrip(), file=sys.stderr)
+        return 2
+    except GridError as exc:
+        print(f"grid {command}: {exc}", file=sys.stderr)
+        return 2
+    for member, value in results.items():
+        print(f"{format_address(member.address)}\t{describe(value)}", flush=True)
+    for member, error in errors.items():
+        print(f"{format_address(member.address)}\tFAILED\t{type(error).__name__}: {error}", file=sys.stderr)
+        print(_indented(_remote_traceback(error)), file=sys.stderr)
+    if errors:
+        print(f"grid {command}: failed on {len(errors)} of {len(results) + len(errors)} members", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _remote_traceback(error: BaseException) -> str:
+    """The traceback text of a member's exception (its ``__cause__``), or of the error itself."""
+    import traceback
+
+    cause = error.__cause__
+    if cause is not None:
+        text = getattr(cause, "text", None)
+        return text if isinstance(text, str) else str(cause)
+    return "".join(traceback.format_exception(error))
+
+
+def _indented(text: str) -> str:
+    return "\n".join("    " + line for line in text.rstrip().splitlines())
 
 
 def run_demo(members: int, items: int) -> int:

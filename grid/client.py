@@ -12,10 +12,10 @@ import threading
 import time
 import uuid as uuid_module
 
-from . import messaging
+from . import livecode, messaging
 from .config import Config, load_config
 from .discovery import MulticastDiscovery, make_discovery
-from .errors import NotConnected
+from .errors import GridError, NotConnected, TransportError
 from .membership import Listeners, Member
 from .peer import Peer
 from .transport import Transport
@@ -33,6 +33,8 @@ class Cluster:
         self.config = config
         self.is_member = member
         self._closed = False
+        self._executor = None
+        self._executor_lock = threading.Lock()
         if member:
             self._peer = Peer(config)
             self._peer.start(timeout)
@@ -69,12 +71,139 @@ class Cluster:
         else:
             self._link.listeners.remove(listener)
 
+    # -- cluster-wide code (see livecode.py) ------------------------------------------------------
+
+    def run_all(self, fn, /, *args, **kwargs) -> dict:
+        """Call ``fn(*args, **kwargs)`` on every member; returns ``{member: result}``.
+
+        Raises:
+            SomeMembersFailed: it raised on some members (``.errors``; ``.results`` holds the rest).
+            CodeNotAllowed: (in ``.errors``) for a member running with ``allow_code = false``.
+        """
+        return self._run_everywhere(livecode.call_body(fn, args, kwargs), "run_all")
+
+    def eval_all(self, expression: str, module: str = "user") -> dict:
+        """Evaluate ``expression`` in module ``module`` on every member; ``{member: value}``.
+
+        Raises:
+            SyntaxError: at once, before anything is sent.
+            SomeMembersFailed: it raised on some members.
+        """
+        return self._run_everywhere(livecode.eval_body(expression, module), "eval_all")
+
+    def exec_all(self, source: str, module: str = "user", *, filename: str | None = None,
+                 local: bool = True) -> dict:
+        """Execute ``source`` in module ``module`` on every member, and log it for later joiners.
+
+        The module is created if absent and registered in ``sys.modules``, so what the
+        code defines pickles by reference afterwards: ``exec_all("def worker(x): ...")``
+        then ``fmap(user.worker, ...)`` needs no cloudpickle. With ``local`` (the default)
+        it runs in this process first, so ``import user`` works here too, and an error
+        raises here before anything is sent.
+
+        Returns:
+            ``{member: None}`` for every member.
+
+        Raises:
+            SyntaxError: at once, before anything is sent.
+            SomeMembersFailed: it raised on some members; the patch stays in the log.
+        """
+        patch = livecode.exec_patch(source, module, filename)
+        return self._apply_everywhere(patch, local, "exec_all")
+
+    def load_all(self, path, module: str | None = None, *, local: bool = True) -> dict:
+        """Ship a ``.py`` file (or a package folder) and run it on every member as ``module``.
+
+        ``module`` defaults to the file's (or folder's) name. It is logged for later joiners
+        and, with ``local``, imported in this process too. Loading it again re-runs it in place.
+        """
+        patch = livecode.load_patch(path, module)
+        return self._apply_everywhere(patch, local, "load_all")
+
+    def deploy(self, module) -> dict:
+        """Ship an importable module (a module object or its name) to every member.
+
+        The source of its whole top-level package travels (modules with compiled extensions
+        cannot); members import it by name afterwards, so its functions pickle by reference.
+        It is logged for later joiners.
+        """
+        patch = livecode.deploy_patch(module)
+        return self._apply_everywhere(patch, False, "deploy")
+
+    def patches(self) -> list:
+        """The patch log, oldest first: what a member that joins now replays before taking work."""
+        epoch, entries = self._code_request("code.patches", None, retry=True)
+        return livecode.patches_from(entries)
+
+    def reset_patches(self) -> int:
+        """Clear the patch log for members that join from now on; returns how many were cleared.
+
+        It does not undo code that already ran: members keep what it defined.
+        """
+        return self._code_request("code.reset", None, retry=True)
+
+    def _run_everywhere(self, body, what: str) -> dict:
+        outcomes = self._code_request("code.run_all", body, retry=False)
+        return livecode.results_by_member(outcomes, self.members(), what)
+
+    def _apply_everywhere(self, patch: dict, local: bool, what: str) -> dict:
+        if local and not self.is_member:
+            livecode.apply_patch(patch)  # raises here, with nothing sent, if it fails
+        outcomes = self._code_request("code.submit", patch, retry=True)
+        return livecode.results_by_member(outcomes, self.members(), what)
+
+    def _code_request(self, message_type: str, body, *, retry: bool):
+        """Ask the cluster; with ``retry``, again (same patch id: logged once) while no master answers."""
+        self._check_open()
+        deadline = time.monotonic() + 2 * self.config.failure_timeout + self.config.handshake_timeout
+        while True:
+            try:
+                if self._peer:
+                    return self._peer.code.local_request(message_type, body).result()
+                return self._link.request(message_type, body).result()
+            except (livecode.MasterUnavailable, TransportError, NotConnected) as exc:
+                if not retry or time.monotonic() >= deadline:
+                    raise
+                log.info("%s: %s; trying again", message_type, exc)
+                self._wait_for_cluster(deadline)
+
+    def _wait_for_cluster(self, deadline: float) -> None:
+        pause = threading.Event()  # the master may be changing: wait a little, then ask again
+        pause.wait(min(0.2, max(0.0, deadline - time.monotonic())))
+
+    def executor(self):
+        """This handle's own ``GridExecutor`` (made on first use, shut down by ``close()``)."""
+        self._check_open()
+        with self._executor_lock:
+            if self._executor is None or self._executor._shutdown:
+                from .executor import GridExecutor
+
+                self._executor = GridExecutor(cluster=self)
+            return self._executor
+
+    def service(self, name: str):
+        """A callable that runs the service ``name`` on a member that offers it.
+
+        ``cluster.service("resize")(image)`` returns the result; ``.submit(...)`` returns a
+        Future. Tasks fail over to another member offering it, like any task.
+
+        Raises:
+            ServiceNotFound: (when called) no member offers ``name``; the error lists those that exist.
+        """
+        from .services import ServiceProxy
+
+        return ServiceProxy(self.executor(), name)
+
     def close(self) -> None:
         """Disconnect (or, as a member, leave the cluster cleanly). Idempotent."""
         if self._closed:
             return
         self._closed = True
         forget_at_exit(self)
+        with self._executor_lock:
+            executor, self._executor = self._executor, None
+        if executor is not None:
+            executor.shutdown(wait=True)
         if self._peer:
             self._peer.close()
         else:
@@ -111,6 +240,7 @@ class _ClientLink:
         self._lost = threading.Event()
         self._lock = threading.Lock()
         self._conn = None
+        self._last_answer = time.monotonic()
         self._transport = Transport(
             cluster_id=config.id, secret=self._secret,
             info={"uuid": uuid_module.uuid4().hex, "role": "client"},
@@ -149,6 +279,7 @@ class _ClientLink:
                     continue
                 with self._lock:
                     self._conn = conn
+                    self._last_answer = time.monotonic()
                     self._lost.clear()
                 self._update(reply["version"], reply["members"])
                 return
@@ -175,9 +306,39 @@ class _ClientLink:
         if conn is self._conn:
             self._lost.set()
 
+    def _check_alive(self) -> None:
+        """Ask the member for the member list each heartbeat; drop the link if it stops answering.
+
+        A frozen or hung member keeps its socket open, and it is the one that would tell us
+        it was removed: without this a client (and its pending requests) would wait forever.
+        """
+        with self._lock:
+            conn, last_answer = self._conn, self._last_answer
+        if conn is None or not conn.is_open:
+            return
+        silent = time.monotonic() - last_answer
+        if silent > self.config.failure_timeout:
+            log.warning("member at %s has not answered for %.1f s; linking to another member", conn.remote, silent)
+            conn.close(f"the member did not answer for {silent:.1f} s (failure_timeout)")
+            return
+        try:
+            messaging.request(conn, "client_hello", None).add_done_callback(self._answered)
+        except GridError:
+            pass  # closing: _on_close reconnects
+
+    def _answered(self, done) -> None:
+        if done.cancelled() or done.exception() is not None:
+            return
+        reply = done.result()
+        with self._lock:
+            self._last_answer = time.monotonic()
+        self._update(reply["version"], reply["members"])
+
     def _keep_connected(self) -> None:
         while not self._closed.is_set():
-            self._lost.wait()
+            if not self._lost.wait(self.config.heartbeat_interval):
+                self._check_alive()
+                continue
             if self._closed.is_set():
                 return
             log.info("lost the link to the cluster; reconnecting")
@@ -186,6 +347,14 @@ class _ClientLink:
             except NotConnected as exc:
                 log.warning("%s", exc)
                 self._closed.wait(1.0)
+
+    def request(self, message_type: str, body):
+        """A request to the member this link is on; the Future fails if the link is down."""
+        with self._lock:
+            conn = self._conn
+        if conn is None or not conn.is_open:
+            raise NotConnected("the link to the cluster is down; it is being re-made")
+        return messaging.request(conn, message_type, body)
 
     def close(self) -> None:
         self._closed.set()

@@ -117,6 +117,7 @@ class Config:
     partitions: int = 271
     workers: int | None = None
     allow_code: bool = True
+    imports: list[str] = field(default_factory=list)  # modules a member imports before it joins (services)
     # Where this config came from; not a setting, so two equal settings compare equal.
     source: str = field(default="defaults", compare=False)
 
@@ -501,6 +502,16 @@ class _Checker:
             raise self.fail(key, f"expected a table ({cls.__name__}), got {_describe(value)}")
 
 
+def _validate_imports(imports: Any, check: _Checker) -> None:
+    if not isinstance(imports, list):
+        raise check.fail("imports", f"expected a list of module names, got {_describe(imports)}; "
+                                    "allowed: imports = [\"mymodule\", \"package.module\"]")
+    for name in imports:
+        if not isinstance(name, str) or not all(part.isidentifier() for part in name.split(".")):
+            raise check.fail("imports", f"{name!r} is not a module name; allowed: dotted Python names such "
+                                        "as \"package.module\"")
+
+
 def _validate(config: Config, source: str) -> None:
     check = _Checker(source)
     if isinstance(config.id, str) and not config.id.strip():
@@ -522,6 +533,7 @@ def _validate(config: Config, source: str) -> None:
         parse_address(config.required, key="required", source=source)
     for name in ("register_on_join", "insecure", "allow_code"):
         check.boolean(getattr(config, name), name)
+    _validate_imports(config.imports, check)
     check.integer(config.port, "port", 0, 65535, "0..65535 (0 lets the OS choose a free port)")
     if config.interface is not None:
         check.host(config.interface, "interface")

@@ -78,3 +78,20 @@ class WorkerCrashed(BrokenGrid):
 
 class CodeNotAllowed(GridError, PermissionError):
     """The member refuses cluster-wide code because it runs with ``allow_code = false``."""
+
+
+class SomeMembersFailed(GridError):
+    """A cluster-wide call failed on some members; the others' results are kept.
+
+    ``results`` maps each member that succeeded to its result; ``errors`` maps each
+    member that failed to its exception (the remote traceback is its ``__cause__``).
+    """
+
+    def __init__(self, message: str, *, results: dict, errors: dict):
+        self.results = results
+        self.errors = errors
+        super().__init__(message)
+
+
+class ServiceNotFound(GridError, LookupError):
+    """No member offers the named service; the message lists the names that exist."""

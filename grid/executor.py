@@ -10,17 +10,25 @@
       busy link: queue; sent in one frame later      a link drops or its member leaves:
     map(fn, *its): chunks submitted as results         its in-flight tasks go back to the
       are consumed; yields in order                    backlog (at most max_retries times)
+    submit_service(name, *args): the same, but       a link opens: ask its member which
+      only links whose member offers ``name``          services it offers ("services")
+      (a miss asks every member again, then
+      raises ServiceNotFound); waits in its own
+      backlog per name
 
 No central scheduler: this process sends work to each member directly, keeping a
 credit window per member (bounded work in flight), so ``map`` over an endless
 iterable runs in bounded memory. A function travels once per link and is then
-named by its id; tiny tasks share frames both ways.
+named by its id; tiny tasks share frames both ways. A service task is an ordinary
+task running ``services.call_service(name, ...)``, placed only on members that
+offer ``name`` (and re-run only on those if its member dies).
 """
 
 from __future__ import annotations
 
 import collections
 import concurrent.futures
+import functools
 import itertools
 import logging
 import math
@@ -32,8 +40,9 @@ from concurrent.futures import Future
 from . import messaging, serialize
 from .client import Cluster, close_at_exit, connect, forget_at_exit
 from .config import format_address, load_config
-from .errors import BrokenGrid, GridError, NotConnected, RemoteError, WorkerCrashed
+from .errors import BrokenGrid, GridError, NotConnected, RemoteError, ServiceNotFound, WorkerCrashed
 from .membership import local_target
+from .services import HOW_TO_OFFER, call_service
 from .transport import Transport
 from .wire import Kind
 from .worker import CALL, CANCELLED, CHUNK, CHUNK1, OK, UNSENDABLE
@@ -62,6 +71,7 @@ class RemoteTraceback(Exception):
 class _Task:
     __slots__ = ("id", "future", "fn", "function_id", "pickled", "kind", "args", "kwargs", "attempts", "pinned",
                  "link")
+    service = None  # a class attribute: an ordinary task pays nothing for services (see _ServiceTask)
 
     def __init__(self, task_id, future, fn, function, kind, args, kwargs, pinned=None):
         self.id = task_id
@@ -82,11 +92,28 @@ class _Task:
         return f"{name}{_short(self.args)}"
 
 
+class _ServiceTask(_Task):
+    """A task that may run only on a member offering the service ``service``."""
+
+    __slots__ = ("service", "lost")
+
+    def __init__(self, task_id, future, fn, function, kind, args, kwargs, pinned, service):
+        super().__init__(task_id, future, fn, function, kind, args, kwargs, pinned)
+        self.service = service
+        self.lost = None  # why the member last running it was lost, for a later error
+
+    def describe(self) -> str:
+        if self.kind != CALL:
+            first = _short(self.args[0]) if self.args else ""
+            return f"service {self.service!r} over a chunk of {len(self.args)} items (first: {first})"
+        return f"service {self.service!r}{_short(self.args)}"
+
+
 class _Link:
     """This executor's connection to one member, with its credit window."""
 
     __slots__ = ("member", "conn", "in_flight", "outbox", "sent_functions", "send_lock", "flush_pending",
-                 "pinned", "average", "closed")
+                 "pinned", "average", "closed", "services")
 
     def __init__(self, member, conn):
         self.member = member
@@ -99,6 +126,7 @@ class _Link:
         self.pinned: collections.deque = collections.deque()
         self.average = None  # seconds per task, moving average
         self.closed = False
+        self.services: frozenset | None = None  # names its member offers; None until it answered
 
     @property
     def credit(self) -> int:
@@ -145,6 +173,8 @@ class GridExecutor(concurrent.futures.Executor):
         self._links: dict[str, _Link] = {}
         self._connecting: set[str] = set()
         self._backlog: collections.deque = collections.deque()
+        self._service_backlog: dict[str, collections.deque] = {}  # service tasks waiting, by service name
+        self._service_functions: dict[str, functools.partial] = {}  # name -> call_service bound to it
         self._functions: collections.OrderedDict = collections.OrderedDict()  # id(fn) -> (fn, (id, pickled))
         self._function_ids = itertools.count(1)
         self._all_done = threading.Condition(self._lock)
@@ -247,6 +277,7 @@ class GridExecutor(concurrent.futures.Executor):
             self._refill(link)
             self._all_done.notify_all()
         self._flush(link)
+        self._ask_services(link)
 
     def _link_failed(self, member) -> None:
         """(Under self._lock) no link to ``member``: fail the tasks waiting for it."""
@@ -255,6 +286,8 @@ class GridExecutor(concurrent.futures.Executor):
         for task in waiting:
             self._backlog.remove(task)
             self._fail_pinned(task)
+        if self._service_backlog:
+            self._fail_unservable()
         self._all_done.notify_all()
 
     def _on_membership(self, event) -> None:
@@ -292,6 +325,105 @@ class GridExecutor(concurrent.futures.Executor):
         """The members this executor can send work to."""
         return self._cluster.members()
 
+    # -- services -------------------------------------------------------------------------------------
+
+    def submit_service(self, name: str, /, *args, **kwargs) -> Future:
+        """Run the service ``name`` with ``(*args, **kwargs)`` on the least loaded member offering it.
+
+        Only members offering ``name`` (``@grid.service`` in a module they import) get the
+        task; if its member dies, it is re-run on another member offering it (up to
+        ``max_retries``), and fails with ``WorkerCrashed`` if none is left.
+
+        Raises:
+            ServiceNotFound: no member offers ``name`` (checked at once, after asking every
+                member again); the message lists the services the cluster offers.
+            RuntimeError: the executor is shut down.
+        """
+        if self._shutdown:
+            raise RuntimeError("cannot schedule new futures after shutdown")
+        function = self._check_service(name)
+        return self._submit(function, CALL, args, kwargs, None, service=name)
+
+    def map_service(self, name: str, /, *iterables, timeout=None, chunksize=None):
+        """Like ``map(service, *iterables)``, run only on members offering the service ``name``.
+
+        Lazy, ordered and bounded in memory like ``map``; fails over like ``submit_service``.
+
+        Raises:
+            ServiceNotFound: no member offers ``name`` (raised here, before any item is taken).
+        """
+        if self._shutdown:
+            raise RuntimeError("cannot schedule new futures after shutdown")
+        end = None if timeout is None else time.monotonic() + timeout
+        function = self._check_service(name)
+        return _ordered_results(self._chunk_futures(function, iterables, chunksize, service=name), end)
+
+    def services(self) -> dict:
+        """``{service name: [members offering it]}`` as this executor last heard from its members."""
+        offered: dict = {}
+        with self._lock:
+            for link in self._links.values():
+                for name in link.services or ():
+                    offered.setdefault(name, []).append(link.member)
+        return dict(sorted(offered.items()))
+
+    def _check_service(self, name):
+        """The function that runs ``name`` on a member; raises ServiceNotFound if nobody offers it."""
+        if not isinstance(name, str):
+            raise TypeError(f"a service name is a string, not {type(name).__name__} {name!r}")
+        if not self._offered_by_a_link(name):
+            self._refresh_services()  # a miss: our knowledge may be old (a member imported it since)
+            if not self._offered_by_a_link(name):
+                names = sorted(self.services())
+                raise ServiceNotFound(f"no member of the cluster offers a service named {name!r}; the services "
+                                      f"offered are {names or 'none'}; {HOW_TO_OFFER}")
+        function = self._service_functions.get(name)
+        if function is None:
+            function = self._service_functions.setdefault(name, functools.partial(call_service, name))
+        return function
+
+    def _offered_by_a_link(self, name: str) -> bool:
+        with self._lock:
+            return any(link.services is not None and name in link.services for link in self._links.values())
+
+    def _ask_services(self, link: _Link) -> Future | None:
+        """Ask ``link``'s member which services it offers; the answer is learnt on the IO thread."""
+        try:
+            asked = messaging.request(link.conn, "services", None)
+        except GridError:
+            return None  # the link is closing: _on_link_closed takes care of its tasks
+        asked.add_done_callback(lambda done: self._services_answered(link, done))
+        return asked
+
+    def _services_answered(self, link: _Link, done: Future) -> None:
+        error = GridError("the request was cancelled") if done.cancelled() else done.exception()
+        if error is not None and not link.closed:
+            log.info("member %s did not say which services it offers (%s); it gets no service tasks",
+                     link.member, error)
+        self._learn_services(link, () if error is not None else done.result())
+
+    def _learn_services(self, link: _Link, names) -> None:
+        with self._lock:
+            link.services = frozenset(names)
+            more = not link.closed and bool(self._service_backlog) and self._refill(link)
+            if self._service_backlog:
+                self._fail_unservable()
+        if more:
+            self._flush(link)
+
+    def _refresh_services(self) -> None:
+        """Ask every linked member which services it offers, and wait (up to the handshake timeout)."""
+        with self._lock:
+            links = [link for link in self._links.values() if not link.closed]
+        asked = [(link, self._ask_services(link)) for link in links]
+        asked = [(link, request) for link, request in asked if request is not None]
+        if threading.current_thread() is self._transport._thread:
+            return  # called from a callback on the IO thread: waiting here would block the answers
+        concurrent.futures.wait([request for _, request in asked], timeout=self._cluster.config.handshake_timeout)
+        for link, request in asked:  # learnt here too: a Future wakes its waiters before its callbacks run
+            if request.done() and not request.cancelled() and request.exception() is None:
+                self._learn_services(link, request.result())
+
     def _resolve_member(self, member):
         for candidate in self._cluster.members():
             if member in (candidate, candidate.uuid, format_address(candidate.address), candidate.address):
@@ -299,12 +431,15 @@ class GridExecutor(concurrent.futures.Executor):
         raise GridError(f"{member!r} is not a member of the cluster; members: "
                         f"{[format_address(m.address) for m in self._cluster.members()]}")
 
-    def _submit(self, fn, kind, args, kwargs, pinned, function=None) -> Future:
+    def _submit(self, fn, kind, args, kwargs, pinned, function=None, service=None) -> Future:
         if self._shutdown:
             raise RuntimeError("cannot schedule new futures after shutdown")
         function = function or self._function(fn)
         future: Future = Future()
-        task = _Task(next(self._ids), future, fn, function, kind, args, kwargs, pinned)
+        if service is None:
+            task = _Task(next(self._ids), future, fn, function, kind, args, kwargs, pinned)
+        else:
+            task = _ServiceTask(next(self._ids), future, fn, function, kind, args, kwargs, pinned, service)
         future.add_done_callback(lambda done, task=task: done.cancelled() and self._cancelled(task))
         with self._lock:
             if self._shutdown:
@@ -339,6 +474,10 @@ class GridExecutor(concurrent.futures.Executor):
         if task.pinned is not None:
             link = self._links.get(task.pinned)
             if link is None:
+                if task.pinned not in self._connecting:  # listed, but its joined event is not handled yet
+                    member = next((m for m in self._cluster.members() if m.uuid == task.pinned), None)
+                    if member is not None:
+                        self._open_link(member)
                 if task.pinned in self._connecting:
                     self._backlog.append(task)
                     return None, False
@@ -346,6 +485,13 @@ class GridExecutor(concurrent.futures.Executor):
                 return None, False
             if link.spare() <= 0:
                 link.pinned.append(task)
+                return None, False
+        elif task.service is not None:
+            link = self._least_loaded_offering(task.service)
+            if link is None:
+                self._service_backlog.setdefault(task.service, collections.deque()).append(task)
+                if not self._may_offer(task.service):  # its members left since submit_service looked
+                    self._fail_unservable()
                 return None, False
         else:
             link = self._least_loaded()
@@ -367,6 +513,37 @@ class GridExecutor(concurrent.futures.Executor):
                 best, best_load = link, load
         return best
 
+    def _least_loaded_offering(self, name: str):
+        """Like ``_least_loaded``, among the links whose member offers the service ``name``."""
+        best, best_load = None, None
+        for link in self._links.values():
+            if link.services is None or name not in link.services or link.spare() <= 0:
+                continue
+            load = len(link.in_flight) / max(1, link.member.workers)
+            if best_load is None or load < best_load:
+                best, best_load = link, load
+        return best
+
+    def _may_offer(self, name: str) -> bool:
+        """Whether some member may still run the service ``name``: a link offers it, has not said
+        what it offers yet, or is being made."""
+        if self._connecting:
+            return True
+        return any(link.services is None or name in link.services for link in self._links.values())
+
+    def _fail_unservable(self) -> None:
+        """Fail the waiting service tasks that no member can run any more."""
+        for name in [name for name in self._service_backlog if not self._may_offer(name)]:
+            waiting = self._service_backlog.pop(name)
+            offered = sorted({offered for link in self._links.values() for offered in link.services or ()})
+            for task in waiting:
+                self._finish_outstanding(1)
+                if task.future.set_running_or_notify_cancel():
+                    why = f" ({task.lost})" if task.lost else ""
+                    task.future.set_exception(WorkerCrashed(
+                        f"task {task.describe()} cannot run: no remaining member offers service {name!r}{why}; "
+                        f"the services offered now are {offered or 'none'}; start a member that offers it"))
+
     def _assign(self, link: _Link, task: _Task) -> None:
         task.link = link
         link.in_flight[task.id] = task
@@ -382,6 +559,8 @@ class GridExecutor(concurrent.futures.Executor):
                 continue
             self._assign(link, task)
             given = True
+        if self._service_backlog and link.services:
+            given = self._refill_services(link) or given
         skipped = []
         while link.spare() > 0 and self._backlog:
             task = self._backlog.popleft()
@@ -394,6 +573,24 @@ class GridExecutor(concurrent.futures.Executor):
             self._assign(link, task)
             given = True
         self._backlog.extendleft(reversed(skipped))
+        return given
+
+    def _refill_services(self, link: _Link) -> bool:
+        """Hand waiting tasks of the services ``link``'s member offers to it, up to its credit."""
+        given = False
+        for name in link.services & self._service_backlog.keys():
+            waiting = self._service_backlog[name]
+            while link.spare() > 0 and waiting:
+                task = waiting.popleft()
+                if task.future.cancelled():
+                    self._finish_outstanding(1)
+                    continue
+                self._assign(link, task)
+                given = True
+            if not waiting:
+                del self._service_backlog[name]
+            if link.spare() <= 0:
+                break
         return given
 
     def _fail_pinned(self, task: _Task) -> None:
@@ -461,11 +658,14 @@ class GridExecutor(concurrent.futures.Executor):
             link = task.link
             if link is None or task.id not in link.in_flight:
                 pinned_link = self._links.get(task.pinned) if task.pinned is not None else None
-                for waiting in (self._backlog, pinned_link.pinned if pinned_link else ()):
+                service_waiting = self._service_backlog.get(task.service, ()) if task.service is not None else ()
+                for waiting in (self._backlog, pinned_link.pinned if pinned_link else (), service_waiting):
                     if task in waiting:
                         waiting.remove(task)
                         self._finish_outstanding(1)
                         break
+                if not service_waiting and task.service in self._service_backlog:  # empty: _refill would look in vain
+                    del self._service_backlog[task.service]
                 return
         try:
             messaging.send(link.conn, "cancel", [task.id])
@@ -510,17 +710,25 @@ class GridExecutor(concurrent.futures.Executor):
             link.in_flight.clear()
             pinned = list(link.pinned)
             link.pinned.clear()
-            retry, failed = [], []
+            retry, failed, retry_services = [], [], []
             for task in orphans:
                 task.attempts += 1
                 task.link = None
                 if task.future.cancelled():
                     self._finish_outstanding(1)
                 elif task.pinned is None and task.attempts <= self._max_retries:
-                    retry.append(task)
+                    if task.service is None:
+                        retry.append(task)
+                    else:
+                        task.lost = (f"member {link.member}, which ran it, was lost: "
+                                     f"{conn.farewell or conn.close_reason}")
+                        retry_services.append(task)
                 else:
                     failed.append(task)
             self._backlog.extendleft(reversed(retry))
+            for task in reversed(retry_services):  # first in line again, in their order
+                self._service_backlog.setdefault(task.service, collections.deque()).appendleft(task)
+            retry += retry_services
             refilled = [other for other in self._links.values() if self._refill(other)]
         if self._shutdown and not orphans:
             return
@@ -543,6 +751,9 @@ class GridExecutor(concurrent.futures.Executor):
             self._flush(other)
         if not self._shutdown and any(m.uuid == link.member.uuid for m in self._cluster.members()):
             self._open_link(link.member)  # the link broke but the member is still listed: link again
+        if self._service_backlog:
+            with self._lock:  # after _open_link: a member being linked again may still run them
+                self._fail_unservable()
 
     # -- map --------------------------------------------------------------------------------------------------
 
@@ -557,23 +768,8 @@ class GridExecutor(concurrent.futures.Executor):
         Returns:
             An iterator of results; a task's exception is raised where iteration reaches it.
         """
-        if chunksize is not None and chunksize < 1:
-            raise ValueError("chunksize must be >= 1.")
         end = None if timeout is None else time.monotonic() + timeout
-        chunks = self._chunk_futures(fn, iterables, chunksize)
-
-        def results():
-            try:
-                for future in chunks:
-                    remaining = None if end is None else end - time.monotonic()
-                    values, error = future.result(remaining)[:2]
-                    yield from values
-                    if error is not None:
-                        raise error
-            finally:
-                chunks.close()
-
-        return results()
+        return _ordered_results(self._chunk_futures(fn, iterables, chunksize), end)
 
     def map_unordered(self, fn, *iterables, chunksize=None):
         """Like ``map`` but yields results as they complete (the order is lost)."""
@@ -590,8 +786,10 @@ class GridExecutor(concurrent.futures.Executor):
         finally:
             chunks.close()
 
-    def _chunk_futures(self, fn, iterables, chunksize, *, ordered=True):
+    def _chunk_futures(self, fn, iterables, chunksize, *, ordered=True, service=None):
         """Submit chunks as the caller consumes; yield chunk futures (in order, or as completed)."""
+        if chunksize is not None and chunksize < 1:
+            raise ValueError("chunksize must be >= 1.")
         if self._shutdown:
             raise RuntimeError("cannot schedule new futures after shutdown")
         function = self._function(fn)
@@ -609,7 +807,7 @@ class GridExecutor(concurrent.futures.Executor):
                 if not chunk:
                     exhausted = True
                     return
-                future = self._submit(fn, kind, chunk, None, None, function)
+                future = self._submit(fn, kind, chunk, None, None, function, service)
                 future.items = len(chunk)
                 future.add_done_callback(sizer.observe_future)  # result: (values, error, seconds)
                 pending.append(future)
@@ -654,6 +852,8 @@ class GridExecutor(concurrent.futures.Executor):
         with self._lock:
             self._shutdown = True
             tasks = list(self._backlog)
+            for waiting in self._service_backlog.values():
+                tasks.extend(waiting)
             if cancel_futures:
                 for link in self._links.values():
                     tasks.extend(link.in_flight.values())
@@ -746,6 +946,19 @@ class _ChunkSizer:
             members = max(1, len(self.executor._links))
             limit = max(1, min(limit, math.ceil(self.length / (4 * members))))
         self.current = int(max(1, min(ideal, 4 * self.current, limit)))
+
+
+def _ordered_results(chunks, end: float | None):
+    """The values of chunk futures, in order; each next one due by ``end`` (monotonic), if given."""
+    try:
+        for future in chunks:
+            remaining = None if end is None else end - time.monotonic()
+            values, error = future.result(remaining)[:2]
+            yield from values
+            if error is not None:
+                raise error
+    finally:
+        chunks.close()
 
 
 def _complete(task: _Task, status, value, seconds) -> None:

@@ -6,6 +6,7 @@ them in that order and stops them in reverse.
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 import shutil
@@ -14,9 +15,11 @@ import tempfile
 import time
 import uuid as uuid_module
 
-from . import messaging
+from . import console, messaging, services
+from .livecode import CodeService
 from .config import Config, format_address, is_loopback, load_config, parse_address
 from .discovery import make_discovery
+from .errors import ConfigError
 from .membership import Membership, advertised_address, local_member
 from .transport import Transport
 from . import worker
@@ -68,9 +71,18 @@ class Peer:
                 me=self.me, transport=self.transport, router=self.router, discovery=self.discovery,
                 heartbeat_interval=self.config.heartbeat_interval, failure_timeout=self.config.failure_timeout,
                 required=required, clock=clock)
-            self.tasks = TaskRunner(self.router, workers=self.config.effective_workers())
+            # Tasks wait until the patch log is replayed (CodeService calls on_ready).
+            self.tasks = TaskRunner(self.router, workers=self.config.effective_workers(), hold=True)
+            services.register_handlers(self.router)
+            self.console = console.ConsoleSessions(self.router, allow_code=self.config.allow_code, member=self.me)
+            self.code = CodeService(router=self.router, transport=self.transport, membership=self.membership,
+                                    allow_code=self.config.allow_code, request_timeout=self.config.handshake_timeout,
+                                    on_ready=lambda: self.tasks.release(self.transport.call_soon))
             worker._current_member = self.me
         except BaseException:
+            for part in ("console", "tasks"):
+                if hasattr(self, part):
+                    getattr(self, part).close()
             self.transport.close()
             self._remove_socket_dir()
             raise
@@ -89,9 +101,13 @@ class Peer:
         """
         self._started = True
         try:
+            _import_modules(self.config.imports)
             self.discovery.start(self.address)
             self.membership.start()
             self.membership.wait_joined(timeout)
+            self.code.start()
+            if not self.code.wait_ready(self.config.failure_timeout + self.config.handshake_timeout):
+                log.warning("the patch log is not replayed yet; this member takes tasks once it is")
         except BaseException:
             self.close(clean=False)
             raise
@@ -113,6 +129,8 @@ class Peer:
                 self.membership.leave()
             self.membership.close()
             self.discovery.stop(clean=clean)
+        self.code.close()
+        self.console.close()
         self.tasks.close()
         self.transport.close()
         self._remove_socket_dir()
@@ -129,3 +147,13 @@ class Peer:
 
     def __repr__(self) -> str:
         return f"<Peer {format_address(self.address)} {self.membership.state.value}>"
+
+
+def _import_modules(names) -> None:
+    """Import the config's ``imports`` (modules that offer services) before joining."""
+    for name in names:
+        try:
+            importlib.import_module(name)
+        except Exception as exc:
+            raise ConfigError(f"cannot import {name!r}: {type(exc).__name__}: {exc}; is it on this "
+                              "member's sys.path (PYTHONPATH)?", key="imports") from exc

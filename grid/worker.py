@@ -77,10 +77,15 @@ class _LinkState:
 
 
 class TaskRunner:
-    """Runs executor tasks on ``workers`` threads of this member."""
+    """Runs executor tasks on ``workers`` threads of this member.
 
-    def __init__(self, router, *, workers: int):
+    With ``hold=True`` it takes no work (tasks and initializers are kept, in order)
+    until ``release()``: a member that joins replays the patch log first.
+    """
+
+    def __init__(self, router, *, workers: int, hold: bool = False):
         self.workers = workers
+        self._held_frames: list | None = [] if hold else None  # (handler, conn, body) until release()
         self.tasks_done = 0
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._threads = [threading.Thread(target=self._run, name=f"grid-task-{index}") for index in range(workers)]
@@ -101,6 +106,21 @@ class TaskRunner:
     def queued(self) -> int:
         return self._queue.qsize()
 
+    def release(self, call_soon) -> None:
+        """Start taking work, beginning with what was held (``call_soon``: the IO thread's)."""
+        call_soon(self._release)
+
+    def _release(self) -> None:
+        held, self._held_frames = self._held_frames, None
+        for handler, conn, body in held or ():  # on the IO thread, so no newer frame overtakes these
+            handler(conn, body)
+
+    def _hold(self, handler, conn, body) -> bool:
+        if self._held_frames is None:
+            return False
+        self._held_frames.append((handler, conn, body))
+        return True
+
     # -- IO thread ------------------------------------------------------------------------------
 
     @staticmethod
@@ -111,6 +131,8 @@ class TaskRunner:
         return state
 
     def _on_tasks(self, conn, body) -> None:
+        if self._held_frames is not None and self._hold(self._on_tasks, conn, body):
+            return
         functions, tasks = body
         state = self._state(conn)
         for function_id, pickled in functions:
@@ -140,6 +162,8 @@ class TaskRunner:
         self._state(conn).cancelled.update(task_ids)
 
     def _on_init(self, conn, pickled) -> None:
+        if self._held_frames is not None and self._hold(self._on_init, conn, pickled):
+            return
         state = self._state(conn)
         state.init_done = False
         self._queue.put((conn, state, ("init", pickled)))

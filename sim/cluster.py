@@ -574,7 +574,9 @@ class LocalCluster:
             i: connect through peer ``i`` only; default: every live peer is a candidate.
 
         Returns:
-            ``{"id", "secret", "join": "tcp", "members", "interface"}``.
+            ``{"id", "secret", "join": "tcp", "members", "interface"}``, plus the cluster's
+            timing overrides (``heartbeat_interval``, ``failure_timeout``, ``handshake_timeout``,
+            ``join_timeout``), so a client notices a frozen member as fast as the members do.
 
         Raises:
             SimError: peer ``i`` is not ready or has exited.
@@ -592,6 +594,7 @@ class LocalCluster:
             "join": "tcp",
             "members": [_format_address(address) for address in addresses],
             "interface": LOOPBACK,
+            **{key: value for key, value in self._overrides.items() if key in _CLIENT_TIMINGS},
         }
 
     def write_client_config(self, i: int | None = None) -> str:
@@ -697,6 +700,9 @@ class LocalCluster:
     def _check_open(self) -> None:
         if self._terminated:
             raise SimError(f"cluster {self.cluster_id} is terminated; start a new LocalCluster")
+
+
+_CLIENT_TIMINGS = ("heartbeat_interval", "failure_timeout", "handshake_timeout", "join_timeout")
 
 
 def default_peer_command() -> list[str]:

@@ -405,6 +405,9 @@ def test_config_is_a_client_config_for_the_live_peers(fake_cluster):
         "interface": "127.0.0.1",
     }
     assert cluster.config(2)["members"] == [cluster.peers[2].address_text]
+    timed = fake_cluster(1, failure_timeout=1.5, heartbeat_interval=0.2, workers=3)
+    assert timed.config()["failure_timeout"] == 1.5 and timed.config()["heartbeat_interval"] == 0.2
+    assert "workers" not in timed.config(), "only the timings a client needs"
     with pytest.raises(SimError, match="already exited"):
         cluster.config(0)
     path = cluster.write_client_config()

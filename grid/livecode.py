@@ -1,0 +1,815 @@
+"""Cluster-wide code: run, evaluate, execute, load and deploy on every member; the patch log.
+
+::
+
+    caller (client, or a member)        the member it links to            the master
+    ----------------------------        ----------------------            ----------
+    run_all / eval_all -- "code.run_all" -> "code.run" to every member,
+                       <- {uuid: outcome}     itself too, gathered
+    exec_all / load_all / deploy
+                       -- "code.submit" ---> forwarded to the master ----> appended to the log (next seq),
+                                                                            "code.apply" to every member,
+                       <- {uuid: outcome} <--------------------------------  itself too, gathered
+
+Every member holds the whole log and runs it in order on one thread ("grid-code").
+A member that joins asks the master for the log and replays it before it takes any
+task (the TaskRunner holds them); a member that becomes master first pulls the
+longest log among the others, so the log survives the death of any one member.
+Code runs in named module namespaces registered in ``sys.modules`` (never in grid's
+own), so what a patch defines pickles by reference afterwards.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import importlib.abc
+import importlib.util
+import linecache
+import logging
+import os
+import queue
+import socket
+import sys
+import threading
+import time
+import traceback
+import types
+import uuid as uuid_module
+from concurrent.futures import Future
+
+from . import messaging, serialize
+from .errors import CodeNotAllowed, GridError, RemoteError, SomeMembersFailed, TransportError
+from .membership import local_target
+
+log = logging.getLogger("grid.livecode")
+
+_SYNC_RETRY = 0.5  # seconds between attempts to fetch the log from an unreachable master
+_MAX_SHIPPED_BYTES = 64 * 1024 * 1024  # load_all / deploy refuse more source than this
+
+
+class MasterUnavailable(GridError):
+    """The master could not be reached to order a patch; the caller retries once a master answers."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Patch:
+    """One entry of the patch log.
+
+    ``kind`` is "exec" (``exec_all``), "load" (``load_all``) or "deploy"; ``module``
+    the module it runs as; ``files`` the shipped modules (name, original file name);
+    ``source`` the code of an exec, or of the module itself for a load or deploy.
+    """
+
+    seq: int
+    kind: str
+    module: str
+    origin: str
+    submitted: float
+    files: tuple
+    source: str
+
+    def __str__(self) -> str:
+        first = next((line for line in self.source.splitlines() if line.strip()), "")
+        return f"#{self.seq} {self.kind} {self.module}: {first[:60]}"
+
+
+# -- running code on this process ---------------------------------------------------------------------
+
+class _ShippedFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    """Imports modules whose source was shipped by ``load_all`` or ``deploy``.
+
+    It sits first on ``sys.meta_path``: deployed code wins over an older copy installed here.
+    """
+
+    def __init__(self):
+        self.sources: dict[str, tuple[str, bool, str]] = {}  # module name -> (source, is_package, file name)
+
+    def find_spec(self, fullname, path=None, target=None):
+        entry = self.sources.get(fullname)
+        if entry is None:
+            return None
+        _, is_package, filename = entry
+        spec = importlib.util.spec_from_loader(fullname, self, origin=filename, is_package=is_package)
+        spec.has_location = False
+        return spec
+
+    def create_module(self, spec):
+        return None
+
+    def exec_module(self, module):
+        source, is_package, filename = self.sources[module.__name__]
+        module.__file__ = filename
+        if is_package:
+            module.__path__ = []
+        exec(_compile(source, filename, "exec"), module.__dict__)
+
+    def get_source(self, fullname):
+        entry = self.sources.get(fullname)
+        return entry[0] if entry else None
+
+
+_finder = _ShippedFinder()
+_finder_lock = threading.Lock()
+
+
+def _install_finder() -> None:
+    with _finder_lock:
+        if _finder not in sys.meta_path:
+            sys.meta_path.insert(0, _finder)
+
+
+def _compile(source: str, filename: str, mode: str):
+    # Keep the source where tracebacks look for it: the members have no such file.
+    linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)
+    return compile(source, filename, mode)
+
+
+def namespace(name: str) -> types.ModuleType:
+    """The module ``name`` from ``sys.modules``, created (parents too) if absent."""
+    module = sys.modules.get(name)
+    if module is not None:
+        return module
+    parent_name, _, child = name.rpartition(".")
+    parent = namespace(parent_name) if parent_name else None
+    module = types.ModuleType(name)
+    if parent is not None:
+        if not hasattr(parent, "__path__"):
+            parent.__path__ = []
+        setattr(parent, child, module)
+    sys.modules[name] = module
+    return module
+
+
+def _check_module_name(module) -> str:
+    if not isinstance(module, str) or not module or not all(part.isidentifier() for part in module.split(".")):
+        raise ValueError(f"module must be a dotted Python name such as 'user' or 'tools.image', got {module!r}")
+    if module == "grid" or module.startswith("grid.") or module == "__main__":
+        raise ValueError(f"code does not run in {module!r}: use a module of your own, such as 'user'")
+    return module
+
+
+def apply_patch(patch: dict):
+    """Run one patch in this process (a member applying the log, or the caller's local copy)."""
+    kind = patch["kind"]
+    if kind == "exec":
+        module = namespace(patch["module"])
+        exec(_compile(patch["source"], patch["filename"], "exec"), module.__dict__)
+        return None
+    files = patch["files"]
+    _install_finder()
+    with _finder_lock:
+        _finder.sources.update(files)
+    importlib.invalidate_caches()
+    # Modules already imported are run again in place (like reload), parents before children.
+    for name in sorted(files, key=lambda name: name.count(".")):
+        module = sys.modules.get(name)
+        if module is not None:
+            source, is_package, filename = files[name]
+            if is_package and not hasattr(module, "__path__"):
+                module.__path__ = []
+            module.__file__ = filename
+            module.__loader__ = _finder
+            exec(_compile(source, filename, "exec"), module.__dict__)
+    _ensure_parents(patch["module"], files)
+    importlib.import_module(patch["module"])
+    return None
+
+
+def _ensure_parents(name: str, files) -> None:
+    """Make the parent packages of ``name`` that neither were shipped nor exist here (``load_all(p, "a.b")``)."""
+    parts = name.split(".")
+    for depth in range(1, len(parts)):  # outermost first: find_spec of "a.b" imports "a"
+        parent = ".".join(parts[:depth])
+        if parent not in files and parent not in sys.modules and importlib.util.find_spec(parent) is None:
+            module = namespace(parent)
+            if not hasattr(module, "__path__"):
+                module.__path__ = []
+
+
+def _run_request(body):
+    """Run a ``run_all`` call or an ``eval_all`` expression here; returns its value."""
+    if body[0] == "call":
+        fn, args, kwargs = serialize.loads(body[1])
+        return fn(*args, **kwargs)
+    _, expression, module, filename = body
+    return eval(_compile(expression, filename, "eval"), namespace(module).__dict__)
+
+
+def _outcome_of(fn, *args) -> tuple:
+    """``(True, pickled value)`` or ``(False, (pickled exception, traceback text))``: never raises."""
+    from .worker import _pack_error
+
+    try:
+        value = fn(*args)
+    except BaseException as exc:  # noqa: B036 - the caller gets every failure, SystemExit too
+        return (False, _pack_error(exc))
+    try:
+        return (True, serialize.dumps(value))
+    except Exception as exc:
+        error = RemoteError(f"the result ({type(value).__name__}) cannot be pickled: {exc}; return plain data")
+        return (False, _pack_error(error))
+
+
+def _refused(me) -> tuple:
+    from .worker import _pack_error
+
+    return (False, _pack_error(CodeNotAllowed(
+        f"member {me} runs with allow_code = false, so it refuses cluster-wide code (run_all, eval_all, "
+        "exec_all, load_all, deploy, console); it still runs ordinary tasks. Set allow_code = true in "
+        "its config to allow it")))
+
+
+def _lost(member, reason) -> tuple:
+    from .worker import _pack_error
+
+    return (False, _pack_error(RemoteError(f"no answer from member {member}: {reason}")))
+
+
+# -- the member side ------------------------------------------------------------------------------------
+
+class CodeService:
+    """A member's share of cluster-wide code: runs requests, keeps and replays the patch log.
+
+    Args:
+        router, transport, membership: the member's own.
+        allow_code: False refuses every request to run code (the log is still kept).
+        on_ready: called once, when the log is replayed and the member may take tasks.
+    """
+
+    def __init__(self, *, router, transport, membership, allow_code: bool, on_ready=None,
+                 request_timeout: float = 5.0):
+        self.transport = transport
+        self.membership = membership
+        self.me = membership.me
+        self.allow_code = allow_code
+        self.request_timeout = request_timeout
+        self._on_ready = on_ready
+        self._lock = threading.Lock()  # guards _log, _epoch
+        self._log: list[dict] = []  # entries in the master's order; entry["seq"] == index + 1
+        self._epoch = 0  # bumped by reset_patches
+        self._done: dict[str, tuple] = {}  # patch id -> outcome here (code thread only)
+        self._ready = threading.Event()
+        self._synced_master = None  # uuid of the master whose log this member last adopted
+        self._links: dict[str, Future] = {}  # member uuid -> Future[Connection] (any thread, under _lock)
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="grid-code")
+        router.register("code.run", self._on_run)
+        router.register("code.run_all", self._on_run_all)
+        router.register("code.submit", self._on_submit)
+        router.register("code.apply", self._on_apply)
+        router.register("code.log", self._on_log)
+        router.register("code.patches", self._on_patches)
+        router.register("code.reset", self._on_reset)
+        self._thread.start()
+
+    # -- lifecycle ----------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """The member joined: fetch and replay the log, then follow master changes."""
+        self.membership.add_listener(self._on_membership)
+        self._jobs.put(self._sync)
+
+    def wait_ready(self, timeout: float | None = None) -> bool:
+        return self._ready.wait(timeout)
+
+    def close(self) -> None:
+        """Stop the code thread (after the job it runs) and close this service's links."""
+        self._stop.set()
+        self._jobs.put(None)
+        with self._lock:
+            links, self._links = list(self._links.values()), {}
+        for future in links:  # closing them fails any request the code thread waits on
+            _close_link(future, "code service closed")
+        self._thread.join()
+
+    def _run(self) -> None:
+        while True:
+            job = self._jobs.get()
+            if job is None or self._stop.is_set():
+                return
+            try:
+                job()
+            except Exception:
+                log.exception("cluster-wide code: a job failed")
+
+    # -- links to other members ----------------------------------------------------------------
+
+    def _link(self, member) -> Future:
+        with self._lock:
+            future = self._links.get(member.uuid)
+            if future is not None and (not future.done() or (not future.exception() and future.result().is_open)):
+                return future
+            future = self._links[member.uuid] = self.transport.connect(local_target(member))
+        return future
+
+    def _request(self, member, message_type: str, body) -> Future:
+        """A request to ``member`` (this member itself is not reached this way)."""
+        answer: Future = Future()
+
+        def connected(done: Future) -> None:
+            error = done.exception()
+            if error is not None:
+                answer.set_exception(error)
+                return
+            try:
+                messaging.request(done.result(), message_type, body).add_done_callback(relay)
+            except GridError as exc:
+                answer.set_exception(exc)
+
+        def relay(done: Future) -> None:
+            error = done.exception()
+            if error is not None:
+                answer.set_exception(error)
+            else:
+                answer.set_result(done.result())
+
+        self._link(member).add_done_callback(connected)
+        return answer
+
+    def _on_membership(self, event) -> None:
+        if event.kind == "left":
+            with self._lock:
+                future = self._links.pop(event.member.uuid, None)
+            if future is not None:  # its pending requests fail now, not at the failure timeout
+                _close_link(future, "member left")
+        if len(event.members) == 1 and event.members[0].uuid == self.me.uuid:
+            self._synced_master = None  # alone (or removed and rejoining): sync with whoever comes next
+            return
+        master = event.members[0] if event.members else None
+        if master is not None and master.uuid != self._synced_master:
+            self._jobs.put(self._sync)
+
+    # -- request handlers (IO thread) ------------------------------------------------------------
+
+    def _on_run(self, conn, body) -> Future:
+        return self._submit_job(lambda: _outcome_of(_run_request, body) if self.allow_code else _refused(self.me))
+
+    def _on_run_all(self, conn, body) -> Future:
+        return self.run_all(body)
+
+    def _on_submit(self, conn, patch) -> Future:
+        return self.submit(patch)
+
+    def _on_apply(self, conn, body) -> Future:
+        return self._submit_job(lambda: self._apply_entries(conn, *body))
+
+    def _on_log(self, conn, body) -> tuple:
+        with self._lock:
+            return (self._epoch, list(self._log))
+
+    def _on_patches(self, conn, body) -> Future:
+        return self._at_master("code.patches", body, lambda: self._on_log(None, None))
+
+    def _on_reset(self, conn, body) -> Future:
+        return self._at_master("code.reset", body, self._reset)
+
+    def local_request(self, message_type: str, body) -> Future:
+        """What a request of ``message_type`` from a client gets, asked by this process itself."""
+        handlers = {"code.run_all": self._on_run_all, "code.submit": self._on_submit,
+                    "code.patches": self._on_patches, "code.reset": self._on_reset}
+        return handlers[message_type](None, body)
+
+    def _submit_job(self, fn) -> Future:
+        result: Future = Future()
+
+        def job():
+            try:
+                result.set_result(fn())
+            except BaseException as exc:  # noqa: B036
+                result.set_exception(exc)
+
+        self._jobs.put(job)
+        return result
+
+    # -- entry points (any thread) ------------------------------------------------------------------
+
+    def run_all(self, body) -> Future:
+        """Run a call or an expression on every member; the Future gives ``{uuid: outcome}``."""
+        requests = {}
+        for member in self.membership.members():
+            if member.uuid == self.me.uuid:
+                requests[member] = self._on_run(None, body)
+            else:
+                requests[member] = self._request(member, "code.run", body)
+        return self._gather(requests)
+
+    def submit(self, patch: dict) -> Future:
+        """Append a patch to the log (at the master) and run it everywhere; ``{uuid: outcome}``."""
+        return self._at_master("code.submit", patch, lambda: self._sequence(patch))
+
+    def _at_master(self, message_type: str, body, here) -> Future:
+        """Run ``here()`` on the code thread if this member is master, else ask the master."""
+        master = self.membership.master()
+        if master is None:
+            failed: Future = Future()
+            failed.set_exception(MasterUnavailable(f"member {self.me} is not in a cluster yet"))
+            return failed
+        if master.uuid == self.me.uuid:
+            result: Future = Future()
+
+            def job():
+                if not self.membership.is_master:  # the master changed while this waited
+                    result.set_exception(MasterUnavailable("the master changed; try again"))
+                    return
+                if self._synced_master != self.me.uuid:  # just promoted: take the old master's log first
+                    self._sync_as_master()
+                try:
+                    value = here()
+                except BaseException as exc:  # noqa: B036
+                    result.set_exception(exc)
+                    return
+                if isinstance(value, Future):
+                    value.add_done_callback(lambda done: _copy(done, result))
+                else:
+                    result.set_result(value)
+
+            self._jobs.put(job)
+            return result
+        answer: Future = Future()
+
+        def relayed(done: Future) -> None:
+            error = done.exception()
+            if error is None:
+                answer.set_result(done.result())
+            elif isinstance(error, (TransportError, OSError, TimeoutError)):
+                answer.set_exception(MasterUnavailable(f"the master {master} did not answer: {error}"))
+            else:
+                answer.set_exception(error)
+
+        self._request(master, message_type, body).add_done_callback(relayed)
+        return answer
+
+    # -- the master's side of the log (code thread) ---------------------------------------------
+
+    def _sequence(self, patch: dict) -> Future:
+        with self._lock:
+            entry = next((e for e in self._log if e["id"] == patch["id"]), None)
+            if entry is None:  # not a retry of one already logged
+                entry = dict(patch, seq=len(self._log) + 1, epoch=self._epoch)
+                self._log.append(entry)
+            epoch = self._epoch
+        log.info("patch #%d (%s %s) from %s", entry["seq"], entry["kind"], entry["module"], entry["origin"])
+        requests = {}
+        for member in self.membership.members():
+            if member.uuid != self.me.uuid:
+                requests[member] = self._request(member, "code.apply", (epoch, entry["seq"], [entry]))
+        mine = self._apply_pending().get(entry["id"]) or self._done.get(entry["id"])
+        requests[self.me] = _done_future(mine)
+        return self._gather(requests)
+
+    def _reset(self) -> int:
+        with self._lock:
+            cleared = len(self._log)
+            self._epoch += 1
+            self._log = []
+            epoch = self._epoch
+        log.info("the patch log was reset (%d patches cleared; code already run stays)", cleared)
+        for member in self.membership.members():
+            if member.uuid != self.me.uuid:
+                self._request(member, "code.apply", (epoch, 1, []))
+        return cleared
+
+    # -- every member's side of the log (code thread) -------------------------------------------
+
+    def _apply_entries(self, conn, epoch: int, start: int, entries: list) -> tuple:
+        """Take entries ``start..`` of the master's log, run what is new; the outcome of the last."""
+        with self._lock:
+            if epoch > self._epoch or start == 1:
+                self._epoch, self._log = epoch, list(entries)
+            elif epoch < self._epoch:
+                log.warning("ignoring patches of an older log (epoch %d, this member has %d)", epoch, self._epoch)
+                entries = []
+            elif start <= len(self._log) + 1:
+                self._log = self._log[:start - 1] + list(entries)
+            else:
+                entries = None
+        if entries is None:  # a gap (this member missed some): take the sender's whole log
+            self._adopt_from(conn)
+            entries = []
+        outcomes = self._apply_pending()
+        if entries:
+            return outcomes.get(entries[-1]["id"]) or self._done.get(entries[-1]["id"])
+        return (True, serialize.dumps(None))
+
+    def _apply_pending(self) -> dict:
+        """Run the entries of the log not yet run here, in order; ``{id: outcome}`` of those run."""
+        with self._lock:
+            pending = [entry for entry in self._log if entry["id"] not in self._done]
+        ran = {}
+        for entry in pending:
+            if entry["id"] in self._done:
+                continue
+            if self.allow_code:
+                outcome = _outcome_of(apply_patch, entry)
+                if not outcome[0]:
+                    log.warning("patch #%d (%s %s) failed on this member:\n%s", entry["seq"], entry["kind"],
+                                entry["module"], outcome[1][1])
+            else:
+                outcome = _refused(self.me)
+            self._done[entry["id"]] = ran[entry["id"]] = outcome
+        return ran
+
+    def _adopt_from(self, conn) -> bool:
+        """Replace this member's log with the one at the other end of ``conn``; True if it answered."""
+        try:
+            epoch, entries = messaging.request(conn, "code.log", None).result(self.request_timeout)
+        except Exception as exc:
+            log.info("cannot fetch the patch log from %r: %s", conn, exc)
+            return False
+        with self._lock:
+            self._epoch, self._log = epoch, list(entries)
+        return True
+
+    def _sync(self) -> None:
+        """Agree with the current master on the log, run what is new, then take tasks."""
+        while not self._stop.is_set():
+            master = self.membership.master()
+            if master is None:
+                return  # not in a cluster (rejoining): the next membership event syncs
+            if master.uuid == self.me.uuid:
+                self._sync_as_master()
+                break
+            try:
+                conn = self._link(master).result(self.request_timeout)
+            except Exception as exc:
+                log.info("cannot reach the master %s for the patch log (%s); retrying", master, exc)
+                self._stop.wait(_SYNC_RETRY)
+                continue
+            if self._adopt_from(conn):
+                self._synced_master = master.uuid
+                break
+            self._stop.wait(_SYNC_RETRY)
+        self._apply_pending()
+        if not self._ready.is_set():
+            self._ready.set()
+            if self._on_ready is not None:
+                self._on_ready()
+
+    def _sync_as_master(self) -> None:
+        """A new master takes the most advanced log among the members, then hands it to them all."""
+        others = [m for m in self.membership.members() if m.uuid != self.me.uuid]
+        answers = {member: self._request(member, "code.log", None) for member in others}
+        deadline = time.monotonic() + self.request_timeout
+        with self._lock:
+            best_epoch, best = self._epoch, self._log
+        for member, answer in answers.items():
+            try:
+                epoch, entries = answer.result(max(0.0, deadline - time.monotonic()))
+            except Exception as exc:
+                log.info("no patch log from %s: %s", member, exc)
+                continue
+            if (epoch, len(entries)) > (best_epoch, len(best)):
+                best_epoch, best = epoch, entries
+        with self._lock:
+            changed = (best_epoch, len(best)) != (self._epoch, len(self._log))
+            self._epoch, self._log = best_epoch, list(best)
+        self._synced_master = self.me.uuid
+        if changed or others:
+            for member in others:
+                self._request(member, "code.apply", (best_epoch, 1, list(best)))
+
+    # -- gathering answers ----------------------------------------------------------------------
+
+    def _gather(self, requests: dict) -> Future:
+        """One Future of ``{uuid: outcome}`` for a dict of member -> Future of outcome.
+
+        A member that left the cluster before answering is left out.
+        """
+        gathered: Future = Future()
+        outcomes: dict = {}
+        remaining = [len(requests)]
+        lock = threading.Lock()
+        if not requests:
+            gathered.set_result({})
+            return gathered
+
+        def one_done(member, done: Future) -> None:
+            error = done.exception()
+            if error is None:
+                outcome = done.result()
+            elif all(m.uuid != member.uuid for m in self.membership.members()):
+                outcome = None
+                log.info("member %s left before answering", member)
+            else:
+                outcome = _lost(member, error)
+            with lock:
+                if outcome is not None:
+                    outcomes[member.uuid] = outcome
+                remaining[0] -= 1
+                finished = remaining[0] == 0
+            if finished:
+                gathered.set_result(outcomes)
+
+        for member, future in requests.items():
+            future.add_done_callback(lambda done, member=member: one_done(member, done))
+        return gathered
+
+
+def _close_link(future: Future, reason: str) -> None:
+    """Close the connection ``future`` gives, once it does (if it ever opens)."""
+    future.add_done_callback(lambda done: done.cancelled() or done.exception() or done.result().close(reason))
+
+
+def _copy(source: Future, target: Future) -> None:
+    error = source.exception()
+    if error is not None:
+        target.set_exception(error)
+    else:
+        target.set_result(source.result())
+
+
+def _done_future(value) -> Future:
+    future: Future = Future()
+    future.set_result(value)
+    return future
+
+
+# -- the caller's side ------------------------------------------------------------------------------------
+
+def make_patch(kind: str, module: str, *, source: str = "", files=None, filename: str = "") -> dict:
+    return {"id": uuid_module.uuid4().hex, "kind": kind, "module": module, "source": source,
+            "files": files or {}, "filename": filename, "origin": f"{socket.gethostname()} pid {os.getpid()}",
+            "submitted": time.time()}
+
+
+def call_body(fn, args, kwargs) -> tuple:
+    return ("call", serialize.dumps_function((fn, args, kwargs)))
+
+
+def eval_body(expression: str, module: str) -> tuple:
+    if not isinstance(expression, str):
+        raise TypeError(f"eval_all takes an expression as a string, got {type(expression).__name__}")
+    _check_module_name(module)
+    compile(expression, "<eval_all>", "eval")  # a SyntaxError here, before anything is sent
+    return ("eval", expression, module, "<eval_all>")
+
+
+def exec_patch(source: str, module: str, filename: str | None) -> dict:
+    if not isinstance(source, str):
+        raise TypeError(f"exec_all takes source code as a string, got {type(source).__name__}")
+    _check_module_name(module)
+    filename = filename or f"<exec_all {module}>"
+    compile(source, filename, "exec")  # a SyntaxError here, before anything is sent or logged
+    return make_patch("exec", module, source=source, filename=filename)
+
+
+def load_patch(path, module: str | None) -> dict:
+    """A ``load_all`` patch: one ``.py`` file, or a package directory, as module ``module``."""
+    path = os.path.abspath(os.fspath(path))
+    if os.path.isdir(path):
+        name = _check_module_name(module if module is not None else os.path.basename(path.rstrip(os.sep)))
+        files = _package_files(path, name)
+    elif os.path.isfile(path):
+        if not path.endswith(".py"):
+            raise ValueError(f"load_all ships Python source: {path} is not a .py file (nor a package directory)")
+        name = _check_module_name(module if module is not None else os.path.splitext(os.path.basename(path))[0])
+        files = {name: (_read_source(path), False, path)}
+    else:
+        raise FileNotFoundError(f"load_all: no such file or directory: {path}")
+    for source, _, filename in files.values():
+        compile(source, filename, "exec")
+    return make_patch("load", name, source=files[name][0], files=files, filename=files[name][2])
+
+
+def deploy_patch(module_or_name) -> dict:
+    """A ``deploy`` patch: the source of an importable module, or of its whole top-level package."""
+    if isinstance(module_or_name, types.ModuleType):
+        name = module_or_name.__name__
+    elif isinstance(module_or_name, str):
+        name = module_or_name
+    else:
+        raise TypeError(f"deploy takes a module or its name, got {type(module_or_name).__name__}")
+    _check_module_name(name)
+    if name.partition(".")[0] in sys.stdlib_module_names:
+        raise ValueError(f"{name} is in the standard library, which every member has; deploy your own modules")
+    top = importlib.import_module(name.partition(".")[0])
+    spec = getattr(top, "__spec__", None)
+    locations = list(getattr(top, "__path__", None) or [])
+    if locations:
+        root = locations[0]
+        if not os.path.isfile(os.path.join(root, "__init__.py")) and len(locations) > 1:
+            raise ValueError(f"cannot deploy {top.__name__}: it is a namespace package spread over "
+                             f"{len(locations)} folders; deploy a module with a folder of its own")
+        files = _package_files(root, top.__name__)
+    else:
+        origin = getattr(spec, "origin", None) or getattr(top, "__file__", None)
+        if not origin or not origin.endswith(".py") or not os.path.isfile(origin):
+            raise ValueError(f"cannot deploy {top.__name__}: it has no Python source file ({origin or 'built in'}); "
+                             "install it on every member instead")
+        files = {top.__name__: (_read_source(origin), False, origin)}
+    importlib.import_module(name)
+    if name not in files:
+        raise ValueError(f"cannot deploy {name}: its source is not a .py file in {top.__name__}'s folder")
+    return make_patch("deploy", name, source=files[name][0], files=files, filename=files[name][2])
+
+
+def _read_source(path: str) -> str:
+    with open(path, "rb") as file:
+        data = file.read()
+    return importlib.util.decode_source(data)
+
+
+def _package_files(root: str, name: str) -> dict:
+    files, total = {}, 0
+    for folder, subfolders, filenames in os.walk(root):
+        subfolders[:] = sorted(d for d in subfolders if d.isidentifier() and d != "__pycache__")
+        relative = os.path.relpath(folder, root)
+        prefix = name if relative == "." else name + "." + relative.replace(os.sep, ".")
+        for filename in sorted(filenames):
+            path = os.path.join(folder, filename)
+            if filename.endswith((".so", ".pyd")):
+                raise ValueError(f"cannot ship {name}: {path} is a compiled extension; install the package "
+                                 "on every member instead")
+            if not filename.endswith(".py"):
+                continue
+            stem = filename[:-3]
+            if stem == "__init__":
+                module_name, is_package = prefix, True
+            elif stem.isidentifier():
+                module_name, is_package = f"{prefix}.{stem}", False
+            else:
+                continue
+            source = _read_source(path)
+            total += len(source)
+            if total > _MAX_SHIPPED_BYTES:
+                raise ValueError(f"cannot ship {name}: more than {_MAX_SHIPPED_BYTES // 2**20} MiB of source; "
+                                 "install it on every member instead")
+            files[module_name] = (source, is_package, path)
+    if name not in files:  # a folder without __init__.py: an empty package
+        files[name] = ("", True, os.path.join(root, "__init__.py"))
+    return files
+
+
+def results_by_member(outcomes: dict, members, what: str) -> dict:
+    """``{Member: value}`` from ``{uuid: outcome}``; raises SomeMembersFailed if any member failed."""
+    from .executor import RemoteTraceback, _unpack_error
+
+    by_uuid = {member.uuid: member for member in members}
+    results, errors = {}, {}
+    for uuid, (ok, payload) in outcomes.items():
+        member = by_uuid.get(uuid) or _unknown_member(uuid)
+        if ok:
+            try:
+                results[member] = serialize.loads(payload)
+            except Exception as exc:
+                error = RemoteError(f"the result from {member} cannot be unpickled here: {exc}")
+                errors[member] = error
+            continue
+        errors[member] = _unpack_error(payload)
+    if errors:
+        lines = [f"{what} failed on {len(errors)} of {len(outcomes)} members:"]
+        for member, error in errors.items():
+            last = str(error.__cause__.text).strip().splitlines()[-1] if isinstance(
+                error.__cause__, RemoteTraceback) else f"{type(error).__name__}: {error}"
+            lines.append(f"  {member}: {last}")
+        lines.append("(.errors has each exception, its remote traceback as __cause__; .results the others)")
+        raise SomeMembersFailed("\n".join(lines), results=results, errors=errors)
+    return results
+
+
+def _unknown_member(uuid: str):
+    from .membership import Member
+
+    return Member(uuid=uuid, address=("?", 0), pid=0, hostname="?", workers=0)
+
+
+def patches_from(entries) -> list[Patch]:
+    return [Patch(seq=e["seq"], kind=e["kind"], module=e["module"], origin=e["origin"], submitted=e["submitted"],
+                  files=tuple((name, meta[2]) for name, meta in sorted(e["files"].items())), source=e["source"])
+            for e in entries]
+
+
+# -- the default connection's functions ---------------------------------------------------------------
+
+def _default_cluster():
+    """The cluster ``fmap`` uses: the configured one, or the embedded one."""
+    from .executor import default_executor
+
+    return default_executor()._cluster
+
+
+def run_all(fn, /, *args, **kwargs) -> dict:
+    """``Cluster.run_all`` on the default connection (the cluster ``fmap`` uses)."""
+    return _default_cluster().run_all(fn, *args, **kwargs)
+
+
+def eval_all(expression: str, module: str = "user") -> dict:
+    """``Cluster.eval_all`` on the default connection."""
+    return _default_cluster().eval_all(expression, module)
+
+
+def exec_all(source: str, module: str = "user", *, filename: str | None = None, local: bool = True) -> dict:
+    """``Cluster.exec_all`` on the default connection."""
+    return _default_cluster().exec_all(source, module, filename=filename, local=local)
+
+
+def load_all(path, module: str | None = None, *, local: bool = True) -> dict:
+    """``Cluster.load_all`` on the default connection."""
+    return _default_cluster().load_all(path, module, local=local)
+
+
+def deploy(module) -> dict:
+    """``Cluster.deploy`` on the default connection."""
+    return _default_cluster().deploy(module)
