@@ -13,7 +13,8 @@ from .config import Config, load_config
 from .errors import (BrokenGrid, CodeNotAllowed, GridError, RemoteError, ServiceNotFound, SomeMembersFailed,
                      WorkerCrashed)
 from .executor import GridExecutor, fmap, ufmap
-from .livecode import Patch, deploy, eval_all, exec_all, load_all, run_all
+from .livecode import deploy, eval_all, exec_all, load_all, run_all
+from .patches import Patch
 from .membership import Member, MembershipEvent
 from .peer import Peer
 from .services import service

@@ -12,7 +12,7 @@ import threading
 import time
 import uuid as uuid_module
 
-from . import livecode, messaging
+from . import livecode, messaging, patches
 from .config import Config, load_config
 from .discovery import MulticastDiscovery, make_discovery
 from .errors import GridError, NotConnected, TransportError
@@ -108,7 +108,7 @@ class Cluster:
             SyntaxError: at once, before anything is sent.
             SomeMembersFailed: it raised on some members; the patch stays in the log.
         """
-        patch = livecode.exec_patch(source, module, filename)
+        patch = patches.exec_patch(source, module, filename)
         return self._apply_everywhere(patch, local, "exec_all")
 
     def load_all(self, path, module: str | None = None, *, local: bool = True) -> dict:
@@ -117,7 +117,7 @@ class Cluster:
         ``module`` defaults to the file's (or folder's) name. It is logged for later joiners
         and, with ``local``, imported in this process too. Loading it again re-runs it in place.
         """
-        patch = livecode.load_patch(path, module)
+        patch = patches.load_patch(path, module)
         return self._apply_everywhere(patch, local, "load_all")
 
     def deploy(self, module) -> dict:
@@ -127,13 +127,13 @@ class Cluster:
         cannot); members import it by name afterwards, so its functions pickle by reference.
         It is logged for later joiners.
         """
-        patch = livecode.deploy_patch(module)
+        patch = patches.deploy_patch(module)
         return self._apply_everywhere(patch, False, "deploy")
 
     def patches(self) -> list:
         """The patch log, oldest first: what a member that joins now replays before taking work."""
         epoch, entries = self._code_request("code.patches", None, retry=True)
-        return livecode.patches_from(entries)
+        return patches.patches_from(entries)
 
     def reset_patches(self) -> int:
         """Clear the patch log for members that join from now on; returns how many were cleared.
@@ -148,7 +148,7 @@ class Cluster:
 
     def _apply_everywhere(self, patch: dict, local: bool, what: str) -> dict:
         if local and not self.is_member:
-            livecode.apply_patch(patch)  # raises here, with nothing sent, if it fails
+            patches.apply_patch(patch)  # raises here, with nothing sent, if it fails
         outcomes = self._code_request("code.submit", patch, retry=True)
         return livecode.results_by_member(outcomes, self.members(), what)
 

@@ -32,7 +32,7 @@ import threading
 import types
 from concurrent.futures import Future
 
-from . import livecode, messaging
+from . import messaging, patches
 from .address import format_address
 from .errors import CodeNotAllowed, GridError
 
@@ -299,7 +299,7 @@ def _exit_code(exc: SystemExit) -> int | str | None:
 
 def user_module() -> types.ModuleType:
     """The module ``user`` from ``sys.modules`` (where exec_all runs), made if absent."""
-    return livecode.namespace(CONSOLE_MODULE)
+    return patches.namespace(CONSOLE_MODULE)
 
 
 class _SessionOutput(io.TextIOBase):

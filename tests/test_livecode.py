@@ -20,7 +20,7 @@ import types
 import pytest
 
 import grid
-from grid import livecode, serialize
+from grid import livecode, patches, serialize
 
 from . import livecode_helpers as helpers
 from .conftest import wait_for
@@ -53,13 +53,13 @@ def forget_local_code():
     modules = {name for name in sys.modules if is_test_module(name)}
     assert not modules, f"modules of an earlier test are still loaded: {sorted(modules)}"
     meta_path = list(sys.meta_path)
-    shipped = dict(livecode._finder.sources)
+    shipped = dict(patches._finder.sources)
     yield
     for name in [name for name in sys.modules if is_test_module(name)]:
         del sys.modules[name]
     sys.meta_path[:] = meta_path
-    livecode._finder.sources.clear()
-    livecode._finder.sources.update(shipped)
+    patches._finder.sources.clear()
+    patches._finder.sources.update(shipped)
 
 
 class Grid:
