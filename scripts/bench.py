@@ -76,18 +76,20 @@ PAYLOAD_BYTES = 1 * MB
 FULL_COUNTS = {
     "roundtrips": 1000, "warmup": 100, "map_items": 100_000, "dask_map_items": 5_000,
     "chunk1_items": 5_000, "payloads": 200, "best_chunksizes": (1000, 10000), "warm_map_items": 200,
+    "everywhere": 300, "loads": 30,
 }
 QUICK_COUNTS = {
     "roundtrips": 200, "warmup": 20, "map_items": 20_000, "dask_map_items": 1_000,
     "chunk1_items": 1_000, "payloads": 50, "best_chunksizes": (1000, 10000), "warm_map_items": 100,
+    "everywhere": 60, "loads": 10,
 }
 
 # Seconds one repetition of a phase may take before the child is killed and the measure failed.
 PHASE_TIMEOUTS = {
     "startup": 60, "setup": 90, "roundtrip": 60, "map_default": 300, "map_lambda": 120,
-    "map_best": 180, "map_chunk1": 120, "bytes": 120, "shutdown": 60, "done": 30,
+    "map_best": 180, "map_chunk1": 120, "bytes": 120, "everywhere": 120, "shutdown": 60, "done": 30,
 }
-MEASURES = ("startup", "roundtrip", "map_default", "map_lambda", "map_best", "map_chunk1", "bytes")
+MEASURES = ("startup", "roundtrip", "map_default", "map_lambda", "map_best", "map_chunk1", "bytes", "everywhere")
 
 # Targets of issue 3, grid against ProcessPoolExecutor (see print_targets).
 TARGET_ROUNDTRIP = 0.75  # grid median at most this times PPE's
@@ -158,6 +160,9 @@ class Contender:
     def close(self) -> None:
         self.executor.shutdown(wait=True)
 
+    run_everywhere = None  # fn() on every worker, returning one result per worker (if the peer can)
+    load_file = None  # ship a .py file to every worker and import it there (if the peer can)
+
 
 class GridContender(Contender):
     name, label, modules = "grid", "grid", ("grid",)
@@ -177,6 +182,12 @@ class GridContender(Contender):
     def open(self):
         self.executor = self.grid.GridExecutor(max_workers=WORKERS)
         return self
+
+    def run_everywhere(self, fn):
+        return self.executor._cluster.run_all(fn)
+
+    def load_file(self, path):
+        return self.executor._cluster.load_all(path, local=False)
 
 
 class ProcessPoolContender(Contender):
@@ -238,6 +249,12 @@ class DaskContender(Contender):
 
     def map(self, fn, iterable, chunksize=None):
         return self.executor.map(fn, iterable)  # chunksize is ignored by dask: one task per item
+
+    def run_everywhere(self, fn):
+        return self.client.run(fn)
+
+    def load_file(self, path):
+        return self.client.upload_file(path)
 
     def close(self) -> None:
         self.executor.shutdown(wait=True)
@@ -397,14 +414,44 @@ def measure_bytes(contender: Contender, counts, repeat) -> dict:
     return {"bytes_mbs": best(rates)}
 
 
+def measure_everywhere(contender: Contender, counts, repeat) -> dict:
+    """A call on every worker (grid run_all, dask Client.run), and shipping a file to all (load_all, upload_file)."""
+    calls, loads = [], []
+    source = "def ping():\n    return 'pong'\n" + "\n".join(f"CONSTANT_{i} = {i}" for i in range(200)) + "\n"
+    with tempfile.TemporaryDirectory() as folder:
+        path = os.path.join(folder, "bench_shipped.py")
+        with open(path, "w", encoding="utf-8") as file:
+            file.write(source)
+        for _ in range(repeat):
+            for _ in range(counts["warmup"] // 10):
+                contender.run_everywhere(noop)
+            samples = []
+            for _ in range(counts["everywhere"]):
+                start = time.perf_counter_ns()
+                answers = contender.run_everywhere(noop)
+                samples.append(time.perf_counter_ns() - start)
+                if len(answers) != WORKERS:
+                    raise RuntimeError(f"a call on every worker answered {len(answers)} times, not {WORKERS}")
+            calls.append(statistics.median(samples) / 1000)
+            samples = []
+            for _ in range(counts["loads"]):
+                start = time.perf_counter_ns()
+                contender.load_file(path)
+                samples.append(time.perf_counter_ns() - start)
+            loads.append(statistics.median(samples) / 1000)
+    return {"everywhere_us": median(calls), "load_file_us": median(loads)}
+
+
 MEASURE_FUNCTIONS = {
     "startup": measure_startup, "roundtrip": measure_roundtrip, "map_default": measure_map_default,
     "map_lambda": measure_map_lambda, "map_best": measure_map_best, "map_chunk1": measure_map_chunk1,
-    "bytes": measure_bytes,
+    "bytes": measure_bytes, "everywhere": measure_everywhere,
 }
 
 
 def applicable(contender_class, measure: str) -> bool:
+    if measure == "everywhere":
+        return contender_class.run_everywhere is not None
     if measure == "map_lambda":
         return contender_class.name == "grid"
     if measure == "map_best":
@@ -649,10 +696,13 @@ ROWS = [
     ("map_chunk1", "map add_one, chunksize=1", "tasks/s", True),
     ("bytes_mbs", "identity over 1 MB bytes", "MB/s", True),
     ("startup_s", "startup to first result", "s", False),
+    ("everywhere_us", "call on every worker (run_all / Client.run)", "µs", False),
+    ("load_file_us", "ship a .py to every worker (load_all / upload_file)", "µs", False),
 ]
 KEY_MEASURE = {"rt_median_us": "roundtrip", "rt_p99_us": "roundtrip", "map_default": "map_default",
                "map_lambda": "map_lambda", "map_best": "map_best", "map_chunk1": "map_chunk1",
-               "bytes_mbs": "bytes", "startup_s": "startup"}
+               "bytes_mbs": "bytes", "startup_s": "startup", "everywhere_us": "everywhere",
+               "load_file_us": "everywhere"}
 
 
 def _number(value: float) -> str:
