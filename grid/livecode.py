@@ -368,9 +368,12 @@ class CodeService:
         """Replace this member's log with the one at the other end of ``conn``; True if it answered."""
         try:
             epoch, entries = messaging.request(conn, "code.log", None).result(self.request_timeout)
-        except Exception as exc:
+        except (TransportError, TimeoutError) as exc:
             log.info("cannot fetch the patch log from %r: %s", conn, exc)
             return False
+        except Exception as exc:  # it answered, with a refusal: asking again would not help
+            log.error("%r refused the patch log (%s: %s); going on without it", conn, type(exc).__name__, exc)
+            return True
         with self._lock:
             self._epoch, self._log = epoch, list(entries)
         return True
