@@ -27,6 +27,8 @@ import time
 from concurrent.futures import Future
 
 from . import messaging, serialize
+from .dispatch import RemoteTraceback, _unpack_error
+from .worker import _pack_error
 from .errors import CodeNotAllowed, GridError, RemoteError, SomeMembersFailed, TransportError
 from .membership import local_target
 from .patches import _check_module_name, _compile, apply_patch, namespace
@@ -51,8 +53,6 @@ def _run_request(body):
 
 def _outcome_of(fn, *args) -> tuple:
     """``(True, pickled value)`` or ``(False, (pickled exception, traceback text))``: never raises."""
-    from .worker import _pack_error
-
     try:
         value = fn(*args)
     except BaseException as exc:  # noqa: B036 - the caller gets every failure, SystemExit too
@@ -65,8 +65,6 @@ def _outcome_of(fn, *args) -> tuple:
 
 
 def _refused(me) -> tuple:
-    from .worker import _pack_error
-
     return (False, _pack_error(CodeNotAllowed(
         f"member {me} runs with allow_code = false, so it refuses cluster-wide code (run_all, eval_all, "
         "exec_all, load_all, deploy, console); it still runs ordinary tasks. Set allow_code = true in "
@@ -74,8 +72,6 @@ def _refused(me) -> tuple:
 
 
 def _lost(member, reason) -> tuple:
-    from .worker import _pack_error
-
     return (False, _pack_error(RemoteError(f"no answer from member {member}: {reason}")))
 
 
@@ -497,8 +493,6 @@ def eval_body(expression: str, module: str) -> tuple:
 
 def results_by_member(outcomes: dict, members, what: str) -> dict:
     """``{Member: value}`` from ``{uuid: outcome}``; raises SomeMembersFailed if any member failed."""
-    from .executor import RemoteTraceback, _unpack_error
-
     by_uuid = {member.uuid: member for member in members}
     results, errors = {}, {}
     for uuid, (ok, payload) in outcomes.items():

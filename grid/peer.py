@@ -133,6 +133,8 @@ class Peer:
         self.console.close()
         self.tasks.close()
         self.transport.close()
+        if worker._current_member is self.me:  # current_member() must not name a member that is gone
+            worker._current_member = None
         self._remove_socket_dir()
 
     def _remove_socket_dir(self) -> None:

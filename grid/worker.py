@@ -284,7 +284,7 @@ class _Unloadable:
 
 def _pack_error(exc: BaseException) -> tuple:
     """``(pickled exception, traceback text)``: pickled apart, so an exception the caller
-    cannot unpickle fails only its own task (see ``executor._unpack_error``)."""
+    cannot unpickle fails only its own task (see ``dispatch._unpack_error``)."""
     text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
     try:
         pickled = serialize.dumps(exc)

@@ -91,3 +91,13 @@ def test_a_member_with_code_refused_keeps_the_log_but_runs_nothing(tmp_path):
     finally:
         refuser.close()
         master.close()
+
+
+def test_current_member_is_none_again_once_the_member_in_this_process_closed(tmp_path):
+    peer = grid.Peer({"id": "livecode-current", "join": "tcp", "members": {"path": str(tmp_path)}, "port": 0,
+                      "join_timeout": 0.3}).start(10)
+    try:
+        assert grid.current_member() == peer.me
+    finally:
+        peer.close()
+    assert grid.current_member() is None

@@ -1,0 +1,461 @@
+"""The dispatcher under GridExecutor: tasks placed on per-member links within a credit window.
+
+::
+
+    caller thread: _submit(fn, ...)                  IO thread
+      under the lock, _place the task:               "results" from a member: _on_results
+        pinned  -> its member's link                   pops the tasks from in_flight (credit
+        service -> the least-loaded link offering it     freed), _refill hands the link queued
+        other   -> the least-loaded link                 tasks, _complete resolves the Futures
+        no link with credit: queued (the backlog,    scheduled flushes: _flush(link)
+          per service name, or per pinned link)
+      idle link: _flush now, from this thread:
+        one frame of its outbox's tasks (functions
+        not yet sent on the link go first)
+      busy link: _schedule_flush on the IO thread
+
+A link's credit is the tasks worth keeping in flight on its member: at least
+``_MIN_CREDIT`` per task thread, more for tiny tasks, learnt from their times. The
+``Dispatcher`` keeps the shared state (links, backlogs, the lock) and the per-task hot
+path; ``executor.GridExecutor`` subclasses it and makes and loses the links.
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import logging
+import threading
+from concurrent.futures import Future
+
+from . import messaging, serialize
+from .errors import GridError, RemoteError, WorkerCrashed
+from .wire import Kind
+from .worker import CALL, CANCELLED, OK, UNSENDABLE
+
+log = logging.getLogger("grid.executor")  # one logger for all of the executor, whichever file logs
+
+_MIN_CREDIT = 2  # tasks in flight per member task thread, at least
+_MAX_CREDIT = 64  # ... and at most, when tasks are tiny
+_QUEUED_WORK = 0.002  # seconds of work worth keeping queued on a member per task thread
+_FUNCTION_CACHE = 1024
+
+
+class RemoteTraceback(Exception):
+    """The traceback of an exception raised on a member; attached as ``__cause__``."""
+
+    def __init__(self, text: str):
+        super().__init__(text)
+        self.text = text
+
+    def __str__(self) -> str:
+        return f'\n"""\n{self.text}"""'
+
+
+class _Task:
+    __slots__ = ("id", "future", "fn", "function_id", "pickled", "kind", "args", "kwargs", "attempts", "pinned",
+                 "link")
+    service = None  # a class attribute: an ordinary task pays nothing for services (see _ServiceTask)
+
+    def __init__(self, task_id, future, fn, function, kind, args, kwargs, pinned=None):
+        self.id = task_id
+        self.future = future
+        self.fn = fn
+        self.function_id, self.pickled = function
+        self.kind = kind
+        self.args = args
+        self.kwargs = kwargs
+        self.attempts = 0
+        self.pinned = pinned  # a member uuid, or None for any member
+        self.link = None
+
+    def describe(self) -> str:
+        name = getattr(self.fn, "__qualname__", None) or repr(self.fn)
+        if self.kind != CALL:
+            return f"{name} over a chunk of {len(self.args)} items (first: {_short(self.args[0]) if self.args else ''})"
+        return f"{name}{_short(self.args)}"
+
+
+class _ServiceTask(_Task):
+    """A task that may run only on a member offering the service ``service``."""
+
+    __slots__ = ("service", "lost")
+
+    def __init__(self, task_id, future, fn, function, kind, args, kwargs, pinned, service):
+        super().__init__(task_id, future, fn, function, kind, args, kwargs, pinned)
+        self.service = service
+        self.lost = None  # why the member last running it was lost, for a later error
+
+    def describe(self) -> str:
+        if self.kind != CALL:
+            first = _short(self.args[0]) if self.args else ""
+            return f"service {self.service!r} over a chunk of {len(self.args)} items (first: {first})"
+        return f"service {self.service!r}{_short(self.args)}"
+
+
+class _Link:
+    """This executor's connection to one member, with its credit window."""
+
+    __slots__ = ("member", "conn", "in_flight", "outbox", "sent_functions", "send_lock", "flush_pending",
+                 "pinned", "average", "closed", "services")
+
+    def __init__(self, member, conn):
+        self.member = member
+        self.conn = conn
+        self.in_flight: dict[int, _Task] = {}
+        self.outbox: list[_Task] = []
+        self.sent_functions: set[int] = set()
+        self.send_lock = threading.Lock()
+        self.flush_pending = False
+        self.pinned: collections.deque = collections.deque()
+        self.average = None  # seconds per task, moving average
+        self.closed = False
+        self.services: frozenset | None = None  # names its member offers; None until it answered
+
+    @property
+    def credit(self) -> int:
+        return max(1, self.member.workers) * _credit_per_worker(self.average)
+
+    def spare(self) -> int:
+        return self.credit - len(self.in_flight)
+
+
+def _credit_per_worker(task_seconds: float | None) -> int:
+    """Tasks worth keeping in flight per member task thread, for tasks taking ``task_seconds``."""
+    if task_seconds is None:
+        return _MIN_CREDIT
+    return int(min(_MAX_CREDIT, max(_MIN_CREDIT, _QUEUED_WORK / max(task_seconds, 1e-6))))
+
+
+class Dispatcher:
+    """Places tasks on links to members within each link's credit, sends them, resolves their Futures.
+
+    The base of ``GridExecutor``, which provides what placing a task needs from outside:
+    ``_transport`` (its IO thread sends batched frames), ``_cluster`` (the member list) and
+    ``_open_link(member)`` (a pinned task's member has no link yet).
+    """
+
+    def __init__(self):
+        self._lock = threading.RLock()
+        self._shutdown = False
+        self._ids = itertools.count(1)
+        self._links: dict[str, _Link] = {}
+        self._connecting: set[str] = set()  # member uuids whose link is being made
+        self._backlog: collections.deque = collections.deque()
+        self._service_backlog: dict[str, collections.deque] = {}  # service tasks waiting, by service name
+        self._functions: collections.OrderedDict = collections.OrderedDict()  # id(fn) -> (fn, (id, pickled))
+        self._function_ids = itertools.count(1)
+        self._all_done = threading.Condition(self._lock)
+        self._outstanding = 0
+
+    # -- submitting ---------------------------------------------------------------------------------------
+
+    def _submit(self, fn, kind, args, kwargs, pinned, function=None, service=None) -> Future:
+        if self._shutdown:
+            raise RuntimeError("cannot schedule new futures after shutdown")
+        function = function or self._function(fn)
+        future: Future = Future()
+        if service is None:
+            task = _Task(next(self._ids), future, fn, function, kind, args, kwargs, pinned)
+        else:
+            task = _ServiceTask(next(self._ids), future, fn, function, kind, args, kwargs, pinned, service)
+        future.add_done_callback(lambda done, task=task: done.cancelled() and self._cancelled(task))
+        with self._lock:
+            if self._shutdown:
+                raise RuntimeError("cannot schedule new futures after shutdown")
+            self._outstanding += 1
+            link, send_now = self._place(task)
+        if link is not None:
+            if send_now:
+                self._flush(link)
+            else:
+                self._schedule_flush(link)
+        return future
+
+    def _function(self, fn) -> tuple:
+        """``(function_id, pickled)`` for ``fn``, pickled once while it stays in the cache."""
+        cached = self._functions.get(id(fn))
+        if cached is not None and cached[0] is fn:
+            return cached[1]
+        if not callable(fn):
+            raise TypeError(f"{fn!r} is not callable")
+        function = (next(self._function_ids), serialize.dumps_function(fn))
+        with self._lock:
+            self._functions[id(fn)] = (fn, function)  # holding fn keeps its id from being reused
+            while len(self._functions) > _FUNCTION_CACHE:
+                self._functions.popitem(last=False)
+        return function
+
+    # -- placement (under self._lock) -------------------------------------------------------------------
+
+    def _place(self, task: _Task):
+        """Give ``task`` to a link with credit, or queue it. Returns (link, send_now)."""
+        if task.pinned is not None:
+            link = self._links.get(task.pinned)
+            if link is None:
+                if task.pinned not in self._connecting:  # listed, but its joined event is not handled yet
+                    member = next((m for m in self._cluster.members() if m.uuid == task.pinned), None)
+                    if member is not None:
+                        self._open_link(member)
+                if task.pinned in self._connecting:
+                    self._backlog.append(task)
+                    return None, False
+                self._fail_pinned(task)
+                return None, False
+            if link.spare() <= 0:
+                link.pinned.append(task)
+                return None, False
+        elif task.service is not None:
+            link = self._least_loaded_offering(task.service)
+            if link is None:
+                self._service_backlog.setdefault(task.service, collections.deque()).append(task)
+                if not self._may_offer(task.service):  # its members left since submit_service looked
+                    self._fail_unservable()
+                return None, False
+        else:
+            link = self._least_loaded()
+            if link is None:
+                self._backlog.append(task)
+                return None, False
+        was_idle = not link.in_flight
+        self._assign(link, task)
+        return link, was_idle
+
+    def _least_loaded(self):
+        """The link with the least work in flight per task thread, among those with credit."""
+        best, best_load = None, None
+        for link in self._links.values():
+            if link.spare() <= 0:
+                continue
+            load = len(link.in_flight) / max(1, link.member.workers)
+            if best_load is None or load < best_load:
+                best, best_load = link, load
+        return best
+
+    def _least_loaded_offering(self, name: str):
+        """Like ``_least_loaded``, among the links whose member offers the service ``name``."""
+        best, best_load = None, None
+        for link in self._links.values():
+            if link.services is None or name not in link.services or link.spare() <= 0:
+                continue
+            load = len(link.in_flight) / max(1, link.member.workers)
+            if best_load is None or load < best_load:
+                best, best_load = link, load
+        return best
+
+    def _may_offer(self, name: str) -> bool:
+        """Whether some member may still run the service ``name``: a link offers it, has not said
+        what it offers yet, or is being made."""
+        if self._connecting:
+            return True
+        return any(link.services is None or name in link.services for link in self._links.values())
+
+    def _fail_unservable(self) -> None:
+        """Fail the waiting service tasks that no member can run any more."""
+        for name in [name for name in self._service_backlog if not self._may_offer(name)]:
+            waiting = self._service_backlog.pop(name)
+            offered = sorted({offered for link in self._links.values() for offered in link.services or ()})
+            for task in waiting:
+                self._finish_outstanding(1)
+                if task.future.set_running_or_notify_cancel():
+                    why = f" ({task.lost})" if task.lost else ""
+                    task.future.set_exception(WorkerCrashed(
+                        f"task {task.describe()} cannot run: no remaining member offers service {name!r}{why}; "
+                        f"the services offered now are {offered or 'none'}; start a member that offers it"))
+
+    def _assign(self, link: _Link, task: _Task) -> None:
+        task.link = link
+        link.in_flight[task.id] = task
+        link.outbox.append(task)
+
+    def _refill(self, link: _Link) -> bool:
+        """Hand queued tasks to ``link`` up to its credit; True if any were given."""
+        given = False
+        while link.spare() > 0 and link.pinned:
+            task = link.pinned.popleft()
+            if task.future.cancelled():  # its _cancelled callback may not have run yet
+                self._finish_outstanding(1)
+                continue
+            self._assign(link, task)
+            given = True
+        if self._service_backlog and link.services:
+            given = self._refill_services(link) or given
+        skipped = []
+        while link.spare() > 0 and self._backlog:
+            task = self._backlog.popleft()
+            if task.future.cancelled():
+                self._finish_outstanding(1)
+                continue
+            if task.pinned is not None and task.pinned != link.member.uuid:
+                skipped.append(task)
+                continue
+            self._assign(link, task)
+            given = True
+        self._backlog.extendleft(reversed(skipped))
+        return given
+
+    def _refill_services(self, link: _Link) -> bool:
+        """Hand waiting tasks of the services ``link``'s member offers to it, up to its credit."""
+        given = False
+        for name in link.services & self._service_backlog.keys():
+            waiting = self._service_backlog[name]
+            while link.spare() > 0 and waiting:
+                task = waiting.popleft()
+                if task.future.cancelled():
+                    self._finish_outstanding(1)
+                    continue
+                self._assign(link, task)
+                given = True
+            if not waiting:
+                del self._service_backlog[name]
+            if link.spare() <= 0:
+                break
+        return given
+
+    def _fail_pinned(self, task: _Task) -> None:
+        self._finish_outstanding(1)
+        if task.future.set_running_or_notify_cancel():
+            task.future.set_exception(WorkerCrashed(
+                f"task {task.describe()} was pinned to a member that is no longer in the cluster"))
+
+    # -- sending ------------------------------------------------------------------------------------------
+
+    def _schedule_flush(self, link: _Link) -> None:
+        with self._lock:
+            if link.flush_pending:
+                return
+            link.flush_pending = True
+        self._transport.call_soon(self._flush, link)
+
+    def _flush(self, link: _Link) -> None:
+        """Send what is in ``link``'s outbox as one frame (functions first sent once per link)."""
+        with link.send_lock:
+            with self._lock:
+                tasks, link.outbox = link.outbox, []
+                link.flush_pending = False
+            if not tasks or link.closed:
+                return
+            functions, wire_tasks = [], []
+            for task in tasks:
+                if task.function_id not in link.sent_functions:
+                    link.sent_functions.add(task.function_id)
+                    functions.append((task.function_id, task.pickled))
+                wire_tasks.append((task.id, task.function_id, task.kind, serialize.wrap_buffers(task.args),
+                                   task.kwargs))
+            try:
+                parts = serialize.dumps_parts(("tasks", (functions, wire_tasks)))
+            except Exception:
+                parts = self._drop_unpicklable(link, tasks, functions)
+                if parts is None:
+                    return
+            try:
+                link.conn.send_frame(Kind.MESSAGE, parts if len(parts) > 1 else parts[0])
+            except GridError as exc:
+                log.debug("sending to %s failed (%s); its tasks are retried when the link closes", link.member, exc)
+
+    def _drop_unpicklable(self, link: _Link, tasks, functions):
+        good = []
+        for task in tasks:
+            try:
+                serialize.dumps_parts((task.args, task.kwargs))
+            except Exception as exc:
+                with self._lock:
+                    link.in_flight.pop(task.id, None)
+                    self._finish_outstanding(1)
+                if task.future.set_running_or_notify_cancel():
+                    task.future.set_exception(exc)
+            else:
+                good.append((task.id, task.function_id, task.kind, task.args, task.kwargs))
+        if not good:
+            link.sent_functions.difference_update(function_id for function_id, _ in functions)
+            return None
+        return serialize.dumps_parts(("tasks", (functions, good)))
+
+    def _cancelled(self, task: _Task) -> None:
+        """A Future was cancelled: drop the task, or tell its member to skip it."""
+        with self._lock:
+            link = task.link
+            if link is None or task.id not in link.in_flight:
+                pinned_link = self._links.get(task.pinned) if task.pinned is not None else None
+                service_waiting = self._service_backlog.get(task.service, ()) if task.service is not None else ()
+                for waiting in (self._backlog, pinned_link.pinned if pinned_link else (), service_waiting):
+                    if task in waiting:
+                        waiting.remove(task)
+                        self._finish_outstanding(1)
+                        break
+                if not service_waiting and task.service in self._service_backlog:  # empty: _refill would look in vain
+                    del self._service_backlog[task.service]
+                return
+        try:
+            messaging.send(link.conn, "cancel", [task.id])
+        except GridError:
+            pass
+
+    # -- results (IO thread) ----------------------------------------------------------------------------------
+
+    def _on_results(self, conn, results) -> None:
+        link = conn.attachment
+        finished = []
+        with self._lock:
+            for task_id, status, value, seconds in results:
+                task = link.in_flight.pop(task_id, None)
+                if task is None:
+                    continue
+                finished.append((task, status, value, seconds))
+                if status != CANCELLED:  # per task, chunks too: the credit counts tasks
+                    link.average = seconds if link.average is None else 0.8 * link.average + 0.2 * seconds
+            self._finish_outstanding(len(finished))
+            more = self._refill(link)
+        for task, status, value, seconds in finished:
+            _complete(task, status, value, seconds)
+        if more:
+            self._flush(link)
+
+    def _finish_outstanding(self, count: int) -> None:
+        if count:
+            self._outstanding -= count
+            if self._outstanding == 0:
+                self._all_done.notify_all()
+
+
+def _complete(task: _Task, status, value, seconds) -> None:
+    future = task.future
+    if status == CANCELLED:
+        future.cancel()
+        return
+    if not future.set_running_or_notify_cancel():
+        return
+    if task.kind != CALL:
+        if status == OK:
+            future.set_result((value, None, seconds))
+        elif status == UNSENDABLE:
+            future.set_result(([], _unpack_error(value), seconds))
+        else:
+            values, packed = value
+            future.set_result((values, _unpack_error(packed), seconds))
+        return
+    if status == OK:
+        future.set_result(value)
+    else:
+        future.set_exception(_unpack_error(value))
+
+
+def _unpack_error(packed) -> BaseException:
+    """The exception a task raised, from the worker's ``(pickled exception, traceback text)``."""
+    pickled, text = packed
+    try:
+        exc = serialize.loads(pickled)
+    except Exception as error:  # say, a class whose __init__ does not take its own args
+        raised = text.rstrip().splitlines()[-1] if text.strip() else "an exception"
+        exc = RemoteError(f"the task raised {raised}, but that exception cannot be unpickled here "
+                          f"({type(error).__name__}: {error}); make it picklable (its __reduce__ must "
+                          "rebuild it) and its class importable where the executor runs")
+    if not isinstance(exc, BaseException):
+        exc = RemoteError(str(exc))
+    exc.__cause__ = RemoteTraceback(text)
+    return exc
+
+
+def _short(value, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
