@@ -10,6 +10,9 @@ Everything lives in one temp directory (config files, members file, registry
 folder, logs), removed by ``terminate()``. Each peer runs in its own process
 group (session), so a signal reaches a supervisor and its member alike, and a
 Ctrl-C in the terminal reaches the simulator, which then stops the peers cleanly.
+
+``PeerProcess``, ``SimError``, ``wait_until`` and the process and port helpers
+live in ``process.py``; they are re-exported here.
 """
 
 from __future__ import annotations
@@ -24,159 +27,44 @@ import secrets
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
-import sys
 import tempfile
 import threading
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from .process import (  # noqa: F401 - re-exported: callers and tests import them from sim.cluster
+    LOG_TAIL_LINES,
+    LOOPBACK,
+    PEER_COMMAND_ENV,
+    STATE_CHANGE_TIMEOUT,
+    PeerProcess,
+    SimError,
+    _await_stopped_state,
+    _describe_exit,
+    _format_address,
+    _free_udp_port,
+    _parse_address,
+    _peer_environment,
+    _process_state,
+    _reserve_tcp_ports,
+    _signal_group,
+    _stop_peers,
+    default_peer_command,
+    wait_until,
+)
+
 JOIN_METHODS = ("tcp", "file", "registry", "multicast")
-LOOPBACK = "127.0.0.1"
 MULTICAST_GROUP = "224.2.2.3"
 DEFAULT_MULTICAST_TIMEOUT = 1.0
-LOG_TAIL_LINES = 20
-PEER_COMMAND_ENV = "SIM_PEER_COMMAND"
 READY_PATTERN = re.compile(r"grid peer ready (\S+) uuid=(\S+) pid=(\d+)(?: cluster=(\S+))?")
 # Signals after which kill() waits for the peer to be reaped, unless told otherwise.
 FATAL_SIGNALS = frozenset(
     {signal.SIGKILL, signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGABRT}
 )
-STATE_CHANGE_TIMEOUT = 5.0
 # Clusters not yet terminated; the atexit safety net terminates them.
 _LIVE_CLUSTERS: set[LocalCluster] = set()
-
-
-class SimError(RuntimeError):
-    """A simulated peer failed: it exited or hung before it was ready, or would not stop.
-
-    Attributes:
-        index: the peer's index in ``LocalCluster.peers`` (None if not about one peer).
-        exit_code: the peer's exit code (negative: killed by that signal), None if running.
-        log_path: the peer's log file (removed with the cluster's temp dir by terminate()).
-        log_tail: the last lines of that log, also included in the message.
-    """
-
-    def __init__(
-        self,
-        message: str,
-        *,
-        index: int | None = None,
-        exit_code: int | None = None,
-        log_path: str | None = None,
-        log_tail: str = "",
-    ):
-        self.index = index
-        self.exit_code = exit_code
-        self.log_path = log_path
-        self.log_tail = log_tail
-        if log_path is not None:
-            tail = log_tail if log_tail else "(empty)"
-            message = f"{message}\n--- last {LOG_TAIL_LINES} lines of {log_path} ---\n{tail}"
-        super().__init__(message)
-
-
-class PeerProcess:
-    """One member process started by a LocalCluster.
-
-    Attributes:
-        index: position in ``LocalCluster.peers``; never reused.
-        address: ``(host, port)`` from the ready line; None until the peer is ready.
-        uuid: the member's uuid from the ready line; None until ready.
-        pid: the member's pid from the ready line (``popen.pid`` until ready).
-        cluster_id: the cluster id the ready line names, if it names one.
-        popen: the ``subprocess.Popen`` the simulator owns (leader of its process group).
-        config: the config dict written to ``config_path``.
-        log_path: stderr and stdout of the peer, appended as they come.
-        paused: True between ``pause()`` and ``resume()``.
-    """
-
-    def __init__(self, index: int, popen: subprocess.Popen, config: dict, config_path: str, log_path: str):
-        self.index = index
-        self.popen = popen
-        self.config = config
-        self.config_path = config_path
-        self.log_path = log_path
-        self.address: tuple[str, int] | None = None
-        self.uuid: str | None = None
-        self.pid: int = popen.pid
-        self.cluster_id: str | None = None
-        self.ready_line: str | None = None
-        self.paused = False
-        self._stdout_closed = False
-        self._reader: threading.Thread | None = None
-
-    @property
-    def alive(self) -> bool:
-        """True while the process has not exited (a paused peer is alive)."""
-        return self.popen.poll() is None
-
-    @property
-    def returncode(self) -> int | None:
-        """The exit code once exited (negative: killed by that signal), else None."""
-        return self.popen.poll()
-
-    @property
-    def ready(self) -> bool:
-        """True once the peer printed its ready line."""
-        return self.address is not None
-
-    @property
-    def address_text(self) -> str | None:
-        """The address as ``"host:port"``, or None until ready."""
-        return None if self.address is None else _format_address(self.address)
-
-    def __repr__(self) -> str:
-        if self.popen.returncode is not None:
-            state = f"exited {_describe_exit(self.popen.returncode)}"
-        elif self.paused:
-            state = "paused"
-        elif self.ready:
-            state = "ready"
-        else:
-            state = "starting"
-        return f"<PeerProcess {self.index} {self.address_text or '-'} pid={self.pid} {state}>"
-
-
-def wait_until(
-    predicate: Callable[[], Any],
-    timeout: float = 10.0,
-    interval: float = 0.02,
-    message: str | None = None,
-    *,
-    _stop: threading.Event | None = None,
-) -> Any:
-    """Call ``predicate`` every ``interval`` seconds until it returns something truthy.
-
-    Args:
-        predicate: a callable without arguments; exceptions it raises propagate.
-        timeout: seconds before giving up.
-        interval: seconds between calls.
-        message: what is being waited for, used in the error.
-
-    Returns:
-        The predicate's first truthy value.
-
-    Raises:
-        TimeoutError: the predicate stayed falsy for ``timeout`` seconds; the message
-            names what was awaited and the last value seen.
-    """
-    pause = _stop if _stop is not None else threading.Event()
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            what = message or f"condition {getattr(predicate, '__qualname__', repr(predicate))}"
-            raise TimeoutError(
-                f"{what}: still not true after {timeout:g} s (last value {value!r}); "
-                "check the peers' logs, or allow a longer timeout"
-            )
-        pause.wait(min(interval, remaining))
 
 
 class LocalCluster:
@@ -450,7 +338,7 @@ class LocalCluster:
         try:
             self._await_ready([peer])
         except BaseException:
-            self._stop_peers([peer], timeout=STATE_CHANGE_TIMEOUT)
+            _stop_peers([peer], timeout=STATE_CHANGE_TIMEOUT)
             raise
         return peer
 
@@ -501,7 +389,7 @@ class LocalCluster:
         peer = self._running_peer(i)
         _signal_group(peer, signal.SIGSTOP)
         peer.paused = True
-        self._await_stopped_state(peer, stopped=True)
+        _await_stopped_state(peer, stopped=True)
 
     def resume(self, i: int) -> None:
         """Continue peer ``i`` with SIGCONT and return once it runs again.
@@ -512,7 +400,7 @@ class LocalCluster:
         peer = self._running_peer(i)
         _signal_group(peer, signal.SIGCONT)
         peer.paused = False
-        self._await_stopped_state(peer, stopped=False)
+        _await_stopped_state(peer, stopped=False)
 
     def stop(self, i: int, timeout: float = 10.0) -> int:
         """Ask peer ``i`` to leave cleanly (SIGTERM) and wait until it exited.
@@ -631,7 +519,7 @@ class LocalCluster:
             self._terminated = True
         self._stopping.set()
         try:
-            self._stop_peers(self.peers, timeout)
+            _stop_peers(self.peers, timeout)
         finally:
             _LIVE_CLUSTERS.discard(self)
             shutil.rmtree(self.directory, ignore_errors=True)
@@ -648,30 +536,6 @@ class LocalCluster:
 
     # ---------------------------------------------------------------- internals
 
-    def _stop_peers(self, peers: list[PeerProcess], timeout: float) -> None:
-        running = [peer for peer in peers if peer.popen.returncode is None]
-        for peer in running:
-            _signal_group(peer, signal.SIGTERM)
-            if peer.paused:
-                _signal_group(peer, signal.SIGCONT)
-        deadline = time.monotonic() + timeout
-        stragglers = []
-        for peer in running:
-            try:
-                peer.popen.wait(max(0.0, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                stragglers.append(peer)
-        for peer in stragglers:
-            _signal_group(peer, signal.SIGKILL)
-        for peer in running:
-            peer.popen.wait()
-            peer.paused = False
-        for peer in peers:
-            if peer._reader is not None:
-                # EOF comes once the group is dead; a detached grandchild holding the
-                # pipe is the only way past this timeout.
-                peer._reader.join(timeout)
-
     def _running_peer(self, i: int) -> PeerProcess:
         self._check_open()
         peer = self.peers[i]
@@ -685,87 +549,12 @@ class LocalCluster:
             )
         return peer
 
-    def _await_stopped_state(self, peer: PeerProcess, *, stopped: bool) -> None:
-        def in_state() -> bool:
-            state = _process_state(peer.popen.pid)
-            return state is None or (state in "Tt") == stopped
-
-        wait_until(
-            in_state,
-            STATE_CHANGE_TIMEOUT,
-            0.001,
-            f"peer {peer.index} to be {'stopped' if stopped else 'running'}",
-        )
-
     def _check_open(self) -> None:
         if self._terminated:
             raise SimError(f"cluster {self.cluster_id} is terminated; start a new LocalCluster")
 
 
 _CLIENT_TIMINGS = ("heartbeat_interval", "failure_timeout", "handshake_timeout", "join_timeout")
-
-
-def default_peer_command() -> list[str]:
-    """The peer command: ``$SIM_PEER_COMMAND`` split like a shell, else ``python -m grid peer``."""
-    override = os.environ.get(PEER_COMMAND_ENV)
-    if override:
-        return shlex.split(override)
-    return [sys.executable, "-m", "grid", "peer"]
-
-
-def _peer_environment() -> dict[str, str]:
-    environment = dict(os.environ)
-    # The peer's config file names the cluster and secret; a stray GRID or GRID_SECRET
-    # from the user's shell must not change them.
-    environment.pop("GRID", None)
-    environment.pop("GRID_SECRET", None)
-    environment.pop(PEER_COMMAND_ENV, None)
-    environment["PYTHONUNBUFFERED"] = "1"
-    # Run from a source checkout: make `python -m grid` find the grid next to sim.
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    if os.path.isdir(os.path.join(root, "grid")):
-        existing = environment.get("PYTHONPATH")
-        environment["PYTHONPATH"] = root + (os.pathsep + existing if existing else "")
-    return environment
-
-
-def _signal_group(peer: PeerProcess, sig: int) -> None:
-    # Only while the leader is unreaped: its pid (= the group id) cannot be reused yet.
-    if peer.popen.returncode is not None:
-        return
-    try:
-        os.killpg(peer.popen.pid, sig)
-    except ProcessLookupError:
-        pass
-
-
-def _process_state(pid: int) -> str | None:
-    """The state letter from /proc (R, S, T, Z, ...), or None where /proc is missing."""
-    try:
-        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as stat:
-            return stat.read().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return None
-
-
-def _reserve_tcp_ports(count: int) -> list[int]:
-    """Ask the OS for ``count`` distinct free TCP ports on loopback (bound together, then freed)."""
-    sockets = []
-    try:
-        for _ in range(count):
-            reservation = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            sockets.append(reservation)
-            reservation.bind((LOOPBACK, 0))
-        return [reservation.getsockname()[1] for reservation in sockets]
-    finally:
-        for reservation in sockets:
-            reservation.close()
-
-
-def _free_udp_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as reservation:
-        reservation.bind((LOOPBACK, 0))
-        return reservation.getsockname()[1]
 
 
 def _write_lines(path: str, lines: list[str], *, mode: str) -> None:
@@ -795,27 +584,6 @@ def _check_loopback(config: dict) -> None:
             f"interface {interface!r} is not a loopback address: the simulator runs "
             f"its peers on loopback only; leave interface unset ({LOOPBACK})"
         )
-
-
-def _parse_address(text: str) -> tuple[str, int]:
-    host, separator, port = text.rpartition(":")
-    if not separator or not host or not port.isdigit():
-        raise ValueError(f"not a host:port address: {text!r}")
-    return host.strip("[]"), int(port)
-
-
-def _format_address(address: tuple[str, int]) -> str:
-    host, port = address
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
-def _describe_exit(exit_code: int) -> str:
-    if exit_code < 0:
-        try:
-            return f"killed by {signal.Signals(-exit_code).name}"
-        except ValueError:
-            return f"killed by signal {-exit_code}"
-    return f"with code {exit_code}"
 
 
 @atexit.register
