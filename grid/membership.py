@@ -9,132 +9,35 @@ removed. When the master dies, the next oldest takes over.
 
 All state lives on one thread ("grid-membership"); the IO thread only posts
 work to its inbox (and answers ``who`` from a published snapshot).
+
+This file is the state machine: its states and their one transition table, the
+member list, links and failure detection, merging, leaving, and the message
+handlers. Finding a cluster to join, or forming one, is its base class,
+``Joiner``, in ``joining.py``; ``Member``, ``MembershipEvent`` and the event
+thread (``Listeners``) are in ``members.py``.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import enum
 import logging
-import os
 import queue
-import socket
 import threading
 import time
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 
 from . import messaging
-from .config import format_address, parse_address
-from .errors import GridError, JoinError
+from .address import format_address, parse_address  # noqa: F401  parse_address: re-exported (in __all__)
+from .errors import GridError
+from .joining import Joiner
+from .members import Listeners, Member
+from .members import MembershipEvent, advertised_address, local_member, local_target  # noqa: F401  re-exported
 
 log = logging.getLogger("grid.membership")
 
 _JOIN_RETRY = 0.1  # seconds between join attempts
-_ATTEMPT_TIMEOUT = 1.0  # how long one join attempt waits for candidates to answer
 _MERGE_INTERVAL = 1.0  # how often a master looks for other clusters of the same id to merge with
-
-
-@dataclasses.dataclass(frozen=True, order=True)
-class Member:
-    """One member of the cluster, as every other member knows it."""
-
-    uuid: str
-    address: tuple[str, int]
-    pid: int = 0
-    hostname: str = ""
-    workers: int = 1  # task threads: how much work the executor keeps in flight here
-    unix: str = ""  # a Unix socket path for processes on the same host ("" if none)
-
-    def __str__(self) -> str:
-        return format_address(self.address)
-
-    def to_wire(self) -> dict:
-        return {"uuid": self.uuid, "address": list(self.address), "pid": self.pid, "hostname": self.hostname,
-                "workers": self.workers, "unix": self.unix}
-
-    @classmethod
-    def from_wire(cls, data: dict) -> Member:
-        host, port = data["address"]
-        return cls(uuid=data["uuid"], address=(host, int(port)), pid=data.get("pid", 0),
-                   hostname=data.get("hostname", ""), workers=data.get("workers", 1), unix=data.get("unix", ""))
-
-
-@dataclasses.dataclass(frozen=True)
-class MembershipEvent:
-    """``kind`` is "joined" or "left"; ``members`` is the list right after the change."""
-
-    kind: str
-    member: Member
-    members: tuple[Member, ...]
-    version: int
-
-
-class Listeners:
-    """Membership listeners, called in order on one owned thread ("grid-events")."""
-
-    def __init__(self):
-        self._listeners: list = []
-        self._queue: queue.SimpleQueue = queue.SimpleQueue()
-        self._thread: threading.Thread | None = None
-        self._lock = threading.Lock()
-        self._closed = False
-
-    def _put(self, event) -> None:
-        with self._lock:
-            if self._closed:
-                return
-            listeners = tuple(self._listeners)  # a listener added later does not see older events
-            if not listeners:
-                return
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._run, name="grid-events")
-                self._thread.start()
-            self._queue.put((event, listeners))
-
-    def add(self, listener) -> None:
-        with self._lock:
-            self._listeners.append(listener)
-
-    def remove(self, listener) -> None:
-        try:
-            self._listeners.remove(listener)
-        except ValueError:
-            pass
-
-    def emit_changes(self, old, new, version: int) -> None:
-        """Queue "left" events for members gone from ``old`` and "joined" for new ones."""
-        new = tuple(new)
-        new_uuids = {m.uuid for m in new}
-        old_uuids = {m.uuid for m in old}
-        for member in old:
-            if member.uuid not in new_uuids:
-                self._put(MembershipEvent("left", member, new, version))
-        for member in new:
-            if member.uuid not in old_uuids:
-                self._put(MembershipEvent("joined", member, new, version))
-
-    def close(self) -> None:
-        """Deliver what is queued, then stop and join the thread."""
-        with self._lock:
-            self._closed = True
-            thread = self._thread
-        if thread is not None:
-            self._queue.put(None)
-            if thread is not threading.current_thread():
-                thread.join()
-
-    def _run(self) -> None:
-        while True:
-            item = self._queue.get()
-            if item is None:
-                return
-            event, listeners = item
-            for listener in listeners:
-                try:
-                    listener(event)
-                except Exception:
-                    log.exception("membership listener %r failed", listener)
 
 
 class State(enum.Enum):
@@ -154,7 +57,7 @@ _TRANSITIONS = {
 }
 
 
-class Membership:
+class Membership(Joiner):
     """The member list of this process's member, kept in agreement with the cluster.
 
     Args:
@@ -316,109 +219,12 @@ class Membership:
             return min(self.heartbeat_interval, self.failure_timeout / 4, _MERGE_INTERVAL)
         return self.heartbeat_interval
 
-    # -- joining ---------------------------------------------------------------------------
+    # -- joining: into JOINING and out to MEMBER (the search in between is Joiner's, joining.py) --
 
     def _begin_join(self) -> None:
         self._set_state(State.JOINING)
         self._join_started = self._next_tick = self.clock.monotonic()
         self._last_reasons: dict = {}
-
-    def _join_attempt(self) -> None:
-        elapsed = self.clock.monotonic() - self._join_started
-        candidates = [address for address in self.discovery.candidates() if address != self.me.address]
-        required = self.required
-        if required is not None and required != self.me.address and required not in candidates:
-            candidates.append(required)
-        replies = self._ask_candidates(candidates)
-        joined = [reply for reply in replies if reply["state"] == "member" and reply.get("master")]
-        if required is not None and required != self.me.address:
-            required_reply = next((r for r in replies if tuple(r["address"]) == required), None)
-            if required_reply is None:
-                if elapsed >= self.discovery.join_wait:
-                    reason = self._last_reasons.get(required, "it did not answer")
-                    self._fail_join(JoinError(
-                        f"the required member {format_address(required)} could not be reached ({reason}); "
-                        "no cluster forms without it: start it first, or remove `required` from the config"))
-                return
-            if required_reply["state"] != "member":
-                return  # the required member forms the cluster; wait for it
-            joined = [required_reply]
-        if joined:
-            best = min(joined, key=lambda r: (-r["size"], tuple(r["master"])))
-            self._try_join(tuple(best["master"]))
-            return
-        contenders = [self.me.address] + [tuple(r["address"]) for r in replies if r["state"] == "joining"]
-        leader = self.me.address if required == self.me.address else min(contenders)
-        alone = len(contenders) == 1
-        if leader == self.me.address:
-            if not alone or elapsed >= self.discovery.join_wait or required == self.me.address:
-                self._become_first_member()
-        elif elapsed >= 4 * self.discovery.join_wait + 2:
-            log.warning("member %s should have formed the cluster but has not; forming it here",
-                        format_address(leader))
-            self._become_first_member()
-
-    def _ask_candidates(self, candidates) -> list[dict]:
-        connects = {address: self._connect(address) for address in candidates}
-        deadline = self.clock.monotonic() + _ATTEMPT_TIMEOUT
-        requests = {}
-        for address, future in connects.items():
-            try:
-                conn = future.result(max(0.0, deadline - self.clock.monotonic()))
-            except Exception as exc:
-                self._last_reasons[address] = str(exc) or type(exc).__name__
-                continue
-            requests[address] = (conn, messaging.request(conn, "who", None))
-        replies = []
-        for address, (conn, future) in requests.items():
-            try:
-                reply = future.result(max(0.05, deadline - self.clock.monotonic()))
-            except Exception as exc:
-                self._last_reasons[address] = str(exc) or type(exc).__name__
-                continue
-            if reply.get("uuid") == self.me.uuid:
-                continue
-            replies.append(reply)
-        return replies
-
-    def _connect(self, address) -> Future:
-        """A connection for probing ``address`` while joining, reused across attempts."""
-        address = tuple(address)
-        future = self._probes.get(address)
-        if future is not None and (not future.done() or (future.exception() is None and future.result().is_open)):
-            return future
-        future = self._probes[address] = self.transport.connect(address)
-        return future
-
-    def _close_probes(self, keep=None) -> None:
-        for future in self._probes.values():
-            if future.done() and future.exception() is None and future.result() is not keep:
-                future.result().close("join probe no longer needed")
-            elif not future.done():
-                future.cancel()
-        self._probes.clear()
-
-    def _try_join(self, master_address) -> None:
-        try:
-            conn = self._connect(master_address).result(_ATTEMPT_TIMEOUT + 1)
-            reply = messaging.request(conn, "join", {"member": self.me.to_wire()}).result(_ATTEMPT_TIMEOUT + 1)
-        except Exception as exc:
-            log.debug("join via %s failed: %s", format_address(master_address), exc)
-            return
-        if not reply.get("ok"):
-            log.debug("join via %s refused: %s", format_address(master_address), reply)
-            conn.close("join refused")
-            return
-        members = tuple(Member.from_wire(m) for m in reply["members"])
-        master = members[0]
-        self._links[master.uuid] = conn
-        self._close_probes(keep=conn)
-        self._enter_cluster(reply["version"], members)
-
-    def _become_first_member(self) -> None:
-        log.info("no cluster found: %s starts a new one as its master", self.me)
-        self._close_probes()
-        self._enter_cluster(1, (self.me,))
 
     def _enter_cluster(self, version: int, members) -> None:
         self._set_state(State.MEMBER)
@@ -428,12 +234,6 @@ class Membership:
         self._joined.set()
         master = self.master()
         log.info("joined the cluster: %d members, master %s", len(members), master)
-
-    def _fail_join(self, error: JoinError) -> None:
-        log.error("%s", error)
-        self._join_error = error
-        self._joined.set()
-        self._stop = True
 
     # -- the member list ---------------------------------------------------------------------
 
@@ -782,28 +582,6 @@ class Membership:
 
         self._post(handle)
         return reply
-
-
-def advertised_address(host: str, port: int) -> tuple[str, int]:
-    """The address other members reach us at (``0.0.0.0`` resolved to this host's IP)."""
-    if host in ("0.0.0.0", "::", ""):
-        try:
-            host = socket.gethostbyname(socket.gethostname())
-        except OSError:
-            host = "127.0.0.1"
-    return (host, port)
-
-
-def local_member(address: tuple[str, int], uuid: str, workers: int = 1, unix: str = "") -> Member:
-    return Member(uuid=uuid, address=address, pid=os.getpid(), hostname=socket.gethostname(), workers=workers,
-                  unix=unix)
-
-
-def local_target(member: Member):
-    """How to reach ``member`` from this process: its Unix socket when it runs on this host."""
-    if member.unix and member.hostname == socket.gethostname() and os.path.exists(member.unix):
-        return member.unix
-    return member.address
 
 
 __all__ = ["Member", "MembershipEvent", "Membership", "State", "advertised_address", "local_member", "parse_address"]

@@ -1,0 +1,148 @@
+"""Who a member is, and how membership changes reach listeners.
+
+``Member`` is one member as every other member knows it (``to_wire``/``from_wire``
+for the member lists on the wire); ``MembershipEvent`` is one join or leave;
+``Listeners`` delivers events in order on one owned thread ("grid-events"), for a
+member's ``Membership`` and a client's ``Cluster`` alike. The functions at the end
+say how this process names itself and how it reaches another member.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import queue
+import socket
+import threading
+
+from .address import format_address
+
+log = logging.getLogger("grid.membership")  # one logger for all of membership, whichever file logs
+
+
+@dataclasses.dataclass(frozen=True, order=True)
+class Member:
+    """One member of the cluster, as every other member knows it."""
+
+    uuid: str
+    address: tuple[str, int]
+    pid: int = 0
+    hostname: str = ""
+    workers: int = 1  # task threads: how much work the executor keeps in flight here
+    unix: str = ""  # a Unix socket path for processes on the same host ("" if none)
+
+    def __str__(self) -> str:
+        return format_address(self.address)
+
+    def to_wire(self) -> dict:
+        return {"uuid": self.uuid, "address": list(self.address), "pid": self.pid, "hostname": self.hostname,
+                "workers": self.workers, "unix": self.unix}
+
+    @classmethod
+    def from_wire(cls, data: dict) -> Member:
+        host, port = data["address"]
+        return cls(uuid=data["uuid"], address=(host, int(port)), pid=data.get("pid", 0),
+                   hostname=data.get("hostname", ""), workers=data.get("workers", 1), unix=data.get("unix", ""))
+
+
+@dataclasses.dataclass(frozen=True)
+class MembershipEvent:
+    """``kind`` is "joined" or "left"; ``members`` is the list right after the change."""
+
+    kind: str
+    member: Member
+    members: tuple[Member, ...]
+    version: int
+
+
+class Listeners:
+    """Membership listeners, called in order on one owned thread ("grid-events")."""
+
+    def __init__(self):
+        self._listeners: list = []
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+        self._closed = False
+
+    def _put(self, event) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            listeners = tuple(self._listeners)  # a listener added later does not see older events
+            if not listeners:
+                return
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="grid-events")
+                self._thread.start()
+            self._queue.put((event, listeners))
+
+    def add(self, listener) -> None:
+        with self._lock:
+            self._listeners.append(listener)
+
+    def remove(self, listener) -> None:
+        try:
+            self._listeners.remove(listener)
+        except ValueError:
+            pass
+
+    def emit_changes(self, old, new, version: int) -> None:
+        """Queue "left" events for members gone from ``old`` and "joined" for new ones."""
+        new = tuple(new)
+        new_uuids = {m.uuid for m in new}
+        old_uuids = {m.uuid for m in old}
+        for member in old:
+            if member.uuid not in new_uuids:
+                self._put(MembershipEvent("left", member, new, version))
+        for member in new:
+            if member.uuid not in old_uuids:
+                self._put(MembershipEvent("joined", member, new, version))
+
+    def close(self) -> None:
+        """Deliver what is queued, then stop and join the thread."""
+        with self._lock:
+            self._closed = True
+            thread = self._thread
+        if thread is not None:
+            self._queue.put(None)
+            if thread is not threading.current_thread():
+                thread.join()
+
+    def _run(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            event, listeners = item
+            for listener in listeners:
+                try:
+                    listener(event)
+                except Exception:
+                    log.exception("membership listener %r failed", listener)
+
+
+def advertised_address(host: str, port: int) -> tuple[str, int]:
+    """The address other members reach us at (``0.0.0.0`` resolved to this host's IP)."""
+    if host in ("0.0.0.0", "::", ""):
+        try:
+            host = socket.gethostbyname(socket.gethostname())
+        except OSError:
+            host = "127.0.0.1"
+    return (host, port)
+
+
+def local_member(address: tuple[str, int], uuid: str, workers: int = 1, unix: str = "") -> Member:
+    return Member(uuid=uuid, address=address, pid=os.getpid(), hostname=socket.gethostname(), workers=workers,
+                  unix=unix)
+
+
+def local_target(member: Member):
+    """How to reach ``member`` from this process: its Unix socket when it runs on this host."""
+    if member.unix and member.hostname == socket.gethostname() and os.path.exists(member.unix):
+        return member.unix
+    return member.address
+
+
+__all__ = ["Listeners", "Member", "MembershipEvent", "advertised_address", "local_member", "local_target"]
