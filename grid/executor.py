@@ -288,6 +288,12 @@ class GridExecutor(Dispatcher, concurrent.futures.Executor):
         """The members this executor can send work to."""
         return self._cluster.members()
 
+    @property
+    def cluster(self) -> Cluster:
+        """The ``Cluster`` this executor runs on (for an embedded one, a client of its members):
+        ``executor.cluster.exec_all(...)`` reaches the same members as ``submit``."""
+        return self._cluster
+
     def _resolve_member(self, member):
         for candidate in self._cluster.members():
             if member in (candidate, candidate.uuid, format_address(candidate.address), candidate.address):

@@ -528,7 +528,7 @@ def _default_cluster():
     """The cluster ``fmap`` uses: the configured one, or the embedded one."""
     from .executor import default_executor
 
-    return default_executor()._cluster
+    return default_executor().cluster
 
 
 def run_all(fn, /, *args, **kwargs) -> dict:

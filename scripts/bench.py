@@ -184,10 +184,10 @@ class GridContender(Contender):
         return self
 
     def run_everywhere(self, fn):
-        return self.executor._cluster.run_all(fn)
+        return self.executor.cluster.run_all(fn)
 
     def load_file(self, path):
-        return self.executor._cluster.load_all(path, local=False)
+        return self.executor.cluster.load_all(path, local=False)
 
 
 class ProcessPoolContender(Contender):

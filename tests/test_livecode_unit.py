@@ -101,3 +101,15 @@ def test_current_member_is_none_again_once_the_member_in_this_process_closed(tmp
     finally:
         peer.close()
     assert grid.current_member() is None
+
+
+def test_an_executor_reaches_its_cluster_for_code(tmp_path):
+    config = {"id": "livecode-executor", "join": "tcp", "members": {"path": str(tmp_path)}, "port": 0,
+              "join_timeout": 0.3}
+    peer = grid.Peer(config).start(10)
+    try:
+        with grid.connect(config) as cluster, grid.GridExecutor(cluster=cluster) as executor:
+            assert executor.cluster is cluster
+            assert executor.cluster.eval_all("6 * 7") == {peer.me: 42}
+    finally:
+        peer.close()
