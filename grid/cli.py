@@ -85,8 +85,9 @@ def run_member(config_path: str | None, *, stop_on_eof: bool = False, imports=()
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     if stop_on_eof:
         # Daemon on purpose: it blocks in read() until the process ends, and holds nothing.
-        threading.Thread(target=lambda: (sys.stdin.buffer.read(), stop.set()), name="stdin-watch",
-                         daemon=True).start()
+        # It reads the raw descriptor: a thread blocked inside sys.stdin's buffered reader holds
+        # its lock, and the interpreter aborts when it finds it held at exit.
+        threading.Thread(target=_watch_stdin, args=(stop,), name="stdin-watch", daemon=True).start()
     try:
         config = load_config(config_path)
         if imports:
@@ -112,6 +113,16 @@ def run_member(config_path: str | None, *, stop_on_eof: bool = False, imports=()
         log.info("leaving the cluster")
         peer.close(clean=True)
     return 0
+
+
+def _watch_stdin(stop: threading.Event) -> None:
+    """Set ``stop`` when standard input reaches end of file (or fails)."""
+    try:
+        while os.read(sys.stdin.fileno(), 65536):
+            pass
+    except (OSError, ValueError):
+        pass
+    stop.set()
 
 
 def _merged_imports(configured, extra) -> list[str]:

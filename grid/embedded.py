@@ -18,12 +18,12 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 
 from .config import format_address
 from .errors import GridError
+from .folders import private_folder
 
 log = logging.getLogger("grid.embedded")
 
@@ -55,7 +55,7 @@ class EmbeddedCluster:
             raise ValueError(f"an embedded cluster needs at least one member, not {size}")
         self.size = size
         self.startup_timeout = startup_timeout
-        self.directory = tempfile.mkdtemp(prefix="grid-embedded-")
+        self.directory = private_folder("grid-embedded-")
         self.secret = secrets.token_hex(16)
         self.cluster_id = "embedded-" + secrets.token_hex(4)
         self._extra = dict(config or {})

@@ -11,7 +11,6 @@ import logging
 import os
 import shutil
 import socket
-import tempfile
 import time
 import uuid as uuid_module
 
@@ -19,7 +18,8 @@ from . import console, messaging, services
 from .livecode import CodeService
 from .config import Config, format_address, is_loopback, load_config, parse_address
 from .discovery import make_discovery
-from .errors import ConfigError
+from .errors import ConfigError, TransportError
+from .folders import private_folder
 from .membership import Membership, advertised_address, local_member
 from .transport import Transport
 from . import worker
@@ -61,8 +61,13 @@ class Peer:
             self._socket_dir = None
             unix = ""
             if hasattr(socket, "AF_UNIX"):  # a faster path for executors and clients on this host
-                self._socket_dir = tempfile.mkdtemp(prefix="grid-member-")
-                unix = self.transport.listen_unix(os.path.join(self._socket_dir, "member.sock"))
+                self._socket_dir = private_folder("grid-member-")
+                try:
+                    unix = self.transport.listen_unix(os.path.join(self._socket_dir, "member.sock"))
+                except TransportError as exc:  # e.g. a TMPDIR too deep for a socket path (~107 bytes)
+                    log.info("no Unix socket (%s); processes on this host use TCP", exc)
+                    self._remove_socket_dir()
+                    self._socket_dir = None
             self.me = local_member(self.address, self.uuid, self.config.effective_workers(), unix)
             self.discovery = make_discovery(self.config, secret=self.secret, cluster_id=self.config.id,
                                             member_uuid=self.uuid, clock=clock)

@@ -596,10 +596,14 @@ def test_embedded_members_leave_when_their_parent_dies(tmp_path):
         "print(' '.join(str(m.pid) for m in executor.members()), flush=True)\n"
         "os._exit(0)\n"
     )
+    temp = tmp_path / "temp"
+    temp.mkdir()
+    env = {k: v for k, v in os.environ.items() if k != "GRID"}
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60,
-                          cwd=tmp_path, env={k: v for k, v in os.environ.items() if k != "GRID"})
+                          cwd=tmp_path, env=dict(env, TMPDIR=str(temp)))
     pids = [int(pid) for pid in done.stdout.split()]
     assert len(pids) == 2, done.stderr
+    [left] = [path for path in temp.iterdir() if path.name.startswith("grid-embedded-")]
 
     def gone(pid):
         try:
@@ -609,6 +613,11 @@ def test_embedded_members_leave_when_their_parent_dies(tmp_path):
         return False
 
     wait_for(lambda: all(gone(pid) for pid in pids), 15, "the orphaned members to exit")
+    # The parent could not remove its folder; the next embedded cluster made here sweeps it.
+    assert left.is_dir()
+    assert [path for path in temp.iterdir() if path.name.startswith("grid-member-")] == [], "members clean up"
+    assert grid.folders.sweep_abandoned("grid-embedded-", directory=str(temp)) == [str(left)]
+    assert not left.exists()
 
 
 def test_a_script_using_the_default_cluster_exits(local_cluster, tmp_path):
