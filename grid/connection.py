@@ -363,7 +363,15 @@ class Connection:
                     raise ConnectionClosed("closed by the peer")
                 chunks.append(chunk)
                 size += len(chunk)
+            if self._sock.pending() and self.state is not State.CLOSED:
+                # The rest of a record is decrypted and waiting inside OpenSSL while the kernel
+                # socket may be empty, so select() would not report it: read on after this event.
+                self.transport._defer(self._read_pending)
         return b"".join(chunks)
+
+    def _read_pending(self) -> None:
+        if self.state in (State.HANDSHAKE, State.OPEN):
+            self._on_event(selectors.EVENT_READ)
 
     def _handle(self, frame: wire.Frame) -> None:
         if self.state is State.HANDSHAKE:
