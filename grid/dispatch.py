@@ -11,13 +11,22 @@
           per service name, or per pinned link)
       idle link: _flush now, from this thread:
         one frame of its outbox's tasks (functions
-        not yet sent on the link go first)
+        not yet sent on the link go first, after
+        the ids its member may forget)
       busy link: _schedule_flush on the IO thread
 
 A link's credit is the tasks worth keeping in flight on its member: at least
 ``_MIN_CREDIT`` per task thread, more for tiny tasks, learnt from their times. The
 ``Dispatcher`` keeps the shared state (links, backlogs, the lock) and the per-task hot
 path; ``executor.GridExecutor`` subclasses it and makes and loses the links.
+
+A function is pickled once and sent once per link, then named by its id. The cache of
+pickled functions keeps the newest ``_FUNCTION_CACHE``; when it drops one, every link
+that sent it puts its id on a forget list, and the link's next frame tells its member
+to forget it (before the frame's functions, so a task of that frame that still uses it
+sends it again). The member resolves a task's function when the task arrives, so a
+task queued there before the forget still runs. A member thus holds, per link, at
+most the functions in the cache plus those of the link's last frame.
 """
 
 from __future__ import annotations
@@ -38,7 +47,7 @@ log = logging.getLogger("grid.executor")  # one logger for all of the executor, 
 _MIN_CREDIT = 2  # tasks in flight per member task thread, at least
 _MAX_CREDIT = 64  # ... and at most, when tasks are tiny
 _QUEUED_WORK = 0.002  # seconds of work worth keeping queued on a member per task thread
-_FUNCTION_CACHE = 1024
+_FUNCTION_CACHE = 1024  # pickled functions kept (the newest); members forget the ones dropped
 
 
 class RemoteTraceback(Exception):
@@ -52,8 +61,33 @@ class RemoteTraceback(Exception):
         return f'\n"""\n{self.text}"""'
 
 
+class _PickledFunction:
+    """A function pickled once for every link, and the links it was sent on (told to forget it
+    when the cache drops it)."""
+
+    __slots__ = ("id", "pickled", "links", "evicted")
+
+    def __init__(self, function_id: int, pickled: bytes):
+        self.id = function_id
+        self.pickled = pickled
+        self.links: list[_Link] = []  # appended by _flush when it first sends it on a link
+        self.evicted = False
+
+    def evict(self) -> None:
+        """(Under the dispatcher's lock) the cache dropped it: each link that sent it forgets it.
+
+        A link that sends it from now on (a task that took it before it was dropped) sees
+        ``evicted`` and puts it on its own forget list; one racing with this call may do
+        both, and a second forget of an id finds it gone and is skipped.
+        """
+        self.evicted = True
+        links, self.links = self.links, []
+        for link in links:
+            link.forget.append(self.id)
+
+
 class _Task:
-    __slots__ = ("id", "future", "fn", "function_id", "pickled", "kind", "args", "kwargs", "attempts", "pinned",
+    __slots__ = ("id", "future", "fn", "function_id", "function", "kind", "args", "kwargs", "attempts", "pinned",
                  "link")
     service = None  # a class attribute: an ordinary task pays nothing for services (see _ServiceTask)
 
@@ -61,7 +95,8 @@ class _Task:
         self.id = task_id
         self.future = future
         self.fn = fn
-        self.function_id, self.pickled = function
+        self.function = function  # a _PickledFunction
+        self.function_id = function.id
         self.kind = kind
         self.args = args
         self.kwargs = kwargs
@@ -96,15 +131,16 @@ class _ServiceTask(_Task):
 class _Link:
     """This executor's connection to one member, with its credit window."""
 
-    __slots__ = ("member", "conn", "in_flight", "outbox", "sent_functions", "send_lock", "flush_pending",
-                 "pinned", "average", "closed", "services")
+    __slots__ = ("member", "conn", "in_flight", "outbox", "sent_functions", "forget", "send_lock",
+                 "flush_pending", "pinned", "average", "closed", "services")
 
     def __init__(self, member, conn):
         self.member = member
         self.conn = conn
         self.in_flight: dict[int, _Task] = {}
         self.outbox: list[_Task] = []
-        self.sent_functions: set[int] = set()
+        self.sent_functions: set[int] = set()  # ids its member holds (or is about to: frames in order)
+        self.forget: collections.deque = collections.deque()  # ids dropped from the cache: next frame says so
         self.send_lock = threading.Lock()
         self.flush_pending = False
         self.pinned: collections.deque = collections.deque()
@@ -153,7 +189,8 @@ class Dispatcher:
     def _submit(self, fn, kind, args, kwargs, pinned, function=None, service=None) -> Future:
         if self._shutdown:
             raise RuntimeError("cannot schedule new futures after shutdown")
-        function = function or self._function(fn)
+        if function is None or function.evicted:  # a map's function may have left the cache since
+            function = self._function(fn)
         future: Future = Future()
         if service is None:
             task = _Task(next(self._ids), future, fn, function, kind, args, kwargs, pinned)
@@ -172,18 +209,22 @@ class Dispatcher:
                 self._schedule_flush(link)
         return future
 
-    def _function(self, fn) -> tuple:
-        """``(function_id, pickled)`` for ``fn``, pickled once while it stays in the cache."""
+    def _function(self, fn) -> _PickledFunction:
+        """``fn`` pickled, once while it stays in the cache (the newest ``_FUNCTION_CACHE`` stay)."""
         cached = self._functions.get(id(fn))
         if cached is not None and cached[0] is fn:
             return cached[1]
         if not callable(fn):
             raise TypeError(f"{fn!r} is not callable")
-        function = (next(self._function_ids), serialize.dumps_function(fn))
+        pickled = serialize.dumps_function(fn)
         with self._lock:
+            cached = self._functions.get(id(fn))
+            if cached is not None and cached[0] is fn:  # another thread pickled it meanwhile: one id per fn
+                return cached[1]
+            function = _PickledFunction(next(self._function_ids), pickled)
             self._functions[id(fn)] = (fn, function)  # holding fn keeps its id from being reused
             while len(self._functions) > _FUNCTION_CACHE:
-                self._functions.popitem(last=False)
+                self._functions.popitem(last=False)[1][1].evict()
         return function
 
     # -- placement (under self._lock) -------------------------------------------------------------------
@@ -328,24 +369,30 @@ class Dispatcher:
         self._transport.call_soon(self._flush, link)
 
     def _flush(self, link: _Link) -> None:
-        """Send what is in ``link``'s outbox as one frame (functions first sent once per link)."""
+        """Send what is in ``link``'s outbox as one frame: the ids its member may forget, the
+        functions not yet sent on the link, the tasks."""
         with link.send_lock:
             with self._lock:
                 tasks, link.outbox = link.outbox, []
                 link.flush_pending = False
             if not tasks or link.closed:
                 return
+            forget = _take_forgotten(link) if link.forget else ()  # first: a task below may send one again
             functions, wire_tasks = [], []
             for task in tasks:
                 if task.function_id not in link.sent_functions:
                     link.sent_functions.add(task.function_id)
-                    functions.append((task.function_id, task.pickled))
+                    function = task.function
+                    functions.append((function.id, function.pickled))
+                    function.links.append(link)
+                    if function.evicted:  # dropped while this task waited: the next frame forgets it again
+                        link.forget.append(function.id)
                 wire_tasks.append((task.id, task.function_id, task.kind, serialize.wrap_buffers(task.args),
                                    task.kwargs))
             try:
-                parts = serialize.dumps_parts(("tasks", (functions, wire_tasks)))
+                parts = serialize.dumps_parts(("tasks", (forget, functions, wire_tasks)))
             except Exception:
-                parts = self._drop_unpicklable(link, tasks, functions)
+                parts = self._drop_unpicklable(link, tasks, forget, functions)
                 if parts is None:
                     return
             try:
@@ -353,7 +400,7 @@ class Dispatcher:
             except GridError as exc:
                 log.debug("sending to %s failed (%s); its tasks are retried when the link closes", link.member, exc)
 
-    def _drop_unpicklable(self, link: _Link, tasks, functions):
+    def _drop_unpicklable(self, link: _Link, tasks, forget, functions):
         good = []
         for task in tasks:
             try:
@@ -368,8 +415,10 @@ class Dispatcher:
                 good.append((task.id, task.function_id, task.kind, task.args, task.kwargs))
         if not good:
             link.sent_functions.difference_update(function_id for function_id, _ in functions)
-            return None
-        return serialize.dumps_parts(("tasks", (functions, good)))
+            if not forget:
+                return None
+            functions = []  # the frame still tells the member what to forget
+        return serialize.dumps_parts(("tasks", (forget, functions, good)))
 
     def _cancelled(self, task: _Task) -> None:
         """A Future was cancelled: drop the task, or tell its member to skip it."""
@@ -416,6 +465,18 @@ class Dispatcher:
             self._outstanding -= count
             if self._outstanding == 0:
                 self._all_done.notify_all()
+
+
+def _take_forgotten(link: _Link) -> list:
+    """(Under ``link.send_lock``) the ids on ``link``'s forget list that its member holds, no longer
+    counted as sent."""
+    forget, pending, sent = [], link.forget, link.sent_functions
+    while pending:
+        function_id = pending.popleft()
+        if function_id in sent:  # not if it was forgotten already, or never reached the member
+            sent.discard(function_id)
+            forget.append(function_id)
+    return forget
 
 
 def _complete(task: _Task, status, value, seconds) -> None:

@@ -1,13 +1,16 @@
 """The member's half of the executor: run the tasks that executors send here.
 
-    executor link --"tasks"--> IO thread: decode, queue -----> task threads ("grid-task-N")
-                                                                 run fn(*args) / a chunk
+    executor link --"tasks"--> IO thread: forget ids, load     task threads ("grid-task-N")
+                               functions, queue each task -----> run fn(*args) / a chunk
+                               with its function
     executor link <--"results"-- sent straight from the task thread, batched while
                                  more tasks are queued behind it
 
 Each executor link has its own state: the functions it sent (by id, so a function
 travels once per link), its initializer (run before any of its tasks), and the
-tasks it cancelled before they started.
+tasks it cancelled before they started. A "tasks" frame opens with the ids the
+executor dropped from its cache: they are forgotten here. A task takes its function
+when it arrives, so a task queued before its function was forgotten still runs.
 """
 
 from __future__ import annotations
@@ -41,39 +44,53 @@ def current_member():
     return _current_member
 
 
-class _LinkState:
-    """What one executor link has told this member.
+class _LoadedFunction:
+    """A function an executor link sent, unpickled, and how fast it runs here.
 
-    ``quick`` holds the functions that always ran in under ``_QUICK_SECONDS`` (at least
-    ``_QUICK_RUNS`` times): those may run on the IO thread. One slow run disqualifies a
-    function for good, so a long task never holds up heartbeats.
+    ``quick``: it always ran in under ``_QUICK_SECONDS`` (at least ``_QUICK_RUNS`` times),
+    so it may run on the IO thread. One slow run disqualifies it for good, so a long task
+    never holds up heartbeats. Its timings live here, not in a table by id, so forgetting
+    the function forgets them too (a task thread timing it later updates only this object).
     """
 
-    __slots__ = ("functions", "cancelled", "init_done", "init_error", "held", "lock", "pending_results", "quick", "runs")
+    __slots__ = ("fn", "runs", "quick")
 
-    def __init__(self):
-        self.functions: dict[int, object] = {}
-        self.cancelled: set[int] = set()
-        self.init_done = True
-        self.init_error = None  # the packed error of a failed initializer: every task fails with it
-        self.held: list = []  # tasks that arrived before the initializer finished
-        self.lock = threading.Lock()
-        self.pending_results: list = []
-        self.quick: set[int] = set()
-        self.runs: dict[int, int] = {}  # function id -> quick runs so far; -1: it was slow once
+    def __init__(self, fn):
+        self.fn = fn
+        self.runs = 0  # quick runs so far; -1: it was slow once
+        self.quick = False
 
-    def timed(self, function_id: int, seconds: float) -> None:
-        runs = self.runs.get(function_id, 0)
+    def timed(self, seconds: float) -> None:
+        runs = self.runs
         if runs < 0:
             return
         if seconds > _QUICK_SECONDS:
-            self.runs[function_id] = -1
-            self.quick.discard(function_id)
+            self.runs = -1
+            self.quick = False
         elif runs + 1 >= _QUICK_RUNS:
-            self.runs[function_id] = _QUICK_RUNS
-            self.quick.add(function_id)
+            self.runs = _QUICK_RUNS
+            self.quick = True
         else:
-            self.runs[function_id] = runs + 1
+            self.runs = runs + 1
+
+
+_NEVER_SENT = _LoadedFunction(None)  # looked up in place of an id the link never sent: not quick
+
+
+class _LinkState:
+    """What one executor link has told this member: ``functions`` holds what it sent and has
+    not told us to forget (the executor keeps that bounded)."""
+
+    __slots__ = ("functions", "cancelled", "init_done", "init_error", "held", "lock", "pending_results")
+
+    def __init__(self):
+        self.functions: dict[int, _LoadedFunction] = {}
+        self.cancelled: set[int] = set()
+        self.init_done = True
+        self.init_error = None  # the packed error of a failed initializer: every task fails with it
+        self.held: list = []  # (task, function) that arrived before the initializer finished
+        self.lock = threading.Lock()
+        self.pending_results: list = []
 
 
 class TaskRunner:
@@ -133,30 +150,36 @@ class TaskRunner:
     def _on_tasks(self, conn, body) -> None:
         if self._held_frames is not None and self._hold(self._on_tasks, conn, body):
             return
-        functions, tasks = body
+        forget, functions, tasks = body
         state = self._state(conn)
+        table = state.functions
+        for function_id in forget:  # before this frame's functions: it may send one of them again
+            table.pop(function_id, None)
         for function_id, pickled in functions:
             try:
-                state.functions[function_id] = serialize.loads(pickled)
+                table[function_id] = _LoadedFunction(serialize.loads(pickled))
             except Exception as exc:
-                state.functions[function_id] = _Unloadable(exc)
+                table[function_id] = _LoadedFunction(_Unloadable(exc))
+        # Each task takes its function now: a later frame may forget it before the task runs.
+        function_of = table.get  # None: never sent, which _execute reports
         if not state.init_done:
             with state.lock:
                 if not state.init_done:
-                    state.held.extend(tasks)
+                    state.held.extend([(task, function_of(task[1])) for task in tasks])
                     return
         if len(tasks) <= _INLINE_BATCH and self._queue.empty() and all(
-                task[1] in state.quick and (task[2] == CALL or len(task[3]) == 1) for task in tasks):
+                function_of(task[1], _NEVER_SENT).quick and (task[2] == CALL or len(task[3]) == 1)
+                for task in tasks):
             # Known-quick functions with nothing queued: run them here, on the IO thread,
             # and save the hand-over to a task thread (tens of microseconds a task).
             for task in tasks:
-                state.pending_results.append(self._execute(state, task))
+                state.pending_results.append(self._execute(state, task, function_of(task[1])))
             self.tasks_done += len(tasks)
             self._flush(conn, state)
             return
         put = self._queue.put
         for task in tasks:
-            put((conn, state, task))
+            put((conn, state, task, function_of(task[1])))
 
     def _on_cancel(self, conn, task_ids) -> None:
         self._state(conn).cancelled.update(task_ids)
@@ -166,7 +189,7 @@ class TaskRunner:
             return
         state = self._state(conn)
         state.init_done = False
-        self._queue.put((conn, state, ("init", pickled)))
+        self._queue.put((conn, state, ("init", pickled), None))
 
     # -- task threads -----------------------------------------------------------------------------
 
@@ -190,11 +213,11 @@ class TaskRunner:
                 for conn, state, _ in dirty.values():
                     self._flush(conn, state)
                 return
-            conn, state, task = item
+            conn, state, task, function = item
             if task[0] == "init":
                 self._run_initializer(conn, state, task[1])
                 continue
-            result = self._execute(state, task)
+            result = self._execute(state, task, function)
             with state.lock:  # another thread may be taking the list in _flush
                 state.pending_results.append(result)
                 waiting = len(state.pending_results)
@@ -207,18 +230,19 @@ class TaskRunner:
                 self._flush(conn, state)
                 del dirty[id(state)]
 
-    def _execute(self, state: _LinkState, task) -> tuple:
+    def _execute(self, state: _LinkState, task, function: _LoadedFunction | None) -> tuple:
         task_id, function_id, kind, args, kwargs = task
         if task_id in state.cancelled:
             state.cancelled.discard(task_id)
             return (task_id, CANCELLED, None, 0.0)
         if state.init_error is not None:
             return (task_id, FAILED, state.init_error if kind == CALL else ([], state.init_error), 0.0)
-        fn = state.functions.get(function_id)
-        started = time.perf_counter()
-        if fn is None:
-            error = _pack_error(GridError(f"function {function_id} was never sent on this link (a grid bug)"))
+        if function is None:
+            error = _pack_error(GridError(f"function {function_id} was never sent on this link, or was forgotten "
+                                          "before this task arrived (a grid bug)"))
             return (task_id, FAILED, error if kind == CALL else ([], error), 0.0)
+        fn = function.fn
+        started = time.perf_counter()
         if kind == CALL:
             try:
                 value = fn(*args, **kwargs)
@@ -227,7 +251,7 @@ class TaskRunner:
                     exc = RemoteError(f"task raised {type(exc).__name__}: {exc}")
                 return (task_id, FAILED, _pack_error(exc), time.perf_counter() - started)
             seconds = time.perf_counter() - started
-            state.timed(function_id, seconds)
+            function.timed(seconds)
             return (task_id, OK, serialize.wrap_buffers((value,))[0], seconds)
         values = []
         try:  # list.extend keeps what it appended before an exception: the results up to the failure
@@ -236,7 +260,7 @@ class TaskRunner:
             return (task_id, FAILED, (values, _pack_error(exc)), time.perf_counter() - started)
         seconds = time.perf_counter() - started
         if len(values) == 1:
-            state.timed(function_id, seconds)
+            function.timed(seconds)
         return (task_id, OK, serialize.wrap_buffers(values), seconds)
 
     def _flush(self, conn, state: _LinkState) -> None:
@@ -267,8 +291,8 @@ class TaskRunner:
         with state.lock:
             held, state.held = state.held, []
             state.init_done = True
-        for task in held:
-            self._queue.put((conn, state, task))
+        for task, function in held:
+            self._queue.put((conn, state, task, function))
 
 
 class _Unloadable:
