@@ -138,9 +138,11 @@ class Cluster:
     def reset_patches(self) -> int:
         """Clear the patch log for members that join from now on; returns how many were cleared.
 
-        It does not undo code that already ran: members keep what it defined.
+        It does not undo code that already ran: members keep what it defined. It is not
+        retried after a lost master (a second reset could clear a patch sent in between):
+        if it raises, look at ``patches()`` and reset again if needed.
         """
-        return self._code_request("code.reset", None, retry=True)
+        return self._code_request("code.reset", None, retry=False)
 
     def _run_everywhere(self, body, what: str) -> dict:
         outcomes = self._code_request("code.run_all", body, retry=False)
@@ -165,11 +167,8 @@ class Cluster:
                 if not retry or time.monotonic() >= deadline:
                     raise
                 log.info("%s: %s; trying again", message_type, exc)
-                self._wait_for_cluster(deadline)
-
-    def _wait_for_cluster(self, deadline: float) -> None:
-        pause = threading.Event()  # the master may be changing: wait a little, then ask again
-        pause.wait(min(0.2, max(0.0, deadline - time.monotonic())))
+                # The master may be changing: wait a little (not a busy loop), then ask again.
+                threading.Event().wait(min(0.2, max(0.0, deadline - time.monotonic())))
 
     def executor(self):
         """This handle's own ``GridExecutor`` (made on first use, shut down by ``close()``)."""
