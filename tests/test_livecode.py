@@ -11,6 +11,7 @@ import json
 import math
 import os
 import py_compile
+import socket
 import subprocess
 import sys
 import textwrap
@@ -383,16 +384,19 @@ def test_load_all_as_a_dotted_module_creates_its_parent(grid3, tmp_path):
 
 
 GATED_SOURCE = textwrap.dedent("""
-    import os, time
+    import socket
     import grid
 
     _me = grid.current_member()
     if _me is not None and _me.uuid not in %(original)r:
-        # A member that joins later replays this patch first; it waits here for the test's gate,
-        # so the test can send it a task while it is still replaying.
-        _deadline = time.monotonic() + 60
-        while not os.path.exists(%(gate)r) and time.monotonic() < _deadline:
-            time.sleep(0.005)
+        # A member that joins later replays this patch first; it waits here for the test's gate
+        # (a listening socket: closing it resets this connection), so the test can send it a task
+        # while it is still replaying.
+        try:
+            with socket.create_connection(%(gate)r, timeout=60) as _gate:
+                _gate.recv(1)
+        except OSError:
+            pass
 
     def worker(x):
         import lc_deployed, lc_pkg.sub, lc_shapes
@@ -440,8 +444,9 @@ EXPECTED_LOG = [(1, "exec", "user"), (2, "load", "lc_shapes"), (3, "load", "lc_s
 def test_a_member_added_later_replays_every_patch_before_its_first_task(grid3, tmp_path, monkeypatch):
     client = grid3.client
     original = sorted(grid3.live_uuids())
-    gate = tmp_path / "gate"
-    patch_everything(client, tmp_path, monkeypatch, GATED_SOURCE % {"original": original, "gate": str(gate)})
+    gate = socket.create_server(("127.0.0.1", 0))  # closed: the gate opens
+    patch_everything(client, tmp_path, monkeypatch, GATED_SOURCE % {"original": original,
+                                                                     "gate": gate.getsockname()})
     assert [(p.seq, p.kind, p.module) for p in client.patches()] == EXPECTED_LOG
     import user
 
@@ -468,10 +473,10 @@ def test_a_member_added_later_replays_every_patch_before_its_first_task(grid3, t
         with pytest.raises(grid.ServiceNotFound):
             executor.submit_service("lc-no-such-service")  # asks every member which services it offers
         assert adder.is_alive(), "the task reached the new member while it was still replaying the log"
-        gate.touch()
+        gate.close()
         result = future.result(RESULT_TIMEOUT)
     finally:
-        gate.touch()
+        gate.close()
         adder.join()
     assert not add_errors, add_errors
     assert added[0].uuid == newcomer.uuid
