@@ -44,9 +44,8 @@ from . import messaging, serialize
 from .client import Cluster, close_at_exit, connect, forget_at_exit
 from .config import format_address, load_config
 from .dispatch import Dispatcher, _Link
-from .dispatch import _MAX_CREDIT, RemoteTraceback, _unpack_error  # noqa: F401  re-exported: tests and livecode
+from .dispatch import RemoteTraceback  # noqa: F401  re-exported: the __cause__ of a task's error, named here before
 from .errors import GridError, NotConnected, ServiceNotFound, WorkerCrashed
-from .mapping import _MAX_CHUNK  # noqa: F401  re-exported: tests read grid.executor._MAX_CHUNK
 from .mapping import chunk_futures, ordered_results, unordered_results
 from .membership import local_target
 from .services import HOW_TO_OFFER, call_service

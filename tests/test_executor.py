@@ -232,8 +232,8 @@ def test_map_over_an_endless_iterable_stays_bounded(executor):
     # taken from the iterable before their results were consumed, four chunks per task thread
     # (two in flight, two queued here) of the largest chunk size, and the chunk being read.
     threads = executor._task_threads()
-    assert most_outstanding <= 2 * threads * grid.executor._MAX_CREDIT
-    assert most_ahead <= (4 * threads + 1) * grid.executor._MAX_CHUNK
+    assert most_outstanding <= 2 * threads * grid.dispatch._MAX_CREDIT
+    assert most_ahead <= (4 * threads + 1) * grid.mapping._MAX_CHUNK
 
 
 # -- exceptions -------------------------------------------------------------------------------------------------
