@@ -9,16 +9,15 @@
 """
 
 from .client import Cluster, cluster, connect
-from .config import Config, load_config
-from .errors import (BrokenGrid, CodeNotAllowed, GridError, RemoteError, ServiceNotFound, SomeMembersFailed,
-                     WorkerCrashed)
-from .executor import GridExecutor, fmap, ufmap
-from .livecode import deploy, eval_all, exec_all, load_all, run_all
-from .patches import Patch
-from .membership import Member, MembershipEvent
+from .cluster.config import Config, load_config
+from .errors import BrokenGrid, CodeNotAllowed, GridError, RemoteError, ServiceNotFound, SomeMembersFailed, WorkerCrashed
+from .compute.executor import GridExecutor, fmap, ufmap
+from .code.livecode import deploy, eval_all, exec_all, load_all, run_all
+from .code.patches import Patch
+from .cluster.membership import Member, MembershipEvent
 from .peer import Peer
-from .services import service
-from .worker import current_member
+from .compute.services import service
+from .compute.worker import current_member
 
 __all__ = [
     "BrokenGrid", "Cluster", "CodeNotAllowed", "Config", "GridError", "GridExecutor", "Member", "MembershipEvent",

@@ -11,7 +11,7 @@ import sys
 import threading
 import time
 
-from .config import format_address, load_config
+from .cluster.config import format_address, load_config
 from .errors import ConfigError, GridError, SomeMembersFailed
 
 log = logging.getLogger("grid.cli")
@@ -263,8 +263,8 @@ def run_demo(members: int, items: int) -> int:
     """Start an embedded cluster, fmap a lambda over it, print who computed each item."""
     import collections
 
-    from .executor import GridExecutor
-    from .worker import current_member
+    from .compute.executor import GridExecutor
+    from .compute.worker import current_member
 
     started = time.perf_counter()
     os.environ.pop("GRID", None)  # the demo always runs its own private cluster

@@ -12,13 +12,14 @@ import threading
 import time
 import uuid as uuid_module
 
-from . import livecode, messaging, patches
-from .config import Config, load_config
-from .discovery import MulticastDiscovery, make_discovery
+from .code import livecode, patches
+from .net import messaging
+from .cluster.config import Config, load_config
+from .cluster.discovery import MulticastDiscovery, make_discovery
 from .errors import GridError, NotConnected, TransportError
-from .membership import Listeners, Member
+from .cluster.membership import Listeners, Member
 from .peer import Peer
-from .transport import Transport
+from .net.transport import Transport
 
 log = logging.getLogger("grid.client")
 
@@ -175,7 +176,7 @@ class Cluster:
         self._check_open()
         with self._executor_lock:
             if self._executor is None or self._executor._shutdown:
-                from .executor import GridExecutor
+                from .compute.executor import GridExecutor
 
                 self._executor = GridExecutor(cluster=self)
             return self._executor
@@ -189,7 +190,7 @@ class Cluster:
         Raises:
             ServiceNotFound: (when called) no member offers ``name``; the error lists those that exist.
         """
-        from .services import ServiceProxy
+        from .compute.services import ServiceProxy
 
         return ServiceProxy(self.executor(), name)
 

@@ -14,16 +14,18 @@ import socket
 import time
 import uuid as uuid_module
 
-from . import console, messaging, services
-from .livecode import CodeService
-from .config import Config, format_address, is_loopback, load_config, parse_address
-from .discovery import make_discovery
+from .code import console
+from .net import messaging
+from .compute import services
+from .code.livecode import CodeService
+from .cluster.config import Config, format_address, is_loopback, load_config, parse_address
+from .cluster.discovery import make_discovery
 from .errors import ConfigError, TransportError
-from .folders import private_folder
-from .membership import Membership, advertised_address, local_member
-from .transport import Transport
-from . import worker
-from .worker import TaskRunner
+from .net.folders import private_folder
+from .cluster.membership import Membership, advertised_address, local_member
+from .net.transport import Transport
+from .compute import worker
+from .compute.worker import TaskRunner
 
 log = logging.getLogger("grid.peer")
 

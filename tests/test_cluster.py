@@ -14,7 +14,7 @@ import sys
 import pytest
 
 import grid
-from grid import wire
+from grid.net import wire
 from grid.errors import NotConnected, SecurityError
 from tests.conftest import wait_for
 

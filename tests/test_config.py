@@ -1,4 +1,4 @@
-"""Tests of grid.config: addresses, validation, files, lookup order, secrets, bind policy.
+"""Tests of grid.cluster.config: addresses, validation, files, lookup order, secrets, bind policy.
 
 Every lookup test passes ``cwd``, ``home`` and ``environ`` explicitly (tmp_path and
 plain dicts), so the real home folder and environment are never read or changed.
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from grid.config import (
+from grid.cluster.config import (
     DEFAULT_PORT,
     AwsConfig,
     Config,

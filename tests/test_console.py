@@ -19,14 +19,14 @@ import types
 import pexpect
 import pytest
 
-import grid.console
-from grid import messaging
-from grid.config import load_config
-from grid.console import ConsoleSessions
+import grid.code.console
+from grid.net import messaging
+from grid.cluster.config import load_config
+from grid.code.console import ConsoleSessions
 from grid.console_client import RemoteConsole, SessionEnded, run_console
 from grid.errors import CodeNotAllowed, GridError
-from grid.membership import Member
-from grid.transport import Transport
+from grid.cluster.membership import Member
+from grid.net.transport import Transport
 from tests.conftest import wait_for
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -79,7 +79,7 @@ def member(user_module):
     yield make
     for one in made:
         one.close()
-    assert not isinstance(sys.stdout, grid.console._RoutedStream), "the streams are put back"
+    assert not isinstance(sys.stdout, grid.code.console._RoutedStream), "the streams are put back"
 
 
 def test_a_session_runs_blocks_prints_results_and_survives_an_exception(member, user_module):

@@ -13,9 +13,9 @@ import time
 
 import pytest
 
-from grid import multicast as multicast_module
-from grid.config import AwsConfig, Config, MembersPath, MulticastConfig
-from grid.discovery import (
+from grid.cluster import multicast as multicast_module
+from grid.cluster.config import AwsConfig, Config, MembersPath, MulticastConfig
+from grid.cluster.discovery import (
     AwsDiscovery,
     MembersFileDiscovery,
     MulticastDiscovery,

@@ -21,7 +21,7 @@ from concurrent.futures import FIRST_COMPLETED, BrokenExecutor, as_completed, wa
 import pytest
 
 import grid
-from grid.executor import RemoteTraceback
+from grid.compute.executor import RemoteTraceback
 from sim import LocalCluster
 
 from . import executor_helpers as helpers
@@ -232,8 +232,8 @@ def test_map_over_an_endless_iterable_stays_bounded(executor):
     # taken from the iterable before their results were consumed, four chunks per task thread
     # (two in flight, two queued here) of the largest chunk size, and the chunk being read.
     threads = executor._task_threads()
-    assert most_outstanding <= 2 * threads * grid.dispatch._MAX_CREDIT
-    assert most_ahead <= (4 * threads + 1) * grid.mapping._MAX_CHUNK
+    assert most_outstanding <= 2 * threads * grid.compute.dispatch._MAX_CREDIT
+    assert most_ahead <= (4 * threads + 1) * grid.compute.mapping._MAX_CHUNK
 
 
 # -- exceptions -------------------------------------------------------------------------------------------------
@@ -616,7 +616,7 @@ def test_embedded_members_leave_when_their_parent_dies(tmp_path):
     # The parent could not remove its folder; the next embedded cluster made here sweeps it.
     assert left.is_dir()
     assert [path for path in temp.iterdir() if path.name.startswith("grid-member-")] == [], "members clean up"
-    assert grid.folders.sweep_abandoned("grid-embedded-", directory=str(temp)) == [str(left)]
+    assert grid.net.folders.sweep_abandoned("grid-embedded-", directory=str(temp)) == [str(left)]
     assert not left.exists()
 
 

@@ -4,7 +4,7 @@ import os
 import subprocess
 import sys
 
-from grid import folders
+from grid.net import folders
 
 
 def dead_pid() -> int:

@@ -15,7 +15,8 @@ import uuid
 import pytest
 
 import grid
-from grid import dispatch, serialize, worker
+from grid.compute import dispatch, worker
+from grid.net import serialize
 
 from .conftest import wait_for
 

@@ -21,7 +21,8 @@ import types
 import pytest
 
 import grid
-from grid import livecode, patches, serialize
+from grid.code import livecode, patches
+from grid.net import serialize
 
 from . import livecode_helpers as helpers
 from .conftest import wait_for
@@ -183,7 +184,7 @@ CLIENT_WITHOUT_CLOUDPICKLE = textwrap.dedent("""
     import json, sys
     sys.modules["cloudpickle"] = None  # any import of it fails: functions must travel by reference
     import grid
-    from grid import serialize
+    from grid.net import serialize
 
     with grid.connect(sys.argv[1]) as cluster:
         cluster.exec_all(sys.argv[2])
@@ -772,7 +773,7 @@ DEFAULT_CONNECTION_SCRIPT = textwrap.dedent("""
     import json, os, sys
     sys.modules["cloudpickle"] = None
     import grid
-    from grid.executor import default_executor
+    from grid.compute.executor import default_executor
 
     grid.exec_all("import os, grid\\ndef worker(x):\\n    return x + 1, grid.current_member().uuid")
     import user

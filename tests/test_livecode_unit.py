@@ -3,7 +3,7 @@
 import pytest
 
 import grid
-from grid import serialize
+from grid.net import serialize
 
 from .conftest import wait_for
 
@@ -27,7 +27,7 @@ def ids(peer):
 
 
 def submit(peer, source):
-    from grid import patches
+    from grid.code import patches
 
     return peer.code.submit(patches.exec_patch(source, "livecode_unit_ns", None)).result(10)
 
@@ -56,7 +56,7 @@ def test_a_member_that_missed_patches_takes_the_whole_log_from_the_sender(two_me
 
 
 def test_a_retried_patch_is_logged_once(two_members):
-    from grid import patches
+    from grid.code import patches
 
     master, _ = two_members
     patch = patches.exec_patch("VALUE = 'once'", "livecode_unit_ns", None)

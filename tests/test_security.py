@@ -11,10 +11,10 @@ import types
 
 import pytest
 
-from grid import security, wire
+from grid.net import security, wire
 from grid.errors import ConfigError, HandshakeError
-from grid.security import ClientHandshake, HandshakeFailed, ServerHandshake, derive_key
-from grid.wire import FrameDecoder, Kind, frame_bytes
+from grid.net.security import ClientHandshake, HandshakeFailed, ServerHandshake, derive_key
+from grid.net.wire import FrameDecoder, Kind, frame_bytes
 
 SECRET = "correct horse battery staple"
 
@@ -554,7 +554,7 @@ def test_contexts_complete_a_mutual_tls_handshake(pki):
 
 
 def test_grid_config_tls_section_is_accepted(pki):
-    from grid.config import TlsConfig
+    from grid.cluster.config import TlsConfig
 
     tls = TlsConfig(cert=pki.member.cert, key=pki.member.key, ca=pki.ca)
 

@@ -16,9 +16,9 @@ import uuid
 import pytest
 
 import grid
-from grid import services
+from grid.compute import services
 from grid.errors import ServiceNotFound
-from grid.executor import RemoteTraceback
+from grid.compute.executor import RemoteTraceback
 
 from .conftest import wait_for
 
@@ -44,7 +44,7 @@ def unique(prefix: str) -> str:
 def test_decorator_registers_under_the_name_and_returns_the_function_unchanged():
     name = unique("triple")
 
-    @grid.services.service(name)
+    @grid.compute.services.service(name)
     def triple(x):
         return 3 * x
 
@@ -79,7 +79,7 @@ def test_registering_another_function_under_a_taken_name_replaces_it_and_logs(ca
 
 
 def test_re_running_a_module_re_registers_its_services(tmp_path, monkeypatch):
-    source = "import grid.services\n@grid.services.service('reloaded_example')\ndef answer():\n    return {value}\n"
+    source = "import grid.compute.services\n@grid.compute.services.service('reloaded_example')\ndef answer():\n    return {value}\n"
     path = tmp_path / "reloaded_services_example.py"
     path.write_text(source.format(value=1))
     namespace: dict = {}
@@ -113,7 +113,7 @@ def test_call_service_of_a_name_not_offered_names_the_member_and_what_it_offers(
     registry.clear()
     services.service("present")(len)
     member = grid.Member(uuid="u1", address=("127.0.0.1", 5701))
-    monkeypatch.setattr(grid.worker, "_current_member", member)
+    monkeypatch.setattr(grid.compute.worker, "_current_member", member)
     with pytest.raises(ServiceNotFound, match="absent") as caught:
         services.call_service("absent")
     message = str(caught.value)
@@ -241,17 +241,17 @@ SERVICE_MODULE = textwrap.dedent('''
     import threading
     import time
 
-    import grid.services
+    import grid.compute.services
 
     GATE_TIMEOUT = 30.0
 
 
-    @grid.services.service("where")
+    @grid.compute.services.service("where")
     def where(x=None):
         return os.getpid(), x
 
 
-    @grid.services.service
+    @grid.compute.services.service
     def gated(gate, started_dir):
         """Note that it started here, then wait until the file ``gate`` exists; return this pid."""
         with open(os.path.join(started_dir, str(os.getpid())), "w"):

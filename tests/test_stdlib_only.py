@@ -34,7 +34,7 @@ def test_executor_without_cloudpickle_runs_importable_functions_and_explains_lam
         import sys
         sys.modules["cloudpickle"] = None
         import grid
-        from grid.serialize import SerializationError
+        from grid.net.serialize import SerializationError
         with grid.GridExecutor(1) as executor:
             print(executor.submit(divmod, 17, 5).result())
             print(list(executor.map(abs, [-1, -2, 3])))

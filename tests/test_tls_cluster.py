@@ -24,8 +24,8 @@ import pytest
 
 import grid
 from grid.errors import NotConnected
-from grid.transport import Transport
-from grid.wire import HEADER, Kind
+from grid.net.transport import Transport
+from grid.net.wire import HEADER, Kind
 
 from . import executor_helpers as helpers
 from .conftest import wait_for

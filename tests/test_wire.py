@@ -7,9 +7,9 @@ import struct
 
 import pytest
 
-from grid import wire
+from grid.net import wire
 from grid.errors import ProtocolError
-from grid.wire import HEADER, HEADER_SIZE, MAGIC, VERSION, Flag, Frame, FrameDecoder, Kind, frame_bytes, split_parts
+from grid.net.wire import HEADER, HEADER_SIZE, MAGIC, VERSION, Flag, Frame, FrameDecoder, Kind, frame_bytes, split_parts
 
 
 def open_decoder(max_payload: int = wire.DEFAULT_MAX_PAYLOAD) -> FrameDecoder:

@@ -29,37 +29,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .address import (  # noqa: F401 - re-exported: config is where callers have found them
-    _ADDRESS_FORMS,
-    DEFAULT_PORT,
-    _describe,
-    _host_problem,
-    _ipv4_pattern_ranges,
-    _is_ip,
-    _is_ipv6,
-    format_address,
-    is_loopback,
-    parse_address,
-    trusted_interface_matches,
-)
-from .config_check import (  # noqa: F401 - JOIN_METHODS and MAX_ID_LENGTH re-exported
-    JOIN_METHODS,
-    MAX_ID_LENGTH,
-    _build_table,
-    _field_names,
-    _members_from,
-    _reject_unknown_keys,
-    _resolve_path,
-    _validate,
-)
-from .config_tables import (  # noqa: F401 - re-exported: the tables are part of config's face
-    _TABLES,
-    AwsConfig,
-    MembersPath,
-    MulticastConfig,
-    TlsConfig,
-)
-from .errors import ConfigError, SecurityError
+from ..net.address import _ADDRESS_FORMS, DEFAULT_PORT, _describe, _host_problem, _ipv4_pattern_ranges, _is_ip, _is_ipv6, format_address, is_loopback, parse_address, trusted_interface_matches
+from .config_check import JOIN_METHODS, MAX_ID_LENGTH, _build_table, _field_names, _members_from, _reject_unknown_keys, _resolve_path, _validate
+from .config_tables import _TABLES, AwsConfig, MembersPath, MulticastConfig, TlsConfig
+from ..errors import ConfigError, SecurityError
 
 log = logging.getLogger("grid.config")
 

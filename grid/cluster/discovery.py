@@ -25,7 +25,7 @@ import socket
 import time
 
 from .config import DEFAULT_PORT, Config, MembersPath, format_address, parse_address
-from .errors import ConfigError, DiscoveryError
+from ..errors import ConfigError, DiscoveryError
 
 logger = logging.getLogger("grid.discovery")
 

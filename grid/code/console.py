@@ -32,9 +32,10 @@ import threading
 import types
 from concurrent.futures import Future
 
-from . import messaging, patches
-from .address import format_address
-from .errors import CodeNotAllowed, GridError
+from ..net import messaging
+from . import patches
+from ..net.address import format_address
+from ..errors import CodeNotAllowed, GridError
 
 log = logging.getLogger("grid.console")
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import ipaddress
 import re
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 DEFAULT_PORT = 5701
 

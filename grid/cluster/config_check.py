@@ -16,9 +16,9 @@ import os
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from .address import _describe, _host_problem, _ipv4_pattern_ranges, _is_ip, parse_address
+from ..net.address import _describe, _host_problem, _ipv4_pattern_ranges, _is_ip, parse_address
 from .config_tables import _TABLES, AwsConfig, MembersPath, MulticastConfig, TlsConfig
-from .errors import ConfigError
+from ..errors import ConfigError
 
 if TYPE_CHECKING:
     from .config import Config

@@ -22,7 +22,7 @@ from __future__ import annotations
 import logging
 import threading
 
-from .errors import ServiceNotFound
+from ..errors import ServiceNotFound
 from .worker import current_member
 
 log = logging.getLogger("grid.services")

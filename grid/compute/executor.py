@@ -40,16 +40,16 @@ import threading
 import time
 from concurrent.futures import Future
 
-from . import messaging, serialize
-from .client import Cluster, close_at_exit, connect, forget_at_exit
-from .config import format_address, load_config
+from ..net import messaging, serialize
+from ..client import Cluster, close_at_exit, connect, forget_at_exit
+from ..cluster.config import format_address, load_config
 from .dispatch import Dispatcher, _Link
 from .dispatch import RemoteTraceback  # noqa: F401  re-exported: the __cause__ of a task's error, named here before
-from .errors import GridError, NotConnected, ServiceNotFound, WorkerCrashed
+from ..errors import GridError, NotConnected, ServiceNotFound, WorkerCrashed
 from .mapping import chunk_futures, ordered_results, unordered_results
-from .membership import local_target
+from ..cluster.membership import local_target
 from .services import HOW_TO_OFFER, call_service
-from .transport import Transport
+from ..net.transport import Transport
 from .worker import CALL
 
 log = logging.getLogger("grid.executor")
@@ -501,7 +501,7 @@ def default_executor() -> GridExecutor:
     global _default_executor
     with _default_lock:
         if _default_executor is None or _default_executor._shutdown:
-            from .client import cluster
+            from ..client import cluster
 
             config = load_config()
             _default_executor = GridExecutor() if config.source == "defaults" else GridExecutor(cluster=cluster())

@@ -11,7 +11,7 @@ import logging
 from concurrent.futures import Future
 
 from . import serialize
-from .errors import GridError, RemoteError
+from ..errors import GridError, RemoteError
 from .wire import Flag, Kind, split_parts
 
 log = logging.getLogger("grid.messaging")

@@ -48,7 +48,7 @@ from concurrent.futures import Future, InvalidStateError
 from typing import TYPE_CHECKING
 
 from . import security, wire
-from .errors import ConnectionClosed, HandshakeError, ProtocolError, TransportError
+from ..errors import ConnectionClosed, HandshakeError, ProtocolError, TransportError
 from .wire import Flag, Kind
 
 if TYPE_CHECKING:

@@ -18,7 +18,7 @@ import io
 import pickle
 import types
 
-from .errors import GridError
+from ..errors import GridError
 
 PROTOCOL = 5
 OUT_OF_BAND_MIN = 64 * 1024  # smaller buffers are cheaper in-band

@@ -26,11 +26,11 @@ import threading
 import time
 from concurrent.futures import Future
 
-from . import messaging, serialize
-from .dispatch import RemoteTraceback, _unpack_error
-from .worker import _pack_error
-from .errors import CodeNotAllowed, GridError, RemoteError, SomeMembersFailed, TransportError
-from .membership import local_target
+from ..net import messaging, serialize
+from ..compute.dispatch import RemoteTraceback, _unpack_error
+from ..compute.worker import _pack_error
+from ..errors import CodeNotAllowed, GridError, RemoteError, SomeMembersFailed, TransportError
+from ..cluster.membership import local_target
 from .patches import _check_module_name, _compile, apply_patch, namespace
 
 log = logging.getLogger("grid.livecode")
@@ -517,7 +517,7 @@ def results_by_member(outcomes: dict, members, what: str) -> dict:
 
 
 def _unknown_member(uuid: str):
-    from .membership import Member
+    from ..cluster.membership import Member
 
     return Member(uuid=uuid, address=("?", 0), pid=0, hostname="?", workers=0)
 
@@ -526,7 +526,7 @@ def _unknown_member(uuid: str):
 
 def _default_cluster():
     """The cluster ``fmap`` uses: the configured one, or the embedded one."""
-    from .executor import default_executor
+    from ..compute.executor import default_executor
 
     return default_executor().cluster
 

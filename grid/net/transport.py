@@ -50,7 +50,7 @@ from concurrent.futures import Future
 
 from . import security, wire
 from .connection import Connection, State, _where
-from .errors import TransportError
+from ..errors import TransportError
 
 log = logging.getLogger("grid.transport")
 

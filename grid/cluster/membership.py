@@ -27,9 +27,9 @@ import time
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 
-from . import messaging
-from .address import format_address, parse_address  # noqa: F401  parse_address: re-exported (in __all__)
-from .errors import GridError
+from ..net import messaging
+from ..net.address import format_address, parse_address  # noqa: F401  parse_address: re-exported (in __all__)
+from ..errors import GridError
 from .joining import Joiner
 from .members import Listeners, Member
 from .members import MembershipEvent, advertised_address, local_member, local_target  # noqa: F401  re-exported

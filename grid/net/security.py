@@ -27,7 +27,7 @@ import json
 import os
 import ssl
 
-from .errors import ConfigError, HandshakeError
+from ..errors import ConfigError, HandshakeError
 from .wire import HANDSHAKE_LIMIT, Kind
 
 PROTOCOL_VERSION = 1

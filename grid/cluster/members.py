@@ -16,7 +16,7 @@ import queue
 import socket
 import threading
 
-from .address import format_address
+from ..net.address import format_address
 
 log = logging.getLogger("grid.membership")  # one logger for all of membership, whichever file logs
 

@@ -21,9 +21,9 @@ import sys
 import threading
 import time
 
-from .config import format_address
-from .errors import GridError
-from .folders import private_folder
+from ..cluster.config import format_address
+from ..errors import GridError
+from ..net.folders import private_folder
 
 log = logging.getLogger("grid.embedded")
 

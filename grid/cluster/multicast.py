@@ -33,7 +33,7 @@ import uuid
 
 from .config import MulticastConfig, format_address, is_loopback, trusted_interface_matches
 from .discovery import MEMBER_STATES, Address, Discovery, _parse_member_address, _unique
-from .errors import ConfigError, DiscoveryError
+from ..errors import ConfigError, DiscoveryError
 
 # A child of "grid.discovery": logging set up for discovery still covers multicast.
 logger = logging.getLogger("grid.discovery.multicast")

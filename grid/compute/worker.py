@@ -22,8 +22,8 @@ import threading
 import time
 import traceback
 
-from . import messaging, serialize
-from .errors import BrokenGrid, GridError, RemoteError
+from ..net import messaging, serialize
+from ..errors import BrokenGrid, GridError, RemoteError
 
 log = logging.getLogger("grid.worker")
 

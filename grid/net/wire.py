@@ -18,7 +18,7 @@ import enum
 import struct
 from typing import NamedTuple
 
-from .errors import ProtocolError
+from ..errors import ProtocolError
 
 MAGIC = b"GR"
 VERSION = 1

@@ -37,9 +37,9 @@ import logging
 import threading
 from concurrent.futures import Future
 
-from . import messaging, serialize
-from .errors import GridError, RemoteError, WorkerCrashed
-from .wire import Kind
+from ..net import messaging, serialize
+from ..errors import GridError, RemoteError, WorkerCrashed
+from ..net.wire import Kind
 from .worker import CALL, CANCELLED, OK, UNSENDABLE
 
 log = logging.getLogger("grid.executor")  # one logger for all of the executor, whichever file logs
