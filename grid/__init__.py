@@ -8,13 +8,13 @@
         cluster.exec_all("def worker(x): return x + 1")   # on every member, and on later joiners
 """
 
-from .client import Cluster, cluster, connect
+from .client import (Cluster, GridExecutor, cluster, connect, deploy, eval_all, exec_all, fmap, load_all, run_all,
+                     ufmap)
 from .cluster.config import Config, load_config
-from .errors import BrokenGrid, CodeNotAllowed, GridError, RemoteError, ServiceNotFound, SomeMembersFailed, WorkerCrashed
-from .compute.executor import GridExecutor, fmap, ufmap
-from .code.livecode import deploy, eval_all, exec_all, load_all, run_all
+from .errors import (BrokenGrid, CodeNotAllowed, GridError, RemoteError, ServiceNotFound, SomeMembersFailed,
+                     WorkerCrashed)
 from .code.patches import Patch
-from .cluster.membership import Member, MembershipEvent
+from .cluster.members import Member, MembershipEvent
 from .peer import Peer
 from .compute.services import service
 from .compute.worker import current_member

@@ -11,7 +11,8 @@ import sys
 import threading
 import time
 
-from .cluster.config import format_address, load_config
+from .cluster.config import load_config
+from .net.address import format_address
 from .errors import ConfigError, GridError, SomeMembersFailed
 
 log = logging.getLogger("grid.cli")
@@ -263,7 +264,7 @@ def run_demo(members: int, items: int) -> int:
     """Start an embedded cluster, fmap a lambda over it, print who computed each item."""
     import collections
 
-    from .compute.executor import GridExecutor
+    from .client import GridExecutor
     from .compute.worker import current_member
 
     started = time.perf_counter()

@@ -1,8 +1,14 @@
-"""Connecting to a cluster: ``connect()`` and the process-wide default ``cluster()``.
+"""The user's handles: ``Cluster`` (``connect()``, the process-wide ``cluster()``) and ``GridExecutor``.
 
 A ``Cluster`` is either a client (it talks to the members over one
 authenticated link and follows the member list they push) or, with
 ``member=True``, a full member running in this process.
+
+``GridExecutor`` is ``compute``'s ``ClusterExecutor`` with its cluster found for it: the
+one given, the configured one, or an embedded local one torn down with it. The
+functions of the default connection (``fmap``, ``run_all``, ``exec_all``, ...) run on
+``default_executor()``'s cluster. Interpreter exit closes every handle still open,
+newest first.
 """
 
 from __future__ import annotations
@@ -10,16 +16,16 @@ from __future__ import annotations
 import logging
 import threading
 import time
-import uuid as uuid_module
 
-from .code import livecode, patches
-from .net import messaging
 from .cluster.config import Config, load_config
-from .cluster.discovery import MulticastDiscovery, make_discovery
-from .errors import GridError, NotConnected, TransportError
-from .cluster.membership import Listeners, Member
+from .cluster.link import ClusterLink
+from .cluster.members import Member
+from .code import livecode, patches
+from .compute.embedded import EmbeddedCluster
+from .compute.executor import ClusterExecutor
+from .compute.services import ServiceProxy
+from .errors import NotConnected, TransportError
 from .peer import Peer
-from .net.transport import Transport
 
 log = logging.getLogger("grid.client")
 
@@ -42,7 +48,7 @@ class Cluster:
             self._link = None
         else:
             self._peer = None
-            self._link = _ClientLink(config, timeout=timeout)
+            self._link = ClusterLink(config, timeout=timeout)
         close_at_exit(self, self.close)
 
     def members(self) -> list[Member]:
@@ -175,9 +181,7 @@ class Cluster:
         """This handle's own ``GridExecutor`` (made on first use, shut down by ``close()``)."""
         self._check_open()
         with self._executor_lock:
-            if self._executor is None or self._executor._shutdown:
-                from .compute.executor import GridExecutor
-
+            if self._executor is None or self._executor.is_shutdown:
                 self._executor = GridExecutor(cluster=self)
             return self._executor
 
@@ -190,8 +194,6 @@ class Cluster:
         Raises:
             ServiceNotFound: (when called) no member offers ``name``; the error lists those that exist.
         """
-        from .compute.services import ServiceProxy
-
         return ServiceProxy(self.executor(), name)
 
     def close(self) -> None:
@@ -223,146 +225,6 @@ class Cluster:
         role = "member" if self.is_member else "client"
         state = "closed" if self._closed else f"{len(self.members())} members"
         return f"<Cluster {self.config.id!r} {role}, {state}>"
-
-
-class _ClientLink:
-    """A client's link to the cluster: one connection to some member, re-made when it drops."""
-
-    def __init__(self, config: Config, *, timeout: float | None):
-        self.config = config
-        self.members: tuple[Member, ...] = ()
-        self.version = 0
-        self.listeners = Listeners()
-        self._secret = config.resolved_secret()
-        self._router = messaging.Router()
-        self._router.register("members", self._on_members)
-        self._closed = threading.Event()
-        self._lost = threading.Event()
-        self._lock = threading.Lock()
-        self._conn = None
-        self._last_answer = time.monotonic()
-        self._transport = Transport(
-            cluster_id=config.id, secret=self._secret,
-            info={"uuid": uuid_module.uuid4().hex, "role": "client"},
-            on_frame=self._router.on_frame, on_close=self._on_close,
-            handshake_timeout=config.handshake_timeout, tls=config.tls)
-        try:
-            self._discovery = make_discovery(config.replace(register_on_join=False), secret=self._secret)
-            if isinstance(self._discovery, MulticastDiscovery):
-                # Listen for members' announcements; a client asks but is never a candidate.
-                self._discovery.set_state("client")
-                self._discovery.start((config.bind_host(), 0))
-            wait = timeout if timeout is not None else config.join_timeout + config.handshake_timeout
-            self._connect(deadline=time.monotonic() + wait)
-        except BaseException:
-            self._transport.close()
-            if hasattr(self, "_discovery"):
-                self._discovery.stop(clean=False)
-            self.listeners.close()
-            raise
-        self._thread = threading.Thread(target=self._keep_connected, name="grid-client")
-        self._thread.start()
-
-    def _candidates(self) -> list:
-        known = [m.address for m in self.members]
-        return known + [address for address in self._discovery.candidates() if address not in known]
-
-    def _connect(self, deadline: float) -> None:
-        reasons = {}
-        while not self._closed.is_set():
-            for address in self._candidates():
-                try:
-                    conn = self._transport.connect(address).result(self.config.handshake_timeout)
-                    reply = messaging.request(conn, "client_hello", None).result(self.config.handshake_timeout)
-                except Exception as exc:
-                    reasons[address] = str(exc) or type(exc).__name__
-                    continue
-                with self._lock:
-                    self._conn = conn
-                    self._last_answer = time.monotonic()
-                    self._lost.clear()
-                self._update(reply["version"], reply["members"])
-                return
-            if time.monotonic() >= deadline:
-                tried = "; ".join(f"{h}:{p}: {why}" for (h, p), why in reasons.items()) or "no candidates found"
-                raise NotConnected(f"cannot reach any member of cluster {self.config.id!r} ({tried}); "
-                                   "start a member (`python -m grid peer`) or check `members` and the secret")
-            self._closed.wait(0.1)
-
-    def _on_members(self, conn, body) -> None:
-        self._update(body["version"], body["members"])
-
-    def _update(self, version: int, members) -> None:
-        members = tuple(Member.from_wire(m) for m in members)
-        with self._lock:
-            same_master = bool(members) and bool(self.members) and members[0].uuid == self.members[0].uuid
-            if same_master and version <= self.version:
-                return  # older news from the same master (a push can overtake the hello reply)
-            old, self.members = self.members, members
-            self.version = version
-            self.listeners.emit_changes(old, self.members, version)
-
-    def _on_close(self, conn) -> None:
-        if conn is self._conn:
-            self._lost.set()
-
-    def _check_alive(self) -> None:
-        """Ask the member for the member list each heartbeat; drop the link if it stops answering.
-
-        A frozen or hung member keeps its socket open, and it is the one that would tell us
-        it was removed: without this a client (and its pending requests) would wait forever.
-        """
-        with self._lock:
-            conn, last_answer = self._conn, self._last_answer
-        if conn is None or not conn.is_open:
-            return
-        silent = time.monotonic() - last_answer
-        if silent > self.config.failure_timeout:
-            log.warning("member at %s has not answered for %.1f s; linking to another member", conn.remote, silent)
-            conn.close(f"the member did not answer for {silent:.1f} s (failure_timeout)")
-            return
-        try:
-            messaging.request(conn, "client_hello", None).add_done_callback(self._answered)
-        except GridError:
-            pass  # closing: _on_close reconnects
-
-    def _answered(self, done) -> None:
-        if done.cancelled() or done.exception() is not None:
-            return
-        reply = done.result()
-        with self._lock:
-            self._last_answer = time.monotonic()
-        self._update(reply["version"], reply["members"])
-
-    def _keep_connected(self) -> None:
-        while not self._closed.is_set():
-            if not self._lost.wait(self.config.heartbeat_interval):
-                self._check_alive()
-                continue
-            if self._closed.is_set():
-                return
-            log.info("lost the link to the cluster; reconnecting")
-            try:
-                self._connect(deadline=time.monotonic() + self.config.failure_timeout)
-            except NotConnected as exc:
-                log.warning("%s", exc)
-                self._closed.wait(1.0)
-
-    def request(self, message_type: str, body):
-        """A request to the member this link is on; the Future fails if the link is down."""
-        with self._lock:
-            conn = self._conn
-        if conn is None or not conn.is_open:
-            raise NotConnected("the link to the cluster is down; it is being re-made")
-        return messaging.request(conn, message_type, body)
-
-    def close(self) -> None:
-        self._closed.set()
-        self._lost.set()
-        self._thread.join()
-        self._transport.close()
-        self._discovery.stop(clean=False)
-        self.listeners.close()
 
 
 def connect(config=None, *, member: bool = False, timeout: float | None = None) -> Cluster:
@@ -425,3 +287,120 @@ def cluster() -> Cluster:
         if _default is None or _default._closed:
             _default = connect()
         return _default
+
+
+# -- the executor --------------------------------------------------------------------------------------
+
+class GridExecutor(ClusterExecutor):
+    """Run callables on the members of a cluster; returns stdlib ``Future``s.
+
+    Args:
+        max_workers: with no cluster configured, the number of member processes of the
+            embedded local cluster (default: the core count). Ignored for a given cluster.
+        cluster: a ``grid.Cluster`` (from ``grid.connect``), or anything ``grid.connect``
+            takes (a config dict or path). None: the configured cluster, or, if nothing is
+            configured, a private embedded cluster torn down on shutdown.
+        initializer, initargs: ``initializer(*initargs)`` runs once on every member
+            before it takes this executor's work.
+        max_retries: how often a task is re-run after the member running it died.
+        startup_timeout: seconds to wait for the cluster and the first links to its members.
+
+    Raises:
+        NotConnected: no member of the cluster could be reached.
+    """
+
+    def __init__(self, max_workers: int | None = None, *, cluster=None, initializer=None, initargs=(),
+                 max_retries: int = 3, startup_timeout: float = 30.0):
+        if max_workers is not None and max_workers < 1:
+            raise ValueError("max_workers must be greater than 0")
+        if max_retries < 0:
+            raise ValueError("max_retries must be 0 or more")
+        self._embedded = None
+        self._owns_cluster = not isinstance(cluster, Cluster)
+        self._handle = cluster if isinstance(cluster, Cluster) else self._open_cluster(cluster, max_workers,
+                                                                                          startup_timeout)
+        super().__init__(self._handle, initializer=initializer, initargs=initargs, max_retries=max_retries,
+                         startup_timeout=startup_timeout,
+                         crash_report=self._embedded.exit_report if self._embedded else None,
+                         on_teardown=self._close_what_it_opened)
+        close_at_exit(self, self.shutdown)
+
+    @property
+    def cluster(self) -> Cluster:
+        """The ``Cluster`` this executor runs on (for an embedded one, a client of its members):
+        ``executor.cluster.exec_all(...)`` reaches the same members as ``submit``."""
+        return self._handle
+
+    def _open_cluster(self, cluster, max_workers, startup_timeout) -> Cluster:
+        if cluster is None:
+            config = load_config()
+            if config.source == "defaults":
+                self._embedded = EmbeddedCluster(max_workers or config.effective_workers(),
+                                                 startup_timeout=startup_timeout)
+                cluster = self._embedded.client_config()
+            else:
+                cluster = config
+        try:
+            return connect(cluster, timeout=startup_timeout)
+        except BaseException:
+            if self._embedded is not None:
+                self._embedded.close()
+            raise
+
+    def _close_what_it_opened(self) -> None:
+        forget_at_exit(self)
+        if self._owns_cluster:
+            self._handle.close()
+        if self._embedded is not None:
+            self._embedded.close()
+
+
+_default_executor: GridExecutor | None = None
+_default_executor_lock = threading.Lock()
+
+
+def default_executor() -> GridExecutor:
+    """The executor of the default connection: the configured cluster, or an embedded one."""
+    global _default_executor
+    with _default_executor_lock:
+        if _default_executor is None or _default_executor.is_shutdown:
+            config = load_config()
+            _default_executor = GridExecutor() if config.source == "defaults" else GridExecutor(cluster=cluster())
+        return _default_executor
+
+
+def fmap(fn, *iterables, chunksize=None):
+    """``map`` on the default connection's executor: lazy, ordered, bounded in memory."""
+    return default_executor().map(fn, *iterables, chunksize=chunksize)
+
+
+def ufmap(fn, *iterables, chunksize=None):
+    """Like ``fmap`` but yields results as they complete."""
+    return default_executor().map_unordered(fn, *iterables, chunksize=chunksize)
+
+
+# -- cluster-wide code on the default connection (the cluster ``fmap`` uses) ---------------------------
+
+def run_all(fn, /, *args, **kwargs) -> dict:
+    """``Cluster.run_all`` on the default connection (the cluster ``fmap`` uses)."""
+    return default_executor().cluster.run_all(fn, *args, **kwargs)
+
+
+def eval_all(expression: str, module: str = "user") -> dict:
+    """``Cluster.eval_all`` on the default connection."""
+    return default_executor().cluster.eval_all(expression, module)
+
+
+def exec_all(source: str, module: str = "user", *, filename: str | None = None, local: bool = True) -> dict:
+    """``Cluster.exec_all`` on the default connection."""
+    return default_executor().cluster.exec_all(source, module, filename=filename, local=local)
+
+
+def load_all(path, module: str | None = None, *, local: bool = True) -> dict:
+    """``Cluster.load_all`` on the default connection."""
+    return default_executor().cluster.load_all(path, module, local=local)
+
+
+def deploy(module) -> dict:
+    """``Cluster.deploy`` on the default connection."""
+    return default_executor().cluster.deploy(module)

@@ -68,6 +68,17 @@ class RemoteError(GridError):
     """An operation failed on a remote member; the remote traceback is the ``__cause__``."""
 
 
+class RemoteTraceback(Exception):
+    """The traceback of an exception raised in another process; attached as its ``__cause__``."""
+
+    def __init__(self, text: str):
+        super().__init__(text)
+        self.text = text
+
+    def __str__(self) -> str:
+        return f'\n"""\n{self.text}"""'
+
+
 class BrokenGrid(GridError, concurrent.futures.BrokenExecutor):
     """The executor can no longer run work (its cluster is gone)."""
 

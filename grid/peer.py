@@ -18,11 +18,13 @@ from .code import console
 from .net import messaging
 from .compute import services
 from .code.livecode import CodeService
-from .cluster.config import Config, format_address, is_loopback, load_config, parse_address
+from .cluster.config import Config, load_config
+from .net.address import format_address, is_loopback, parse_address
 from .cluster.discovery import make_discovery
 from .errors import ConfigError, TransportError
 from .net.folders import private_folder
-from .cluster.membership import Membership, advertised_address, local_member
+from .cluster.members import advertised_address, local_member
+from .cluster.membership import Membership
 from .net.transport import Transport
 from .compute import worker
 from .compute.worker import TaskRunner
@@ -85,7 +87,7 @@ class Peer:
             self.code = CodeService(router=self.router, transport=self.transport, membership=self.membership,
                                     allow_code=self.config.allow_code, request_timeout=self.config.handshake_timeout,
                                     on_ready=lambda: self.tasks.release(self.transport.call_soon))
-            worker._current_member = self.me
+            worker.set_current_member(self.me)
         except BaseException:
             for part in ("console", "tasks"):
                 if hasattr(self, part):
@@ -140,8 +142,8 @@ class Peer:
         self.console.close()
         self.tasks.close()
         self.transport.close()
-        if worker._current_member is self.me:  # current_member() must not name a member that is gone
-            worker._current_member = None
+        if worker.current_member() is self.me:  # current_member() must not name a member that is gone
+            worker.set_current_member(None)
         self._remove_socket_dir()
 
     def _remove_socket_dir(self) -> None:

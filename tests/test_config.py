@@ -1,4 +1,5 @@
-"""Tests of grid.cluster.config: addresses, validation, files, lookup order, secrets, bind policy.
+"""Tests of the config (grid.cluster.config, config_tables, config_check) and grid.net.address:
+addresses, validation, files, lookup order, secrets, bind policy.
 
 Every lookup test passes ``cwd``, ``home`` and ``environ`` explicitly (tmp_path and
 plain dicts), so the real home folder and environment are never read or changed.
@@ -12,19 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from grid.cluster.config import (
-    DEFAULT_PORT,
-    AwsConfig,
-    Config,
-    MembersPath,
-    MulticastConfig,
-    TlsConfig,
-    format_address,
-    is_loopback,
-    load_config,
-    parse_address,
-    trusted_interface_matches,
-)
+from grid.cluster.config import Config, load_config
+from grid.cluster.config_tables import AwsConfig, MembersPath, MulticastConfig, TlsConfig
+from grid.net.address import DEFAULT_PORT, format_address, is_loopback, parse_address, trusted_interface_matches
 from grid.errors import ConfigError, SecurityError
 
 SOURCE = "/etc/test/grid.toml"

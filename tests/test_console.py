@@ -25,7 +25,7 @@ from grid.cluster.config import load_config
 from grid.code.console import ConsoleSessions
 from grid.console_client import RemoteConsole, SessionEnded, run_console
 from grid.errors import CodeNotAllowed, GridError
-from grid.cluster.membership import Member
+from grid.cluster.members import Member
 from grid.net.transport import Transport
 from tests.conftest import wait_for
 

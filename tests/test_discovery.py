@@ -14,17 +14,18 @@ import time
 import pytest
 
 from grid.cluster import multicast as multicast_module
-from grid.cluster.config import AwsConfig, Config, MembersPath, MulticastConfig
+from grid.cluster.config import Config
+from grid.cluster.config_tables import AwsConfig, MembersPath, MulticastConfig
 from grid.cluster.discovery import (
     AwsDiscovery,
     MembersFileDiscovery,
-    MulticastDiscovery,
     RegistryFolderDiscovery,
     StaticDiscovery,
     make_discovery,
     parse_registry_entry_name,
     registry_entry_name,
 )
+from grid.cluster.multicast import MulticastDiscovery
 from grid.errors import ConfigError, DiscoveryError
 
 LOOPBACK = "127.0.0.1"

@@ -21,7 +21,7 @@ from concurrent.futures import FIRST_COMPLETED, BrokenExecutor, as_completed, wa
 import pytest
 
 import grid
-from grid.compute.executor import RemoteTraceback
+from grid.errors import RemoteTraceback
 from sim import LocalCluster
 
 from . import executor_helpers as helpers
@@ -88,7 +88,7 @@ class Backend:
         """Shut ``executor`` down (waiting) and close its client if it does not own it."""
         executor.shutdown(wait=True)
         if not executor._owns_cluster:
-            executor._cluster.close()
+            executor.cluster.close()
 
 
 @pytest.fixture(scope="module", params=["embedded", "sim"])
@@ -231,7 +231,7 @@ def test_map_over_an_endless_iterable_stays_bounded(executor):
     # The design's bounds: tasks, twice what the members may have in flight at most; items
     # taken from the iterable before their results were consumed, four chunks per task thread
     # (two in flight, two queued here) of the largest chunk size, and the chunk being read.
-    threads = executor._task_threads()
+    threads = executor.task_threads()
     assert most_outstanding <= 2 * threads * grid.compute.dispatch._MAX_CREDIT
     assert most_ahead <= (4 * threads + 1) * grid.compute.mapping._MAX_CHUNK
 

@@ -57,7 +57,7 @@ class _Link:
 
     def __init__(self):
         self.attachment = None
-        self.transport = self
+        self.driver = self
         self.sent: queue.SimpleQueue = queue.SimpleQueue()
 
     def send_frame(self, kind, parts):
@@ -210,11 +210,11 @@ def test_a_new_closure_on_every_call_leaves_the_members_table_bounded(linked):
 
 def test_a_task_whose_function_was_forgotten_while_it_waited_on_the_member_still_runs(linked, monkeypatch):
     executor, link, state = linked
-    monkeypatch.setattr(dispatch, "_MIN_CREDIT", 64)  # every task goes out at once, none waits in the executor
+    monkeypatch.setattr(dispatch, "MIN_CREDIT", 64)  # every task goes out at once, none waits in the executor
     held = executor.submit(wait_at_gate)
     assert _at_gate.wait(RESULT_TIMEOUT)  # the member's only task thread is held
     doomed = times(14)
-    function = executor._function(doomed)
+    function = executor.function_for(doomed)
     waiting = executor.submit(doomed, 3)
     wait_for(lambda: function.id in state.functions, RESULT_TIMEOUT, "the doomed function on the member")
 
@@ -245,7 +245,7 @@ def test_a_function_in_use_keeps_working_while_new_ones_push_it_out_of_the_cache
 def test_a_map_goes_on_after_its_function_left_the_cache(linked):
     executor, link, state = linked
     doubled = times(2)
-    first = executor._function(doubled)
+    first = executor.function_for(doubled)
 
     def items():
         for index in range(200):

@@ -21,7 +21,7 @@ import types
 import pytest
 
 import grid
-from grid.code import livecode, patches
+from grid.code import patches
 from grid.net import serialize
 
 from . import livecode_helpers as helpers
@@ -773,7 +773,7 @@ DEFAULT_CONNECTION_SCRIPT = textwrap.dedent("""
     import json, os, sys
     sys.modules["cloudpickle"] = None
     import grid
-    from grid.compute.executor import default_executor
+    from grid.client import default_executor
 
     grid.exec_all("import os, grid\\ndef worker(x):\\n    return x + 1, grid.current_member().uuid")
     import user

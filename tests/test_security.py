@@ -554,7 +554,7 @@ def test_contexts_complete_a_mutual_tls_handshake(pki):
 
 
 def test_grid_config_tls_section_is_accepted(pki):
-    from grid.cluster.config import TlsConfig
+    from grid.cluster.config_tables import TlsConfig
 
     tls = TlsConfig(cert=pki.member.cert, key=pki.member.key, ca=pki.ca)
 

@@ -18,7 +18,7 @@ import pytest
 import grid
 from grid.compute import services
 from grid.errors import ServiceNotFound
-from grid.compute.executor import RemoteTraceback
+from grid.errors import RemoteTraceback
 
 from .conftest import wait_for
 

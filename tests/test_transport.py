@@ -24,7 +24,8 @@ import pytest
 from grid.net import wire
 from grid.errors import ConnectionClosed, HandshakeError, TransportError
 from grid.net.security import ClientHandshake
-from grid.net.transport import Connection, Transport
+from grid.net.connection import Connection
+from grid.net.transport import Transport
 from grid.net.wire import HEADER, Flag, FrameDecoder, Kind, frame_bytes, split_parts
 from tests.test_security import make_pki  # a throwaway CA (skips when `cryptography` is missing)
 
@@ -929,7 +930,7 @@ def test_tls_server_closes_a_silent_peer_after_the_handshake_timeout(make_transp
 
 
 def test_grid_config_tls_section_works_end_to_end(make_transport, pki):
-    from grid.cluster.config import TlsConfig
+    from grid.cluster.config_tables import TlsConfig
 
     server = make_transport(tls=TlsConfig(cert=pki.alpha.cert, key=pki.alpha.key, ca=pki.ca),
                             on_frame=lambda conn, frame: conn.respond(frame.request_id, b"ok"))

@@ -10,9 +10,11 @@ key (dotted for nested tables, e.g. ``multicast.port``), the source and what is
 allowed. Relative paths in a config file (``members = {path = ...}``,
 ``secret_file``, ``[tls]``) are relative to that file's folder.
 
-The nested tables (``MulticastConfig``, ``AwsConfig``, ``TlsConfig``, ``MembersPath``)
-live in ``config_tables``, the rules and the building of tables from dicts in
-``config_check``; both are re-exported here, where callers import them from.
+The config is three files: this one (the ``Config`` dataclass, files and lookup);
+``config_tables``, the nested tables (``MulticastConfig``, ``AwsConfig``, ``TlsConfig``,
+``MembersPath``); and ``config_check``, the rules (``JOIN_METHODS``, ``MAX_ID_LENGTH``)
+and the building of tables from dicts. Callers import each name from the file that
+defines it, and addresses (``parse_address``, ``DEFAULT_PORT``, ...) from ``grid.net.address``.
 """
 
 from __future__ import annotations
@@ -29,9 +31,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..net.address import _ADDRESS_FORMS, DEFAULT_PORT, _describe, _host_problem, _ipv4_pattern_ranges, _is_ip, _is_ipv6, format_address, is_loopback, parse_address, trusted_interface_matches
-from .config_check import JOIN_METHODS, MAX_ID_LENGTH, _build_table, _field_names, _members_from, _reject_unknown_keys, _resolve_path, _validate
-from .config_tables import _TABLES, AwsConfig, MembersPath, MulticastConfig, TlsConfig
+from ..net.address import DEFAULT_PORT, describe_value, is_loopback
+from .config_check import JOIN_METHODS, build_table, members_from, reject_unknown_keys, resolve_path, validate_config
+from .config_tables import NESTED_TABLES, AwsConfig, MembersPath, MulticastConfig, TlsConfig, table_keys
 from ..errors import ConfigError, SecurityError
 
 log = logging.getLogger("grid.config")
@@ -81,7 +83,7 @@ class Config:
 
     def __post_init__(self) -> None:
         self._normalize(self._error_source())
-        _validate(self, self._error_source())
+        validate_config(self, self._error_source())
 
     # -- building
 
@@ -104,20 +106,20 @@ class Config:
             ConfigError: an unknown key, a wrong type or a value that is not allowed.
         """
         if not isinstance(data, Mapping):
-            raise ConfigError(f"expected a table of settings, got {_describe(data)}", source=source)
-        _reject_unknown_keys(data, _TOP_LEVEL_KEYS, "", source)
+            raise ConfigError(f"expected a table of settings, got {describe_value(data)}", source=source)
+        reject_unknown_keys(data, _TOP_LEVEL_KEYS, "", source)
         base = os.fspath(base_dir) if base_dir is not None else None
         settings: dict[str, Any] = {}
         for name, value in data.items():
             if name in ("members", "members_path"):
                 continue
-            if name in _TABLES and value is not None:
-                value = _build_table(_TABLES[name], value, name, source, base)
+            if name in NESTED_TABLES and value is not None:
+                value = build_table(NESTED_TABLES[name], value, name, source, base)
             elif name == "secret_file":
-                value = _resolve_path(value, base)
+                value = resolve_path(value, base)
             settings[name] = value
         if "members" in data or "members_path" in data:
-            settings["members"] = _members_from(data, source, base)
+            settings["members"] = members_from(data, source, base)
         return cls(**settings, source=source)
 
     @classmethod
@@ -183,16 +185,16 @@ class Config:
             ConfigError: an unknown field or an invalid value.
         """
         label = f"Config.replace() of the config from {self.source}"
-        _reject_unknown_keys(changes, _FIELD_NAMES, "", label)
+        reject_unknown_keys(changes, _FIELD_NAMES, "", label)
         new = copy.deepcopy(self)
         for name, value in changes.items():
             current = getattr(new, name)
-            if name in _TABLES and isinstance(value, Mapping) and dataclasses.is_dataclass(current):
-                _reject_unknown_keys(value, _field_names(_TABLES[name]), name + ".", label)
+            if name in NESTED_TABLES and isinstance(value, Mapping) and dataclasses.is_dataclass(current):
+                reject_unknown_keys(value, table_keys(NESTED_TABLES[name]), name + ".", label)
                 value = dataclasses.replace(current, **value)
             setattr(new, name, value)
         new._normalize(label)
-        _validate(new, label)
+        validate_config(new, label)
         return new
 
     def validate(self) -> None:
@@ -202,7 +204,7 @@ class Config:
             ConfigError: naming the first key that is not allowed.
         """
         self._normalize(self._error_source())
-        _validate(self, self._error_source())
+        validate_config(self, self._error_source())
 
     # -- using
 
@@ -277,23 +279,23 @@ class Config:
 
     def _normalize(self, label: str) -> None:
         """Accept dicts for tables, ints for float fields, tuples for lists; expand ``~`` in paths."""
-        for name, cls in _TABLES.items():
+        for name, cls in NESTED_TABLES.items():
             value = getattr(self, name)
             if isinstance(value, Mapping):
-                setattr(self, name, _build_table(cls, value, name, label, None))
+                setattr(self, name, build_table(cls, value, name, label, None))
         if isinstance(self.members, (Mapping, tuple)):
-            self.members = _members_from({"members": self.members}, label, None)
+            self.members = members_from({"members": self.members}, label, None)
         if isinstance(self.members, MembersPath) and isinstance(self.members.path, str):
-            self.members = MembersPath(_resolve_path(self.members.path, None))
+            self.members = MembersPath(resolve_path(self.members.path, None))
         for owner, name in _FLOAT_FIELDS:
             target = self.multicast if owner == "multicast" else self
             value = getattr(target, name, None)
             if isinstance(value, int) and not isinstance(value, bool):
                 setattr(target, name, float(value))
-        self.secret_file = _resolve_path(self.secret_file, None)
+        self.secret_file = resolve_path(self.secret_file, None)
         if isinstance(self.tls, TlsConfig):
             for name in ("cert", "key", "ca"):
-                setattr(self.tls, name, _resolve_path(getattr(self.tls, name), None))
+                setattr(self.tls, name, resolve_path(getattr(self.tls, name), None))
 
 
 _FIELD_NAMES = [item.name for item in dataclasses.fields(Config)]
@@ -391,7 +393,7 @@ def _config_from_argument(config: Any, folder: Path, home: Any) -> Config:
         return _config_from_text(config, "config argument", folder, home)
     if isinstance(config, os.PathLike):
         return Config.from_file(_locate(os.fspath(config), folder, home))
-    raise ConfigError(f"expected a Config, a dict or a path to a config file, got {_describe(config)}",
+    raise ConfigError(f"expected a Config, a dict or a path to a config file, got {describe_value(config)}",
                       source="config argument")
 
 

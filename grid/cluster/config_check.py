@@ -8,20 +8,16 @@ the source and what is allowed.
 
 from __future__ import annotations
 
-import dataclasses
 import difflib
 import ipaddress
 import math
 import os
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from ..net.address import _describe, _host_problem, _ipv4_pattern_ranges, _is_ip, parse_address
-from .config_tables import _TABLES, AwsConfig, MembersPath, MulticastConfig, TlsConfig
+from ..net.address import describe_value, is_trusted_interface_pattern, is_valid_host, parse_address
+from .config_tables import NESTED_TABLES, AwsConfig, MembersPath, MulticastConfig, TlsConfig, table_keys
 from ..errors import ConfigError
-
-if TYPE_CHECKING:
-    from .config import Config
 
 JOIN_METHODS = ("multicast", "tcp", "aws")
 MAX_ID_LENGTH = 255
@@ -30,18 +26,19 @@ MAX_ID_LENGTH = 255
 # ---------------------------------------------------------------- from_mapping helpers
 
 
-def _reject_unknown_keys(data: Mapping, known: list[str], prefix: str, source: str) -> None:
+def reject_unknown_keys(data: Mapping, known: list[str], prefix: str, source: str) -> None:
+    """Raise a ConfigError, with a did-you-mean hint, for the first key of ``data`` not in ``known``."""
     for key in data:
         if isinstance(key, str) and key in known:
             continue
         if not isinstance(key, str):
-            raise ConfigError(f"setting names must be strings, got {_describe(key)}", key=prefix.rstrip(".")
+            raise ConfigError(f"setting names must be strings, got {describe_value(key)}", key=prefix.rstrip(".")
                               or None, source=source)
         hint = ""
         table, dot, inner = key.partition(".")
-        if not prefix and dot and table in _TABLES:
+        if not prefix and dot and table in NESTED_TABLES:
             hint = f"; write it as a nested table: {{{table!r}: {{{inner!r}: ...}}}} or [{table}] in TOML."
-        elif not prefix and (tables := [name for name, cls in _TABLES.items() if key in _field_names(cls)]):
+        elif not prefix and (tables := [name for name, cls in NESTED_TABLES.items() if key in table_keys(cls)]):
             hint = f"; did you mean {tables[0]}.{key} (the key {key!r} inside the [{tables[0]}] table)?"
         elif close := (difflib.get_close_matches(key, known, n=1)
                        or [name for name in known if key.startswith(name) or name.startswith(key)]):
@@ -51,24 +48,21 @@ def _reject_unknown_keys(data: Mapping, known: list[str], prefix: str, source: s
                           key=prefix + key, source=source)
 
 
-def _field_names(cls: type) -> list[str]:
-    return [item.name for item in dataclasses.fields(cls)]
-
-
-def _build_table(cls: type, value: Any, name: str, source: str, base_dir: str | None) -> Any:
+def build_table(cls: type, value: Any, name: str, source: str, base_dir: str | None) -> Any:
+    """The nested table ``cls`` (key ``name``) from a dict; relative ``[tls]`` paths are resolved."""
     if not isinstance(value, Mapping):
-        raise ConfigError(f"expected a table of settings, got {_describe(value)}", key=name, source=source)
-    _reject_unknown_keys(value, _field_names(cls), name + ".", source)
+        raise ConfigError(f"expected a table of settings, got {describe_value(value)}", key=name, source=source)
+    reject_unknown_keys(value, table_keys(cls), name + ".", source)
     settings = dict(value)
     if cls is TlsConfig:
-        settings = {key: _resolve_path(inner, base_dir) for key, inner in settings.items()}
+        settings = {key: resolve_path(inner, base_dir) for key, inner in settings.items()}
     if isinstance(settings.get("trusted_interfaces"), (list, tuple)):
         settings["trusted_interfaces"] = list(settings["trusted_interfaces"])
     return cls(**settings)
 
 
-def _members_from(data: Mapping, source: str, base_dir: str | None) -> Any:
-    """``members`` as a list of addresses or a MembersPath (checked later by ``_validate``)."""
+def members_from(data: Mapping, source: str, base_dir: str | None) -> Any:
+    """``members`` as a list of addresses or a MembersPath (checked later by ``validate_config``)."""
     value = data.get("members")
     if "members_path" in data:
         if value is not None:
@@ -91,9 +85,9 @@ def _members_from(data: Mapping, source: str, base_dir: str | None) -> Any:
                           key="members", source=source)
     path = value["path"]
     if not isinstance(path, str) or not path:
-        raise ConfigError(f"expected a non-empty path string, got {_describe(path)}", key="members.path",
+        raise ConfigError(f"expected a non-empty path string, got {describe_value(path)}", key="members.path",
                           source=source)
-    return MembersPath(_resolve_path(path, base_dir))
+    return MembersPath(resolve_path(path, base_dir))
 
 
 _BOTH_MEMBER_FORMS = (
@@ -102,7 +96,8 @@ _BOTH_MEMBER_FORMS = (
 )
 
 
-def _resolve_path(value: Any, base_dir: str | None) -> Any:
+def resolve_path(value: Any, base_dir: str | None) -> Any:
+    """A path setting with ``~`` expanded and made relative to ``base_dir``; other values unchanged."""
     if not isinstance(value, str) or not value:
         return value
     path = os.path.expanduser(value)
@@ -127,41 +122,41 @@ class _Checker:
         if value is None and optional:
             return
         if not isinstance(value, str):
-            raise self.fail(key, f"expected a string, got {_describe(value, hide=hide)}")
+            raise self.fail(key, f"expected a string, got {describe_value(value, hide=hide)}")
         if not value.strip():
             raise self.fail(key, "the value is empty; give a value or leave the key out")
 
     def boolean(self, value: Any, key: str) -> None:
         if not isinstance(value, bool):
-            raise self.fail(key, f"expected true or false, got {_describe(value)}")
+            raise self.fail(key, f"expected true or false, got {describe_value(value)}")
 
     def integer(self, value: Any, key: str, low: int, high: int | None, allowed: str) -> None:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise self.fail(key, f"expected an integer, got {_describe(value)}; allowed: {allowed}")
+            raise self.fail(key, f"expected an integer, got {describe_value(value)}; allowed: {allowed}")
         if value < low or (high is not None and value > high):
             raise self.fail(key, f"{value} is out of range; allowed: {allowed}")
 
     def seconds(self, value: Any, key: str) -> None:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise self.fail(key, f"expected a number of seconds, got {_describe(value)}")
+            raise self.fail(key, f"expected a number of seconds, got {describe_value(value)}")
         if not (math.isfinite(value) and value > 0):
             raise self.fail(key, f"{value} is not allowed; allowed: a positive number of seconds")
 
     def host(self, value: Any, key: str) -> None:
         self.string(value, key)
-        if not _is_ip(value) and _host_problem(value):
+        if not is_valid_host(value):
             hint = "; set the port with `port`, not in the interface" if ":" in value else ""
             raise self.fail(key, f"{value!r} is not an IP address or host name; allowed: a host without a "
                                  f"port, e.g. 127.0.0.1, 0.0.0.0, ::1 or myhost.example{hint}")
 
     def instance(self, value: Any, cls: type, key: str) -> None:
         if not isinstance(value, cls):
-            raise self.fail(key, f"expected a table ({cls.__name__}), got {_describe(value)}")
+            raise self.fail(key, f"expected a table ({cls.__name__}), got {describe_value(value)}")
 
 
 def _validate_imports(imports: Any, check: _Checker) -> None:
     if not isinstance(imports, list):
-        raise check.fail("imports", f"expected a list of module names, got {_describe(imports)}; "
+        raise check.fail("imports", f"expected a list of module names, got {describe_value(imports)}; "
                                     "allowed: imports = [\"mymodule\", \"package.module\"]")
     for name in imports:
         if not isinstance(name, str) or not all(part.isidentifier() for part in name.split(".")):
@@ -169,7 +164,8 @@ def _validate_imports(imports: Any, check: _Checker) -> None:
                                         "as \"package.module\"")
 
 
-def _validate(config: Config, source: str) -> None:
+def validate_config(config: Any, source: str) -> None:
+    """Check every setting of ``config`` (a ``config.Config``); raise a ConfigError naming the first bad key."""
     check = _Checker(source)
     if isinstance(config.id, str) and not config.id.strip():
         raise check.fail("id", "the cluster id is empty; allowed: a name such as 'dev' that all members "
@@ -181,7 +177,7 @@ def _validate(config: Config, source: str) -> None:
     if not isinstance(config.join, str) or config.join not in JOIN_METHODS:
         close = difflib.get_close_matches(str(config.join), JOIN_METHODS, n=1)
         hint = f"did you mean {close[0]!r}? " if close else ""
-        shown = repr(config.join) if isinstance(config.join, str) else _describe(config.join)
+        shown = repr(config.join) if isinstance(config.join, str) else describe_value(config.join)
         raise check.fail("join", f"{shown} is not a join method; {hint}allowed: "
                                  f"{', '.join(JOIN_METHODS)}")
     _validate_members(config.members, check)
@@ -214,7 +210,7 @@ def _validate(config: Config, source: str) -> None:
         check.integer(config.workers, "workers", 1, None, "an integer >= 1, or leave it out for one per CPU")
     if not isinstance(config.source, str):
         raise check.fail("source", f"expected a string naming where the config came from, got "
-                                   f"{_describe(config.source)}")
+                                   f"{describe_value(config.source)}")
 
 
 def _validate_members(members: Any, check: _Checker) -> None:
@@ -225,7 +221,7 @@ def _validate_members(members: Any, check: _Checker) -> None:
         return
     if not isinstance(members, list):
         raise check.fail("members", f"expected a list of addresses or a table {{path = ...}}, got "
-                                    f"{_describe(members)}")
+                                    f"{describe_value(members)}")
     for address in members:
         parse_address(address, key="members", source=check.source)
 
@@ -245,28 +241,18 @@ def _validate_multicast(multicast: Any, check: _Checker) -> None:
     check.seconds(multicast.timeout_seconds, "multicast.timeout_seconds")
     if not isinstance(multicast.trusted_interfaces, list):
         raise check.fail("multicast.trusted_interfaces", f"expected a list, got "
-                                                         f"{_describe(multicast.trusted_interfaces)}")
+                                                         f"{describe_value(multicast.trusted_interfaces)}")
     for pattern in multicast.trusted_interfaces:
         check.string(pattern, "multicast.trusted_interfaces")
-        if not _is_trusted_pattern(pattern):
+        if not is_trusted_interface_pattern(pattern):
             raise check.fail("multicast.trusted_interfaces", f"{pattern!r} is not allowed; allowed: an IP "
                              "address, a network like 10.0.0.0/8, or an IPv4 pattern like 10.0.1.* or "
                              "192.168.1.100-110")
 
 
-def _is_trusted_pattern(pattern: str) -> bool:
-    if "/" in pattern:
-        try:
-            ipaddress.ip_network(pattern, strict=False)
-        except ValueError:
-            return False
-        return True
-    return _is_ip(pattern) or _ipv4_pattern_ranges(pattern) is not None
-
-
 def _validate_aws(aws: Any, check: _Checker) -> None:
     check.instance(aws, AwsConfig, "aws")
-    for name in _field_names(AwsConfig):
+    for name in table_keys(AwsConfig):
         check.string(getattr(aws, name), f"aws.{name}", optional=True)
     if aws.tag_value is not None and aws.tag_key is None:
         raise check.fail("aws.tag_value", "tag_value is set without tag_key; set aws.tag_key to the tag's "
@@ -280,7 +266,7 @@ def _validate_tls(tls: Any, check: _Checker) -> None:
     if tls is None:
         return
     check.instance(tls, TlsConfig, "tls")
-    for name in _field_names(TlsConfig):
+    for name in table_keys(TlsConfig):
         check.string(getattr(tls, name), f"tls.{name}", optional=True)
     if tls.cert is None:
         given = [name for name in ("key", "ca") if getattr(tls, name) is not None]

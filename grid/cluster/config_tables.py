@@ -1,11 +1,13 @@
 """The nested tables of a Config: ``[multicast]``, ``[aws]``, ``[tls]``, and ``members = {path = P}``.
 
 Plain dataclasses with their defaults, and no rules: ``config_check`` builds them
-from dicts and validates them; ``config.Config`` holds them.
+from dicts and validates them; ``config.Config`` holds them. ``NESTED_TABLES`` and
+``table_keys`` say which tables a Config has and which keys each accepts.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 
@@ -42,4 +44,9 @@ class MembersPath:
 
 
 # Config field name -> the dataclass of that nested table.
-_TABLES: dict[str, type] = {"multicast": MulticastConfig, "aws": AwsConfig, "tls": TlsConfig}
+NESTED_TABLES: dict[str, type] = {"multicast": MulticastConfig, "aws": AwsConfig, "tls": TlsConfig}
+
+
+def table_keys(table: type) -> list[str]:
+    """The keys a nested table accepts: the field names of its dataclass, in order."""
+    return [item.name for item in dataclasses.fields(table)]

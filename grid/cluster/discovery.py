@@ -9,10 +9,11 @@ strategy is picked from the config by ``make_discovery``:
     join = "aws"               -> AwsDiscovery             (EC2 describe_instances, boto3)
     join = "tcp"               -> StaticDiscovery          (the ``members`` list, maybe empty)
 
-An address is a ``(host, port)`` tuple. Registry entry names: ``ip`` for the default
-port, ``ip_port`` otherwise; an IPv6 address has its ``:`` replaced by ``-`` (Windows
-forbids ``:`` in file names), e.g. ``fe80--1_5702``. Names starting with ``.`` are
-temporary files and are ignored.
+Each is a ``candidates.Discovery``; ``candidates.py`` also holds the address helpers
+every strategy shares. An address is a ``(host, port)`` tuple. Registry entry names:
+``ip`` for the default port, ``ip_port`` otherwise; an IPv6 address has its ``:``
+replaced by ``-`` (Windows forbids ``:`` in file names), e.g. ``fe80--1_5702``. Names
+starting with ``.`` are temporary files and are ignored.
 """
 
 from __future__ import annotations
@@ -24,109 +25,22 @@ import secrets
 import socket
 import time
 
-from .config import DEFAULT_PORT, Config, MembersPath, format_address, parse_address
+from ..net.address import DEFAULT_PORT, format_address, parse_address
+from .candidates import Address, Discovery, normalize_address, parse_member_address, unique_candidates
+from .config import Config
+from .config_tables import MembersPath
+from .multicast import MulticastDiscovery
 from ..errors import ConfigError, DiscoveryError
 
 logger = logging.getLogger("grid.discovery")
 
-Address = tuple[str, int]
-
-MEMBER_STATES = ("joining", "member", "client")  # a client only listens and asks
-
 
 # --- addresses -------------------------------------------------------------------------------
-
-def _parse_member_address(text: str) -> Address:
-    """Parse one member address (default port 5701) to canonical form; ValueError (ConfigError) if bad."""
-    address = _normalize_address(parse_address(text, DEFAULT_PORT))
-    if address[1] == 0:
-        raise ValueError(f"{text!r} has port 0, which no member listens on")
-    return address
-
 
 def _parse_port(port_text: str, whole: str) -> int:
     if not (port_text.isascii() and port_text.isdigit()) or not 0 < int(port_text) < 65536:
         raise ValueError(f"bad port {port_text!r} in {whole!r}: expected 1-65535")
     return int(port_text)
-
-
-def _normalize_address(address: Address) -> Address:
-    """Canonical form, so one member never appears twice under two spellings."""
-    host, port = address
-    try:
-        host = str(ipaddress.ip_address(host))
-    except ValueError:
-        host = host.lower()
-    return host, int(port)
-
-
-def _unique(addresses, own: Address | None) -> list[Address]:
-    """Deduplicate keeping first-seen order and drop this member's own address."""
-    seen: dict[Address, None] = {}
-    for address in addresses:
-        if address != own:
-            seen.setdefault(address, None)
-    return list(seen)
-
-
-# --- the base class ---------------------------------------------------------------------------
-
-class Discovery:
-    """Yields candidate member addresses; membership decides who is in.
-
-    Attributes:
-        join_wait: seconds a joiner that finds nobody keeps trying before it starts alone.
-    """
-
-    def __init__(self, *, join_wait: float):
-        self.join_wait = join_wait
-        self._own_address: Address | None = None
-
-    def start(self, own_address: Address) -> None:
-        """Begin discovering (and, where the strategy does so, announce this member).
-
-        Args:
-            own_address: this member's reachable (host, port), already resolved (never 0.0.0.0).
-
-        Raises:
-            DiscoveryError: the strategy cannot start (unwritable registry, no multicast, ...).
-        """
-        self._own_address = _normalize_address(own_address)
-
-    def candidates(self) -> list[Address]:
-        """Return the addresses worth trying now: fresh, deduplicated, stable order, never our own.
-
-        Raises:
-            DiscoveryError: the source cannot be read in a way the user must fix.
-        """
-        return []
-
-    def member_dead(self, address: Address) -> None:
-        """Forget a member found dead (the registry folder prunes its entry; others do nothing)."""
-
-    def set_state(self, state: str) -> None:
-        """Tell discovery this process is ``"joining"``, a ``"member"`` or a ``"client"``.
-
-        Multicast announces it; a client is answered by members but is never a candidate.
-        """
-        if state not in MEMBER_STATES:
-            raise ValueError(f"unknown member state {state!r}: expected one of {MEMBER_STATES}")
-
-    def stop(self, *, clean: bool = True) -> None:
-        """Stop discovering. Idempotent.
-
-        Args:
-            clean: a clean leave (the registry folder removes this member's entry); False keeps it.
-        """
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        self.stop(clean=True)
-
-    def __repr__(self) -> str:
-        return f"<{type(self).__name__} own={self._own_address}>"
 
 
 # --- tcp: a fixed list ------------------------------------------------------------------------
@@ -136,10 +50,10 @@ class StaticDiscovery(Discovery):
 
     def __init__(self, addresses: list[Address], *, join_wait: float):
         super().__init__(join_wait=join_wait)
-        self.addresses = _unique((_normalize_address(address) for address in addresses), None)
+        self.addresses = unique_candidates((normalize_address(address) for address in addresses), None)
 
     def candidates(self) -> list[Address]:
-        return _unique(self.addresses, self._own_address)
+        return unique_candidates(self.addresses, self._own_address)
 
 
 # --- members file: a list kept by someone else ------------------------------------------------
@@ -181,10 +95,10 @@ class MembersFileDiscovery(Discovery):
             if not text:
                 continue
             try:
-                addresses.append(_parse_member_address(text))
+                addresses.append(parse_member_address(text))
             except ValueError as exc:
                 self._report_bad_line(line_number, text, exc)
-        return _unique(addresses, self._own_address)
+        return unique_candidates(addresses, self._own_address)
 
     def _report_bad_line(self, line_number: int, text: str, exc: ValueError) -> None:
         # Warn once per distinct bad line: candidates() runs on every join attempt.
@@ -300,10 +214,10 @@ class RegistryFolderDiscovery(Discovery):
         return entries
 
     def candidates(self) -> list[Address]:
-        return _unique((address for _, address in self._entries()), self._own_address)
+        return unique_candidates((address for _, address in self._entries()), self._own_address)
 
     def member_dead(self, address: Address) -> None:
-        address = _normalize_address(address)
+        address = normalize_address(address)
         if address == self._own_address:
             return
         for name, entry_address in self._entries():
@@ -382,19 +296,7 @@ class AwsDiscovery(Discovery):
         except BotoCoreError as exc:
             raise DiscoveryError(
                 f"AWS discovery failed: {exc}; check aws.region, aws.endpoint_url and network access") from exc
-        return _unique((_normalize_address(address) for address in addresses), self._own_address)
-
-
-# --- multicast lives in multicast.py ----------------------------------------------------------
-
-def __getattr__(name: str):
-    # ``from grid.discovery import MulticastDiscovery`` keeps working. Importing it at the top
-    # would be a cycle: multicast.py subclasses Discovery from this module.
-    if name == "MulticastDiscovery":
-        from .multicast import MulticastDiscovery
-
-        return MulticastDiscovery
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+        return unique_candidates((normalize_address(address) for address in addresses), self._own_address)
 
 
 # --- choosing a strategy ----------------------------------------------------------------------
@@ -429,8 +331,6 @@ def make_discovery(config: Config, *, secret: str | None, cluster_id: str | None
                                            join_wait=config.join_timeout)
         return MembersFileDiscovery(path, join_wait=config.join_timeout)
     if config.join == "multicast":
-        from .multicast import MulticastDiscovery  # here, not at the top: multicast.py imports this module
-
         if members:
             logger.debug("join = 'multicast': the members list is not used")
         return MulticastDiscovery(config.multicast, cluster_id=cluster_id, secret=secret,

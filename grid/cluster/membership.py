@@ -28,11 +28,10 @@ from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 
 from ..net import messaging
-from ..net.address import format_address, parse_address  # noqa: F401  parse_address: re-exported (in __all__)
+from ..net.address import format_address
 from ..errors import GridError
 from .joining import Joiner
 from .members import Listeners, Member
-from .members import MembershipEvent, advertised_address, local_member, local_target  # noqa: F401  re-exported
 
 log = logging.getLogger("grid.membership")
 
@@ -584,4 +583,4 @@ class Membership(Joiner):
         return reply
 
 
-__all__ = ["Member", "MembershipEvent", "Membership", "State", "advertised_address", "local_member", "parse_address"]
+__all__ = ["Membership", "State"]

@@ -31,8 +31,9 @@ import threading
 import time
 import uuid
 
-from .config import MulticastConfig, format_address, is_loopback, trusted_interface_matches
-from .discovery import MEMBER_STATES, Address, Discovery, _parse_member_address, _unique
+from ..net.address import format_address, is_loopback, trusted_interface_matches
+from .candidates import MEMBER_STATES, Address, Discovery, parse_member_address, unique_candidates
+from .config_tables import MulticastConfig
 from ..errors import ConfigError, DiscoveryError
 
 # A child of "grid.discovery": logging set up for discovery still covers multicast.
@@ -189,7 +190,7 @@ class MulticastDiscovery(Discovery):
             fresh = [(address, state) for address, (heard_at, state) in self._heard.items()
                      if now - heard_at <= self.heard_window]
         ordered = [a for a, s in fresh if s == "member"] + [a for a, s in fresh if s != "member"]
-        return _unique(ordered, self._own_address)
+        return unique_candidates(ordered, self._own_address)
 
     def stop(self, *, clean: bool = True) -> None:
         with self._lock:
@@ -302,7 +303,7 @@ class MulticastDiscovery(Discovery):
                 self._send_announcement()
             return  # a client is never a join candidate
         try:
-            address = _parse_member_address(fields["address"])
+            address = parse_member_address(fields["address"])
         except ValueError:
             return self._ignore(source_ip, f"bad address {fields['address']!r}")
         now = self._clock.monotonic()

@@ -26,12 +26,10 @@ import threading
 import time
 from concurrent.futures import Future
 
+from ..cluster.members import local_target
+from ..errors import CodeNotAllowed, GridError, RemoteError, RemoteTraceback, SomeMembersFailed, TransportError
 from ..net import messaging, serialize
-from ..compute.dispatch import RemoteTraceback, _unpack_error
-from ..compute.worker import _pack_error
-from ..errors import CodeNotAllowed, GridError, RemoteError, SomeMembersFailed, TransportError
-from ..cluster.membership import local_target
-from .patches import _check_module_name, _compile, apply_patch, namespace
+from .patches import apply_patch, check_module_name, compile_source, namespace
 
 log = logging.getLogger("grid.livecode")
 
@@ -48,7 +46,7 @@ def _run_request(body):
         fn, args, kwargs = serialize.loads(body[1])
         return fn(*args, **kwargs)
     _, expression, module, filename = body
-    return eval(_compile(expression, filename, "eval"), namespace(module).__dict__)
+    return eval(compile_source(expression, filename, "eval"), namespace(module).__dict__)
 
 
 def _outcome_of(fn, *args) -> tuple:
@@ -56,23 +54,23 @@ def _outcome_of(fn, *args) -> tuple:
     try:
         value = fn(*args)
     except BaseException as exc:  # noqa: B036 - the caller gets every failure, SystemExit too
-        return (False, _pack_error(exc))
+        return (False, serialize.pack_error(exc))
     try:
         return (True, serialize.dumps(value))
     except Exception as exc:
         error = RemoteError(f"the result ({type(value).__name__}) cannot be pickled: {exc}; return plain data")
-        return (False, _pack_error(error))
+        return (False, serialize.pack_error(error))
 
 
 def _refused(me) -> tuple:
-    return (False, _pack_error(CodeNotAllowed(
+    return (False, serialize.pack_error(CodeNotAllowed(
         f"member {me} runs with allow_code = false, so it refuses cluster-wide code (run_all, eval_all, "
         "exec_all, load_all, deploy, console); it still runs ordinary tasks. Set allow_code = true in "
         "its config to allow it")))
 
 
 def _lost(member, reason) -> tuple:
-    return (False, _pack_error(RemoteError(f"no answer from member {member}: {reason}")))
+    return (False, serialize.pack_error(RemoteError(f"no answer from member {member}: {reason}")))
 
 
 # -- the member side ------------------------------------------------------------------------------------
@@ -487,7 +485,7 @@ def call_body(fn, args, kwargs) -> tuple:
 def eval_body(expression: str, module: str) -> tuple:
     if not isinstance(expression, str):
         raise TypeError(f"eval_all takes an expression as a string, got {type(expression).__name__}")
-    _check_module_name(module)
+    check_module_name(module)
     compile(expression, "<eval_all>", "eval")  # a SyntaxError here, before anything is sent
     return ("eval", expression, module, "<eval_all>")
 
@@ -504,7 +502,7 @@ def results_by_member(outcomes: dict, members, what: str) -> dict:
                 error = RemoteError(f"the result from {member} cannot be unpickled here: {exc}")
                 errors[member] = error
             continue
-        errors[member] = _unpack_error(payload)
+        errors[member] = serialize.unpack_error(payload)
     if errors:
         lines = [f"{what} failed on {len(errors)} of {len(outcomes)} members:"]
         for member, error in errors.items():
@@ -517,40 +515,6 @@ def results_by_member(outcomes: dict, members, what: str) -> dict:
 
 
 def _unknown_member(uuid: str):
-    from ..cluster.membership import Member
+    from ..cluster.members import Member
 
     return Member(uuid=uuid, address=("?", 0), pid=0, hostname="?", workers=0)
-
-
-# -- the default connection's functions ---------------------------------------------------------------
-
-def _default_cluster():
-    """The cluster ``fmap`` uses: the configured one, or the embedded one."""
-    from ..compute.executor import default_executor
-
-    return default_executor().cluster
-
-
-def run_all(fn, /, *args, **kwargs) -> dict:
-    """``Cluster.run_all`` on the default connection (the cluster ``fmap`` uses)."""
-    return _default_cluster().run_all(fn, *args, **kwargs)
-
-
-def eval_all(expression: str, module: str = "user") -> dict:
-    """``Cluster.eval_all`` on the default connection."""
-    return _default_cluster().eval_all(expression, module)
-
-
-def exec_all(source: str, module: str = "user", *, filename: str | None = None, local: bool = True) -> dict:
-    """``Cluster.exec_all`` on the default connection."""
-    return _default_cluster().exec_all(source, module, filename=filename, local=local)
-
-
-def load_all(path, module: str | None = None, *, local: bool = True) -> dict:
-    """``Cluster.load_all`` on the default connection."""
-    return _default_cluster().load_all(path, module, local=local)
-
-
-def deploy(module) -> dict:
-    """``Cluster.deploy`` on the default connection."""
-    return _default_cluster().deploy(module)

@@ -76,7 +76,7 @@ class _ShippedFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
         module.__file__ = filename
         if is_package:
             module.__path__ = []
-        exec(_compile(source, filename, "exec"), module.__dict__)
+        exec(compile_source(source, filename, "exec"), module.__dict__)
 
     def get_source(self, fullname):
         entry = self.sources.get(fullname)
@@ -93,8 +93,8 @@ def _install_finder() -> None:
             sys.meta_path.insert(0, _finder)
 
 
-def _compile(source: str, filename: str, mode: str):
-    # Keep the source where tracebacks look for it: the members have no such file.
+def compile_source(source: str, filename: str, mode: str):
+    """``compile()``, keeping the source where tracebacks look for it (members have no such file)."""
     linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)
     return compile(source, filename, mode)
 
@@ -115,7 +115,8 @@ def namespace(name: str) -> types.ModuleType:
     return module
 
 
-def _check_module_name(module) -> str:
+def check_module_name(module) -> str:
+    """``module`` if code may run in it (a dotted name, not grid's own or ``__main__``); else ValueError."""
     if not isinstance(module, str) or not module or not all(part.isidentifier() for part in module.split(".")):
         raise ValueError(f"module must be a dotted Python name such as 'user' or 'tools.image', got {module!r}")
     if module == "grid" or module.startswith("grid.") or module == "__main__":
@@ -128,7 +129,7 @@ def apply_patch(patch: dict):
     kind = patch["kind"]
     if kind == "exec":
         module = namespace(patch["module"])
-        exec(_compile(patch["source"], patch["filename"], "exec"), module.__dict__)
+        exec(compile_source(patch["source"], patch["filename"], "exec"), module.__dict__)
         return None
     files = patch["files"]
     _install_finder()
@@ -144,7 +145,7 @@ def apply_patch(patch: dict):
                 module.__path__ = []
             module.__file__ = filename
             module.__loader__ = _finder
-            exec(_compile(source, filename, "exec"), module.__dict__)
+            exec(compile_source(source, filename, "exec"), module.__dict__)
     _ensure_parents(patch["module"], files)
     importlib.import_module(patch["module"])
     return None
@@ -172,7 +173,7 @@ def make_patch(kind: str, module: str, *, source: str = "", files=None, filename
 def exec_patch(source: str, module: str, filename: str | None) -> dict:
     if not isinstance(source, str):
         raise TypeError(f"exec_all takes source code as a string, got {type(source).__name__}")
-    _check_module_name(module)
+    check_module_name(module)
     filename = filename or f"<exec_all {module}>"
     compile(source, filename, "exec")  # a SyntaxError here, before anything is sent or logged
     return make_patch("exec", module, source=source, filename=filename)
@@ -182,12 +183,12 @@ def load_patch(path, module: str | None) -> dict:
     """A ``load_all`` patch: one ``.py`` file, or a package directory, as module ``module``."""
     path = os.path.abspath(os.fspath(path))
     if os.path.isdir(path):
-        name = _check_module_name(module if module is not None else os.path.basename(path.rstrip(os.sep)))
+        name = check_module_name(module if module is not None else os.path.basename(path.rstrip(os.sep)))
         files = _package_files(path, name)
     elif os.path.isfile(path):
         if not path.endswith(".py"):
             raise ValueError(f"load_all ships Python source: {path} is not a .py file (nor a package directory)")
-        name = _check_module_name(module if module is not None else os.path.splitext(os.path.basename(path))[0])
+        name = check_module_name(module if module is not None else os.path.splitext(os.path.basename(path))[0])
         files = {name: (_read_source(path), False, path)}
     else:
         raise FileNotFoundError(f"load_all: no such file or directory: {path}")
@@ -204,7 +205,7 @@ def deploy_patch(module_or_name) -> dict:
         name = module_or_name
     else:
         raise TypeError(f"deploy takes a module or its name, got {type(module_or_name).__name__}")
-    _check_module_name(name)
+    check_module_name(name)
     if name.partition(".")[0] in sys.stdlib_module_names:
         raise ValueError(f"{name} is in the standard library, which every member has; deploy your own modules")
     top = importlib.import_module(name.partition(".")[0])

@@ -1,8 +1,8 @@
-"""The dispatcher under GridExecutor: tasks placed on per-member links within a credit window.
+"""The dispatcher under the executor: tasks placed on per-member links within a credit window.
 
 ::
 
-    caller thread: _submit(fn, ...)                  IO thread
+    caller thread: submit_task(fn, kind, ...)        IO thread
       under the lock, _place the task:               "results" from a member: _on_results
         pinned  -> its member's link                   pops the tasks from in_flight (credit
         service -> the least-loaded link offering it     freed), _refill hands the link queued
@@ -16,9 +16,11 @@
       busy link: _schedule_flush on the IO thread
 
 A link's credit is the tasks worth keeping in flight on its member: at least
-``_MIN_CREDIT`` per task thread, more for tiny tasks, learnt from their times. The
+``MIN_CREDIT`` per task thread, more for tiny tasks, learnt from their times. The
 ``Dispatcher`` keeps the shared state (links, backlogs, the lock) and the per-task hot
-path; ``executor.GridExecutor`` subclasses it and makes and loses the links.
+path; ``executor.ClusterExecutor`` subclasses it and makes and loses the links. Map's
+chunker (``mapping.py``) uses its task-level interface: ``check_open``, ``function_for``,
+``submit_task``, ``task_threads`` and ``link_count``.
 
 A function is pickled once and sent once per link, then named by its id. The cache of
 pickled functions keeps the newest ``_FUNCTION_CACHE``; when it drops one, every link
@@ -38,27 +40,16 @@ import threading
 from concurrent.futures import Future
 
 from ..net import messaging, serialize
-from ..errors import GridError, RemoteError, WorkerCrashed
+from ..errors import GridError, WorkerCrashed
 from ..net.wire import Kind
-from .worker import CALL, CANCELLED, OK, UNSENDABLE
+from .protocol import CALL, CANCELLED, OK, UNSENDABLE
 
 log = logging.getLogger("grid.executor")  # one logger for all of the executor, whichever file logs
 
-_MIN_CREDIT = 2  # tasks in flight per member task thread, at least
+MIN_CREDIT = 2  # tasks in flight per member task thread, at least
 _MAX_CREDIT = 64  # ... and at most, when tasks are tiny
 _QUEUED_WORK = 0.002  # seconds of work worth keeping queued on a member per task thread
 _FUNCTION_CACHE = 1024  # pickled functions kept (the newest); members forget the ones dropped
-
-
-class RemoteTraceback(Exception):
-    """The traceback of an exception raised on a member; attached as ``__cause__``."""
-
-    def __init__(self, text: str):
-        super().__init__(text)
-        self.text = text
-
-    def __str__(self) -> str:
-        return f'\n"""\n{self.text}"""'
 
 
 class _PickledFunction:
@@ -70,7 +61,7 @@ class _PickledFunction:
     def __init__(self, function_id: int, pickled: bytes):
         self.id = function_id
         self.pickled = pickled
-        self.links: list[_Link] = []  # appended by _flush when it first sends it on a link
+        self.links: list[Link] = []  # appended by _flush when it first sends it on a link
         self.evicted = False
 
     def evict(self) -> None:
@@ -128,7 +119,7 @@ class _ServiceTask(_Task):
         return f"service {self.service!r}{_short(self.args)}"
 
 
-class _Link:
+class Link:
     """This executor's connection to one member, with its credit window."""
 
     __slots__ = ("member", "conn", "in_flight", "outbox", "sent_functions", "forget", "send_lock",
@@ -150,23 +141,23 @@ class _Link:
 
     @property
     def credit(self) -> int:
-        return max(1, self.member.workers) * _credit_per_worker(self.average)
+        return max(1, self.member.workers) * credit_per_worker(self.average)
 
     def spare(self) -> int:
         return self.credit - len(self.in_flight)
 
 
-def _credit_per_worker(task_seconds: float | None) -> int:
+def credit_per_worker(task_seconds: float | None) -> int:
     """Tasks worth keeping in flight per member task thread, for tasks taking ``task_seconds``."""
     if task_seconds is None:
-        return _MIN_CREDIT
-    return int(min(_MAX_CREDIT, max(_MIN_CREDIT, _QUEUED_WORK / max(task_seconds, 1e-6))))
+        return MIN_CREDIT
+    return int(min(_MAX_CREDIT, max(MIN_CREDIT, _QUEUED_WORK / max(task_seconds, 1e-6))))
 
 
 class Dispatcher:
     """Places tasks on links to members within each link's credit, sends them, resolves their Futures.
 
-    The base of ``GridExecutor``, which provides what placing a task needs from outside:
+    The base of ``ClusterExecutor``, which provides what placing a task needs from outside:
     ``_transport`` (its IO thread sends batched frames), ``_cluster`` (the member list) and
     ``_open_link(member)`` (a pinned task's member has no link yet).
     """
@@ -175,7 +166,7 @@ class Dispatcher:
         self._lock = threading.RLock()
         self._shutdown = False
         self._ids = itertools.count(1)
-        self._links: dict[str, _Link] = {}
+        self._links: dict[str, Link] = {}
         self._connecting: set[str] = set()  # member uuids whose link is being made
         self._backlog: collections.deque = collections.deque()
         self._service_backlog: dict[str, collections.deque] = {}  # service tasks waiting, by service name
@@ -186,11 +177,36 @@ class Dispatcher:
 
     # -- submitting ---------------------------------------------------------------------------------------
 
-    def _submit(self, fn, kind, args, kwargs, pinned, function=None, service=None) -> Future:
+    # The task-level interface: the executor's submit* and map's chunker (mapping.py) use it.
+
+    @property
+    def is_shutdown(self) -> bool:
+        """True once ``shutdown()`` has begun: no new work is taken."""
+        return self._shutdown
+
+    def check_open(self) -> None:
+        """Raises RuntimeError once shutdown has begun (as the stdlib's executors do)."""
         if self._shutdown:
             raise RuntimeError("cannot schedule new futures after shutdown")
+
+    def task_threads(self) -> int:
+        """Task threads across the linked members (at least 1)."""
+        with self._lock:
+            return sum(max(1, link.member.workers) for link in self._links.values()) or 1
+
+    def link_count(self) -> int:
+        """Members linked right now."""
+        return len(self._links)
+
+    def submit_task(self, fn, kind, args, kwargs, pinned, function=None, service=None) -> Future:
+        """Place one task of ``kind`` (``protocol.CALL``, ``CHUNK``, ``CHUNK1``); returns its Future.
+
+        ``pinned``: a member uuid it must run on; ``function``: ``fn`` already pickled
+        (``function_for(fn)``); ``service``: only members offering that name may run it.
+        """
+        self.check_open()
         if function is None or function.evicted:  # a map's function may have left the cache since
-            function = self._function(fn)
+            function = self.function_for(fn)
         future: Future = Future()
         if service is None:
             task = _Task(next(self._ids), future, fn, function, kind, args, kwargs, pinned)
@@ -209,7 +225,7 @@ class Dispatcher:
                 self._schedule_flush(link)
         return future
 
-    def _function(self, fn) -> _PickledFunction:
+    def function_for(self, fn) -> _PickledFunction:
         """``fn`` pickled, once while it stays in the cache (the newest ``_FUNCTION_CACHE`` stay)."""
         cached = self._functions.get(id(fn))
         if cached is not None and cached[0] is fn:
@@ -304,12 +320,12 @@ class Dispatcher:
                         f"task {task.describe()} cannot run: no remaining member offers service {name!r}{why}; "
                         f"the services offered now are {offered or 'none'}; start a member that offers it"))
 
-    def _assign(self, link: _Link, task: _Task) -> None:
+    def _assign(self, link: Link, task: _Task) -> None:
         task.link = link
         link.in_flight[task.id] = task
         link.outbox.append(task)
 
-    def _refill(self, link: _Link) -> bool:
+    def _refill(self, link: Link) -> bool:
         """Hand queued tasks to ``link`` up to its credit; True if any were given."""
         given = False
         while link.spare() > 0 and link.pinned:
@@ -335,7 +351,7 @@ class Dispatcher:
         self._backlog.extendleft(reversed(skipped))
         return given
 
-    def _refill_services(self, link: _Link) -> bool:
+    def _refill_services(self, link: Link) -> bool:
         """Hand waiting tasks of the services ``link``'s member offers to it, up to its credit."""
         given = False
         for name in link.services & self._service_backlog.keys():
@@ -361,14 +377,14 @@ class Dispatcher:
 
     # -- sending ------------------------------------------------------------------------------------------
 
-    def _schedule_flush(self, link: _Link) -> None:
+    def _schedule_flush(self, link: Link) -> None:
         with self._lock:
             if link.flush_pending:
                 return
             link.flush_pending = True
         self._transport.call_soon(self._flush, link)
 
-    def _flush(self, link: _Link) -> None:
+    def _flush(self, link: Link) -> None:
         """Send what is in ``link``'s outbox as one frame: the ids its member may forget, the
         functions not yet sent on the link, the tasks."""
         with link.send_lock:
@@ -400,7 +416,7 @@ class Dispatcher:
             except GridError as exc:
                 log.debug("sending to %s failed (%s); its tasks are retried when the link closes", link.member, exc)
 
-    def _drop_unpicklable(self, link: _Link, tasks, forget, functions):
+    def _drop_unpicklable(self, link: Link, tasks, forget, functions):
         good = []
         for task in tasks:
             try:
@@ -467,7 +483,7 @@ class Dispatcher:
                 self._all_done.notify_all()
 
 
-def _take_forgotten(link: _Link) -> list:
+def _take_forgotten(link: Link) -> list:
     """(Under ``link.send_lock``) the ids on ``link``'s forget list that its member holds, no longer
     counted as sent."""
     forget, pending, sent = [], link.forget, link.sent_functions
@@ -490,31 +506,15 @@ def _complete(task: _Task, status, value, seconds) -> None:
         if status == OK:
             future.set_result((value, None, seconds))
         elif status == UNSENDABLE:
-            future.set_result(([], _unpack_error(value), seconds))
+            future.set_result(([], serialize.unpack_error(value), seconds))
         else:
             values, packed = value
-            future.set_result((values, _unpack_error(packed), seconds))
+            future.set_result((values, serialize.unpack_error(packed), seconds))
         return
     if status == OK:
         future.set_result(value)
     else:
-        future.set_exception(_unpack_error(value))
-
-
-def _unpack_error(packed) -> BaseException:
-    """The exception a task raised, from the worker's ``(pickled exception, traceback text)``."""
-    pickled, text = packed
-    try:
-        exc = serialize.loads(pickled)
-    except Exception as error:  # say, a class whose __init__ does not take its own args
-        raised = text.rstrip().splitlines()[-1] if text.strip() else "an exception"
-        exc = RemoteError(f"the task raised {raised}, but that exception cannot be unpickled here "
-                          f"({type(error).__name__}: {error}); make it picklable (its __reduce__ must "
-                          "rebuild it) and its class importable where the executor runs")
-    if not isinstance(exc, BaseException):
-        exc = RemoteError(str(exc))
-    exc.__cause__ = RemoteTraceback(text)
-    return exc
+        future.set_exception(serialize.unpack_error(value))
 
 
 def _short(value, limit: int = 80) -> str:

@@ -21,7 +21,7 @@ import sys
 import threading
 import time
 
-from ..cluster.config import format_address
+from ..net.address import format_address
 from ..errors import GridError
 from ..net.folders import private_folder
 

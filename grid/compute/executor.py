@@ -1,4 +1,4 @@
-"""GridExecutor: a ``concurrent.futures.Executor`` whose workers are the members of a cluster.
+"""ClusterExecutor: a ``concurrent.futures.Executor`` whose workers are the members of a cluster.
 
 ::
 
@@ -27,6 +27,11 @@ This file is the Executor itself: its links to members as members come and go, f
 when a link is lost, what services the members offer, and shutting down. Placing,
 sending and completing tasks (the per-task path) is its base class, ``Dispatcher``, in
 ``dispatch.py``; ``map``'s lazy chunking is in ``mapping.py``.
+
+It is handed the cluster it runs on (anything with ``config``, ``members()`` and
+membership listeners: a ``grid.Cluster``) and never makes one. Turning
+``cluster=None`` into the configured or an embedded cluster, and closing what it
+opened, is the job of ``grid.GridExecutor`` at the top (``grid/client.py``).
 """
 
 from __future__ import annotations
@@ -40,54 +45,70 @@ import threading
 import time
 from concurrent.futures import Future
 
-from ..net import messaging, serialize
-from ..client import Cluster, close_at_exit, connect, forget_at_exit
-from ..cluster.config import format_address, load_config
-from .dispatch import Dispatcher, _Link
-from .dispatch import RemoteTraceback  # noqa: F401  re-exported: the __cause__ of a task's error, named here before
+from typing import Protocol
+
+from ..cluster.config import Config
+from ..net.address import format_address
+from ..cluster.members import local_target
 from ..errors import GridError, NotConnected, ServiceNotFound, WorkerCrashed
-from .mapping import chunk_futures, ordered_results, unordered_results
-from ..cluster.membership import local_target
-from .services import HOW_TO_OFFER, call_service
+from ..net import messaging, serialize
 from ..net.transport import Transport
-from .worker import CALL
+from .dispatch import Dispatcher, Link
+from .mapping import chunk_futures, ordered_results, unordered_results
+from .protocol import CALL
+from .services import HOW_TO_OFFER, call_service
 
 log = logging.getLogger("grid.executor")
 
 
-class GridExecutor(Dispatcher, concurrent.futures.Executor):
-    """Run callables on the members of a cluster; returns stdlib ``Future``s.
+class MemberList(Protocol):
+    """What an executor needs of the cluster it runs on (a ``grid.Cluster`` is one)."""
+
+    config: Config
+
+    def members(self) -> list: ...
+
+    def add_membership_listener(self, listener) -> None: ...
+
+    def remove_membership_listener(self, listener) -> None: ...
+
+
+class ClusterExecutor(Dispatcher, concurrent.futures.Executor):
+    """Run callables on the members of the cluster it is handed; returns stdlib ``Future``s.
+
+    ``grid.GridExecutor`` is this with the cluster found for it; use that one.
 
     Args:
-        max_workers: with no cluster configured, the number of member processes of the
-            embedded local cluster (default: the core count). Ignored for a given cluster.
-        cluster: a ``grid.Cluster`` (from ``grid.connect``), or anything ``grid.connect``
-            takes (a config dict or path). None: the configured cluster, or, if nothing is
-            configured, a private embedded cluster torn down on shutdown.
+        cluster: the cluster it runs on (a ``MemberList``: a ``grid.Cluster``); not closed here.
         initializer, initargs: ``initializer(*initargs)`` runs once on every member
             before it takes this executor's work.
         max_retries: how often a task is re-run after the member running it died.
+        startup_timeout: seconds to wait for the first links to members.
+        crash_report: ``crash_report(address, timeout=)`` says how the member process at
+            ``address`` ended (exit code, last log lines), for the error of a task it took down.
+        on_teardown: called once when the executor has let go of its links (at the end of a
+            shutdown, or when ``__init__`` fails): the owner closes what it opened for it.
 
     Raises:
         NotConnected: no member of the cluster could be reached.
     """
 
-    def __init__(self, max_workers: int | None = None, *, cluster=None, initializer=None, initargs=(),
-                 max_retries: int = 3, startup_timeout: float = 30.0):
-        if max_workers is not None and max_workers < 1:
-            raise ValueError("max_workers must be greater than 0")
+    def __init__(self, cluster: MemberList, *, initializer=None, initargs=(), max_retries: int = 3,
+                 startup_timeout: float = 30.0, crash_report=None, on_teardown=None):
         if max_retries < 0:
             raise ValueError("max_retries must be 0 or more")
         super().__init__()  # the Dispatcher's state: the lock, the links, the backlogs
         self._max_retries = max_retries
         self._service_functions: dict[str, functools.partial] = {}  # name -> call_service bound to it
-        self._embedded = None
-        self._owns_cluster = False
-        self._init = None
-        if initializer is not None:
-            self._init = serialize.dumps((initializer, tuple(initargs)))
-        self._cluster = self._open_cluster(cluster, max_workers, startup_timeout)
-        config = self._cluster.config
+        self._crash_report = crash_report
+        self._on_teardown = on_teardown
+        self._cluster = cluster
+        try:
+            self._init = None if initializer is None else serialize.dumps((initializer, tuple(initargs)))
+        except BaseException:
+            self._release()
+            raise
+        config = cluster.config
         self._router = messaging.Router()
         self._router.register("results", self._on_results)
         try:
@@ -96,37 +117,14 @@ class GridExecutor(Dispatcher, concurrent.futures.Executor):
                 on_frame=self._router.on_frame, on_close=self._on_link_closed,
                 handshake_timeout=config.handshake_timeout, tls=config.tls, name="grid-io-executor")
         except BaseException:
-            self._close_cluster()
+            self._release()
             raise
         self._cluster.add_membership_listener(self._on_membership)
         for member in self._cluster.members():
             self._open_link(member)
         self._await_links(startup_timeout)
-        close_at_exit(self, self.shutdown)
 
     # -- setting up ---------------------------------------------------------------------------------
-
-    def _open_cluster(self, cluster, max_workers, startup_timeout) -> Cluster:
-        if isinstance(cluster, Cluster):
-            return cluster
-        if cluster is None:
-            config = load_config()
-            if config.source == "defaults":
-                from .embedded import EmbeddedCluster
-
-                self._embedded = EmbeddedCluster(max_workers or config.effective_workers(),
-                                                 startup_timeout=startup_timeout)
-                cluster = self._embedded.client_config()
-            else:
-                cluster = config
-        try:
-            opened = connect(cluster, timeout=startup_timeout)
-        except BaseException:
-            if self._embedded is not None:
-                self._embedded.close()
-            raise
-        self._owns_cluster = True
-        return opened
 
     def _await_links(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
@@ -166,7 +164,7 @@ class GridExecutor(Dispatcher, concurrent.futures.Executor):
                 conn.close("not needed")
                 self._link_failed(member)
                 return
-            link = _Link(member, conn)
+            link = Link(member, conn)
             conn.attachment = link
         if self._init is not None:
             try:
@@ -206,7 +204,7 @@ class GridExecutor(Dispatcher, concurrent.futures.Executor):
     def _on_link_closed(self, conn) -> None:
         """A link closed: its tasks in flight run elsewhere (up to ``max_retries`` times) or fail."""
         link = conn.attachment
-        if not isinstance(link, _Link):
+        if not isinstance(link, Link):
             return
         with self._lock:
             link.closed = True
@@ -242,7 +240,7 @@ class GridExecutor(Dispatcher, concurrent.futures.Executor):
             log.warning("member %s was lost with %d tasks in flight (%s); %d will run elsewhere",
                         link.member, len(orphans), conn.close_reason, len(retry))
         if failed or pinned:
-            report = self._embedded.exit_report(link.member.address, timeout=0.5) if self._embedded else None
+            report = self._crash_report(link.member.address, timeout=0.5) if self._crash_report else None
             cause = report or f"the connection was lost ({conn.farewell or conn.close_reason})"
             with self._lock:
                 self._finish_outstanding(len(failed) + len(pinned))
@@ -270,28 +268,22 @@ class GridExecutor(Dispatcher, concurrent.futures.Executor):
             RuntimeError: the executor is shut down.
             SerializationError: ``fn`` cannot travel (a lambda without cloudpickle).
         """
-        return self._submit(fn, CALL, args, kwargs, None)
+        return self.submit_task(fn, CALL, args, kwargs, None)
 
     def submit_to_member(self, member, fn, /, *args, **kwargs) -> Future:
         """Run ``fn(*args, **kwargs)`` on ``member`` (a Member, its uuid or its "host:port").
 
         The Future fails with ``WorkerCrashed`` if that member dies or leaves first.
         """
-        return self._submit(fn, CALL, args, kwargs, self._resolve_member(member).uuid)
+        return self.submit_task(fn, CALL, args, kwargs, self._resolve_member(member).uuid)
 
     def submit_to_all(self, fn, /, *args, **kwargs) -> dict:
         """Run ``fn(*args, **kwargs)`` once on every current member; returns ``{member: Future}``."""
-        return {member: self._submit(fn, CALL, args, kwargs, member.uuid) for member in self.members()}
+        return {member: self.submit_task(fn, CALL, args, kwargs, member.uuid) for member in self.members()}
 
     def members(self) -> list:
         """The members this executor can send work to."""
         return self._cluster.members()
-
-    @property
-    def cluster(self) -> Cluster:
-        """The ``Cluster`` this executor runs on (for an embedded one, a client of its members):
-        ``executor.cluster.exec_all(...)`` reaches the same members as ``submit``."""
-        return self._cluster
 
     def _resolve_member(self, member):
         for candidate in self._cluster.members():
@@ -314,10 +306,9 @@ class GridExecutor(Dispatcher, concurrent.futures.Executor):
                 member again); the message lists the services the cluster offers.
             RuntimeError: the executor is shut down.
         """
-        if self._shutdown:
-            raise RuntimeError("cannot schedule new futures after shutdown")
+        self.check_open()
         function = self._check_service(name)
-        return self._submit(function, CALL, args, kwargs, None, service=name)
+        return self.submit_task(function, CALL, args, kwargs, None, service=name)
 
     def map_service(self, name: str, /, *iterables, timeout=None, chunksize=None):
         """Like ``map(service, *iterables)``, run only on members offering the service ``name``.
@@ -327,8 +318,7 @@ class GridExecutor(Dispatcher, concurrent.futures.Executor):
         Raises:
             ServiceNotFound: no member offers ``name`` (raised here, before any item is taken).
         """
-        if self._shutdown:
-            raise RuntimeError("cannot schedule new futures after shutdown")
+        self.check_open()
         end = None if timeout is None else time.monotonic() + timeout
         function = self._check_service(name)
         return ordered_results(chunk_futures(self, function, iterables, chunksize, service=name), end)
@@ -361,7 +351,7 @@ class GridExecutor(Dispatcher, concurrent.futures.Executor):
         with self._lock:
             return any(link.services is not None and name in link.services for link in self._links.values())
 
-    def _ask_services(self, link: _Link) -> Future | None:
+    def _ask_services(self, link: Link) -> Future | None:
         """Ask ``link``'s member which services it offers; the answer is learnt on the IO thread."""
         try:
             asked = messaging.request(link.conn, "services", None)
@@ -370,14 +360,14 @@ class GridExecutor(Dispatcher, concurrent.futures.Executor):
         asked.add_done_callback(lambda done: self._services_answered(link, done))
         return asked
 
-    def _services_answered(self, link: _Link, done: Future) -> None:
+    def _services_answered(self, link: Link, done: Future) -> None:
         error = GridError("the request was cancelled") if done.cancelled() else done.exception()
         if error is not None and not link.closed:
             log.info("member %s did not say which services it offers (%s); it gets no service tasks",
                      link.member, error)
         self._learn_services(link, () if error is not None else done.result())
 
-    def _learn_services(self, link: _Link, names) -> None:
+    def _learn_services(self, link: Link, names) -> None:
         with self._lock:
             link.services = frozenset(names)
             more = not link.closed and bool(self._service_backlog) and self._refill(link)
@@ -424,10 +414,6 @@ class GridExecutor(Dispatcher, concurrent.futures.Executor):
         with self._lock:
             return sum(link.credit for link in self._links.values()) or 1
 
-    def _task_threads(self) -> int:
-        with self._lock:
-            return sum(max(1, link.member.workers) for link in self._links.values()) or 1
-
     # -- shutting down -------------------------------------------------------------------------------------
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
@@ -471,48 +457,18 @@ class GridExecutor(Dispatcher, concurrent.futures.Executor):
                 return
             self._torn_down = True
             self._shutdown = True
-        forget_at_exit(self)
         try:
             self._cluster.remove_membership_listener(self._on_membership)
         except Exception:
             pass
         self._transport.close()
-        self._close_cluster()
+        self._release()
 
-    def _close_cluster(self) -> None:
-        if self._owns_cluster:
-            self._cluster.close()
-        if self._embedded is not None:
-            self._embedded.close()
+    def _release(self) -> None:
+        on_teardown, self._on_teardown = self._on_teardown, None
+        if on_teardown is not None:
+            on_teardown()
 
     def __exit__(self, *exc_info):
         self.shutdown(wait=True)
         return False
-
-
-# -- the default connection's executor ----------------------------------------------------------------
-
-_default_executor: GridExecutor | None = None
-_default_lock = threading.Lock()
-
-
-def default_executor() -> GridExecutor:
-    """The executor of the default connection: the configured cluster, or an embedded one."""
-    global _default_executor
-    with _default_lock:
-        if _default_executor is None or _default_executor._shutdown:
-            from ..client import cluster
-
-            config = load_config()
-            _default_executor = GridExecutor() if config.source == "defaults" else GridExecutor(cluster=cluster())
-        return _default_executor
-
-
-def fmap(fn, *iterables, chunksize=None):
-    """``map`` on the default connection's executor: lazy, ordered, bounded in memory."""
-    return default_executor().map(fn, *iterables, chunksize=chunksize)
-
-
-def ufmap(fn, *iterables, chunksize=None):
-    """Like ``fmap`` but yields results as they complete."""
-    return default_executor().map_unordered(fn, *iterables, chunksize=chunksize)

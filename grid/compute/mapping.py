@@ -25,8 +25,8 @@ import operator
 import time
 from concurrent.futures import Future
 
-from .dispatch import _MIN_CREDIT, _credit_per_worker
-from .worker import CHUNK, CHUNK1
+from .dispatch import MIN_CREDIT, credit_per_worker
+from .protocol import CHUNK, CHUNK1
 
 _CHUNK_TARGET = 0.01  # seconds a map chunk should take on a member
 _MAX_CHUNK = 65536
@@ -36,9 +36,8 @@ def chunk_futures(executor, fn, iterables, chunksize, *, ordered=True, service=N
     """Submit chunks to ``executor`` as the caller consumes; yield their futures (in order, or as completed)."""
     if chunksize is not None and chunksize < 1:
         raise ValueError("chunksize must be >= 1.")
-    if executor._shutdown:
-        raise RuntimeError("cannot schedule new futures after shutdown")
-    function = executor._function(fn)
+    executor.check_open()
+    function = executor.function_for(fn)
     # One iterable: chunks of the items themselves, no 1-tuples to build and pickle.
     kind, items = (CHUNK1, iter(iterables[0])) if len(iterables) == 1 else (CHUNK, zip(*iterables))
     sizer = _ChunkSizer(chunksize, _length_hint(iterables), executor)
@@ -53,7 +52,7 @@ def chunk_futures(executor, fn, iterables, chunksize, *, ordered=True, service=N
             if not chunk:
                 exhausted = True
                 return
-            future = executor._submit(fn, kind, chunk, None, None, function, service)
+            future = executor.submit_task(fn, kind, chunk, None, None, function, service)
             future.items = len(chunk)
             future.add_done_callback(sizer.observe_future)  # result: (values, error, seconds)
             pending.append(future)
@@ -126,9 +125,9 @@ class _ChunkSizer:
         chunks grow: items submitted ahead stay bounded whatever the chunk size.
         """
         if not self.fixed:  # growing chunks aim at _CHUNK_TARGET each: two per task thread suffice
-            return max(4, 2 * self.executor._task_threads() * _MIN_CREDIT)
+            return max(4, 2 * self.executor.task_threads() * MIN_CREDIT)
         seconds = None if self.per_item is None else self.per_item * self.size()
-        return max(4, 2 * self.executor._task_threads() * _credit_per_worker(seconds))
+        return max(4, 2 * self.executor.task_threads() * credit_per_worker(seconds))
 
     def observe_future(self, future: Future) -> None:
         """A chunk's Future is done: learn from its member time (a failed chunk teaches nothing)."""
@@ -145,7 +144,7 @@ class _ChunkSizer:
         ideal = _CHUNK_TARGET / self.per_item
         limit = _MAX_CHUNK
         if self.length:
-            members = max(1, len(self.executor._links))
+            members = max(1, self.executor.link_count())
             limit = max(1, min(limit, math.ceil(self.length / (4 * members))))
         self.current = int(max(1, min(ideal, 4 * self.current, limit)))
 

@@ -24,11 +24,10 @@ import traceback
 
 from ..net import messaging, serialize
 from ..errors import BrokenGrid, GridError, RemoteError
+from .protocol import CALL, CANCELLED, CHUNK1, FAILED, OK, UNSENDABLE
 
 log = logging.getLogger("grid.worker")
 
-CALL, CHUNK, CHUNK1 = 0, 1, 2  # task kinds: fn(*args, **kwargs); fn(*item) per item; fn(item) per item
-OK, FAILED, CANCELLED, UNSENDABLE = 0, 1, 2, 3  # result statuses (UNSENDABLE: the value cannot be pickled)
 _QUICK_SECONDS = 0.0005  # a function that always ran faster than this may run on the IO thread
 _QUICK_RUNS = 5  # ... once it has done so this many times
 _INLINE_BATCH = 4  # at most this many tasks of one frame run on the IO thread
@@ -42,6 +41,12 @@ _current_member = None
 def current_member():
     """The ``Member`` this code runs on (inside a task on a member), or None in a client."""
     return _current_member
+
+
+def set_current_member(member) -> None:
+    """Name the member this process is (its ``Peer`` does, on start and close)."""
+    global _current_member
+    _current_member = member
 
 
 class _LoadedFunction:
@@ -207,7 +212,7 @@ class TaskRunner:
             else:
                 for key, (conn, state, first) in dirty.items():
                     if first is not None:  # the next task may run long: the IO thread sends these in time
-                        conn.transport.call_later(_RESULT_DELAY, self._flush, conn, state)
+                        conn.driver.call_later(_RESULT_DELAY, self._flush, conn, state)
                         dirty[key] = (conn, state, None)
             if item is None:
                 for conn, state, _ in dirty.values():
@@ -238,7 +243,7 @@ class TaskRunner:
         if state.init_error is not None:
             return (task_id, FAILED, state.init_error if kind == CALL else ([], state.init_error), 0.0)
         if function is None:
-            error = _pack_error(GridError(f"function {function_id} was never sent on this link, or was forgotten "
+            error = serialize.pack_error(GridError(f"function {function_id} was never sent on this link, or was forgotten "
                                           "before this task arrived (a grid bug)"))
             return (task_id, FAILED, error if kind == CALL else ([], error), 0.0)
         fn = function.fn
@@ -249,7 +254,7 @@ class TaskRunner:
             except BaseException as exc:  # noqa: B036 - the caller gets every failure
                 if isinstance(exc, (KeyboardInterrupt, SystemExit)) and not isinstance(fn, _Unloadable):
                     exc = RemoteError(f"task raised {type(exc).__name__}: {exc}")
-                return (task_id, FAILED, _pack_error(exc), time.perf_counter() - started)
+                return (task_id, FAILED, serialize.pack_error(exc), time.perf_counter() - started)
             seconds = time.perf_counter() - started
             function.timed(seconds)
             return (task_id, OK, serialize.wrap_buffers((value,))[0], seconds)
@@ -257,7 +262,7 @@ class TaskRunner:
         try:  # list.extend keeps what it appended before an exception: the results up to the failure
             values.extend(map(fn, args) if kind == CHUNK1 else itertools.starmap(fn, args))
         except BaseException as exc:  # noqa: B036
-            return (task_id, FAILED, (values, _pack_error(exc)), time.perf_counter() - started)
+            return (task_id, FAILED, (values, serialize.pack_error(exc)), time.perf_counter() - started)
         seconds = time.perf_counter() - started
         if len(values) == 1:
             function.timed(seconds)
@@ -306,18 +311,6 @@ class _Unloadable:
                           "is its module importable on every member? (grid.deploy ships it)") from self.error
 
 
-def _pack_error(exc: BaseException) -> tuple:
-    """``(pickled exception, traceback text)``: pickled apart, so an exception the caller
-    cannot unpickle fails only its own task (see ``dispatch._unpack_error``)."""
-    text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
-    try:
-        pickled = serialize.dumps(exc)
-    except Exception as error:
-        pickled = serialize.dumps(RemoteError(f"{type(exc).__name__}: {exc} (the exception itself cannot be "
-                                              f"pickled: {error})"))
-    return (pickled, text)
-
-
 def _sendable(result: tuple) -> tuple:
     """``result``, or if its value cannot be pickled, an UNSENDABLE result with an error that says so."""
     task_id, status, value, seconds = result
@@ -329,4 +322,4 @@ def _sendable(result: tuple) -> tuple:
             return (task_id, UNSENDABLE, value[1], seconds)
         error = RemoteError(f"the task's result ({type(value).__name__}) cannot be pickled: {exc}; "
                             "return plain data (or objects that pickle) from tasks")
-        return (task_id, UNSENDABLE, _pack_error(error), seconds)
+        return (task_id, UNSENDABLE, serialize.pack_error(error), seconds)

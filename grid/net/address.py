@@ -1,7 +1,8 @@
 """Member addresses: parsing, formatting, loopback and trusted-interface checks.
 
-Pure functions on strings; ``config`` validates with them and every other
-module formats and compares addresses with them.
+Pure functions on strings; ``config`` validates with them (and words its errors
+with ``describe_value``) and every other module formats and compares addresses
+with them.
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ def parse_address(
         return ConfigError(f"{text!r} is not an address: {why}; write {_ADDRESS_FORMS}", key=key, source=source)
 
     if not isinstance(text, str):
-        raise ConfigError(f"expected an address string, got {_describe(text)}; write {_ADDRESS_FORMS}",
+        raise ConfigError(f"expected an address string, got {describe_value(text)}; write {_ADDRESS_FORMS}",
                           key=key, source=source)
     if not text:
         raise fail("it is empty")
@@ -80,6 +81,22 @@ def format_address(address: tuple[str, int]) -> str:
     """Write ``(host, port)`` as ``host:port``, or ``[host]:port`` for IPv6."""
     host, port = address
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def describe_remote(remote: tuple | str) -> str:
+    """A connection's other end, for log and error messages.
+
+    Args:
+        remote: a socket's peer address: ``(host, port, ...)`` for TCP, or a Unix socket's
+            path (``""`` for the unnamed end of an accepted Unix connection).
+
+    Returns:
+        ``"host:port"`` (an IPv6 host without brackets, as the socket reports it), the
+        path, or ``"a local Unix socket"`` when the path is empty.
+    """
+    if isinstance(remote, str):
+        return remote or "a local Unix socket"
+    return f"{remote[0]}:{remote[1]}"
 
 
 def is_loopback(host: str) -> bool:
@@ -117,6 +134,22 @@ def trusted_interface_matches(pattern: str, address: str) -> bool:
     if ranges is None or ip.version != 4:
         return False
     return all(low <= int(part) <= high for (low, high), part in zip(ranges, str(ip).split(".")))
+
+
+def is_trusted_interface_pattern(pattern: str) -> bool:
+    """Whether ``pattern`` may be a ``multicast.trusted_interfaces`` entry: an IP, a network or an IPv4 pattern."""
+    if "/" in pattern:
+        try:
+            ipaddress.ip_network(pattern, strict=False)
+        except ValueError:
+            return False
+        return True
+    return _is_ip(pattern) or _ipv4_pattern_ranges(pattern) is not None
+
+
+def is_valid_host(text: str) -> bool:
+    """Whether ``text`` is an IP address (IPv4 or IPv6) or a valid host name, without a port."""
+    return _is_ip(text) or _host_problem(text) is None
 
 
 def _parse_port(text: str, fail) -> int:
@@ -175,7 +208,7 @@ def _ipv4_pattern_ranges(pattern: str) -> list[tuple[int, int]] | None:
     return ranges
 
 
-def _describe(value, *, hide: bool = False) -> str:
+def describe_value(value, *, hide: bool = False) -> str:
     """A value for an error message: its kind, and (unless hidden) its repr, cut short."""
     kinds = {bool: "a boolean", int: "an integer", float: "a number", str: "a string", list: "a list",
              tuple: "a list", dict: "a table", type(None): "nothing (null)"}

@@ -2,17 +2,19 @@
 
 ::
 
-    caller threads                          IO thread (the Transport's loop calls conn._on_event)
-    --------------                          ------------------------------------------------------
+    caller threads                          IO thread (the loop calls back conn._on_event)
+    --------------                          ----------------------------------------------
+                                            start_connect() / start_accepted(tls): watch the socket
     conn.send_frame() --sendmsg()--> socket     (directly, when nothing is queued)
          `-- what did not fit --> conn._out --wake--> EVENT_WRITE -> _flush
     conn.request(payload) -> Future             CONNECTING -> (TLS) -> HANDSHAKE -> OPEN
-         kept in _pending by request id         readable -> _read -> FrameDecoder.feed()
-    conn.close() --call_soon--> _fail             handshake frames -> security.*Handshake
+         kept in _pending by request id           -> driver.connection_opened(conn)
+    conn.close() --call_soon--> abort           readable -> _read -> FrameDecoder.feed()
+                                                  handshake frames -> security.*Handshake
                                                   RESPONSE frames  -> the request's Future
-                                                  other frames     -> on_frame(conn, frame)
-                                                closed (_fail) -> CLOSED: pending requests fail,
-                                                  on_close(conn)
+                                                  other frames     -> driver.frame_received(conn, frame)
+                                                abort() -> CLOSED: driver.forget(conn), pending
+                                                  requests fail, driver.connection_closed(conn)
 
 Nothing but handshake frames is accepted before authentication, and the
 decoder caps them at 4 KiB. Every ``OSError`` of a read or write is translated
@@ -21,19 +23,22 @@ the peer closed the connection.
 
 The transport layer is two files: ``transport.py`` is the loop (the IO thread, the
 selector, listening, accepting, starting connects, call_soon and timers) and makes a
-``Connection`` per socket; this file is everything one socket does after that. They are
-one layer and use each other's underscore names: a Connection uses its transport's
-``_selector``, ``_defer``, ``_client_tls`` and ``_secret`` and reports back through
-``_opened``, ``_dispatch``, ``_forget`` and ``_closed``; the transport registers and
-starts a Connection with ``_sock``, ``_events``, ``_on_event``, ``_set_state``,
-``_begin_handshake``, ``_deadline_timer``, ``_handshake_deadline`` and ``_announced``,
-and ends it with ``_fail``. Deviation from the house rule "sockets live in one file":
-these two files hold all of grid's TCP and Unix socket code; nothing above them touches
-a socket.
+``Connection`` per socket; this file is everything one socket does after that. This
+file does not import that one: the seam is the ``Driver`` below, what a Connection
+needs from the loop that drives it, which the Transport hands to each Connection it
+makes (``conn.driver``). Through it a Connection watches its socket (``watch``,
+``rewatch``, ``unwatch``), runs code on the IO thread (``call_soon``, ``defer``,
+``call_later``), reads the handshake settings, and reports ``connection_opened``,
+``frame_received``, ``forget`` and ``connection_closed``. The other way, the Transport
+starts a Connection with ``start_connect()`` or ``start_accepted(tls)`` and ends it with
+``abort(reason, by_peer)``; neither side touches the other's underscore names.
+Deviation from the house rule "sockets live in one file": these two files hold all of
+grid's TCP and Unix socket code; nothing above them touches a socket.
 """
 
 from __future__ import annotations
 
+import abc
 import collections
 import enum
 import errno
@@ -45,14 +50,11 @@ import socket
 import ssl
 import threading
 from concurrent.futures import Future, InvalidStateError
-from typing import TYPE_CHECKING
 
 from . import security, wire
 from ..errors import ConnectionClosed, HandshakeError, ProtocolError, TransportError
+from .address import describe_remote
 from .wire import Flag, Kind
-
-if TYPE_CHECKING:
-    from .transport import Transport
 
 log = logging.getLogger("grid.transport")  # one logger for the transport layer, whichever file logs
 
@@ -78,14 +80,80 @@ _TRANSITIONS = {
 }
 
 
+class Driver(abc.ABC):
+    """What a Connection needs from the loop that drives it; a ``Transport`` hands over its own.
+
+    ``call_soon`` and ``call_later`` may be called from any thread, the rest only on the
+    IO thread, which is the one that runs every callback. The settings are read when they
+    are used, so a change (a member fills in ``info["address"]`` once it listens) reaches
+    the next handshake.
+
+    Attributes:
+        cluster_id, secret, info: what this side's handshake sends and checks.
+        max_payload: the largest frame accepted after authentication, in bytes.
+        handshake_timeout: seconds from connect/accept until the handshake must be done.
+        client_tls: the ``ssl.SSLContext`` an outbound connection wraps its socket in, or None.
+    """
+
+    cluster_id: str
+    secret: str | None
+    info: dict
+    max_payload: int
+    handshake_timeout: float
+    client_tls: ssl.SSLContext | None
+
+    @abc.abstractmethod
+    def watch(self, sock: socket.socket, events: int, on_event) -> None:
+        """Call ``on_event(mask)`` whenever ``sock`` is ready for ``events`` (selectors.EVENT_*)."""
+
+    @abc.abstractmethod
+    def rewatch(self, sock: socket.socket, events: int, on_event) -> None:
+        """Change what a watched ``sock`` is watched for."""
+
+    @abc.abstractmethod
+    def unwatch(self, sock: socket.socket) -> None:
+        """Stop watching ``sock``; nothing happens if it is not watched."""
+
+    @abc.abstractmethod
+    def call_soon(self, fn, *args) -> None:
+        """Run ``fn(*args)`` on the IO thread: inline when already on it; dropped once the loop stopped."""
+
+    @abc.abstractmethod
+    def defer(self, fn, *args) -> None:
+        """Like ``call_soon``, but never inline: after the current event, even on the IO thread."""
+
+    @abc.abstractmethod
+    def call_later(self, delay: float, fn, *args):
+        """Run ``fn(*args)`` on the IO thread after ``delay`` seconds; returns a handle with ``cancel()``."""
+
+    @abc.abstractmethod
+    def connection_opened(self, conn: Connection) -> None:
+        """``conn`` is authenticated and its ``opened`` Future resolved."""
+
+    @abc.abstractmethod
+    def frame_received(self, conn: Connection, frame: wire.Frame) -> None:
+        """A frame other than a RESPONSE arrived on the open ``conn``."""
+
+    @abc.abstractmethod
+    def forget(self, conn: Connection) -> None:
+        """``conn`` (open or not) is closing: no longer count it; its futures fail next."""
+
+    @abc.abstractmethod
+    def connection_closed(self, conn: Connection) -> None:
+        """``conn``, which ``connection_opened`` saw, is closed (called once, after its futures failed)."""
+
+
 class Connection:
     """One authenticated (or authenticating) connection to another process.
 
-    Made by ``Transport.connect`` or when a listener accepts, never directly.
+    Made by ``Transport.connect`` or when a listener accepts, never directly, and started
+    by its maker with ``start_connect()`` or ``start_accepted()``. ``driver`` is the
+    ``Driver`` it runs under; the layers above may use its ``call_soon`` and
+    ``call_later`` to run code on this connection's IO thread.
     """
 
-    def __init__(self, transport: Transport, sock: socket.socket, *, outbound: bool, remote: tuple):
-        self.transport = transport
+    def __init__(self, driver: Driver, sock: socket.socket, *, outbound: bool, remote: tuple | str):
+        self.driver = driver
         self.outbound = outbound
         self.remote = remote
         self.state = State.CONNECTING
@@ -104,10 +172,10 @@ class Connection:
         self._request_ids = itertools.count(1)
         self._deadline_timer = None
         self._events = 0
-        self._announced = False  # on_open was called, so on_close will be
+        self._announced = False  # connection_opened was reported, so connection_closed will be
 
     def __repr__(self) -> str:
-        who = self.peer_info.get("address") or _where(self.remote)
+        who = self.peer_info.get("address") or describe_remote(self.remote)
         return f"<Connection {'to' if self.outbound else 'from'} {who} {self.state.value}>"
 
     @property
@@ -118,6 +186,37 @@ class Connection:
         if new not in _TRANSITIONS[self.state]:
             raise RuntimeError(f"connection state {self.state.value} cannot go to {new.value}")
         self.state = new
+
+    # -- starting (IO thread, by the Transport) ------------------------------------------
+
+    def start_connect(self) -> None:
+        """Connect the socket to ``remote`` without blocking; TLS (if set) and the handshake follow.
+
+        A connect that fails at once closes the connection: ``opened`` fails with TransportError.
+        """
+        driver = self.driver
+        self._deadline_timer = driver.call_later(driver.handshake_timeout, self._handshake_deadline)
+        try:
+            result = self._sock.connect_ex(self.remote)
+        except OSError as exc:
+            self.abort(f"cannot connect to {describe_remote(self.remote)}: {exc}", True)
+            return
+        if result not in (0, errno.EINPROGRESS, errno.EWOULDBLOCK):
+            self.abort(f"cannot connect to {describe_remote(self.remote)}: {errno.errorcode.get(result, result)}", True)
+            return
+        self._events = selectors.EVENT_WRITE
+        driver.watch(self._sock, selectors.EVENT_WRITE, self._on_event)
+
+    def start_accepted(self, tls: bool) -> None:
+        """Serve an accepted socket: the TLS handshake first when ``tls`` (the socket is wrapped), then ours."""
+        driver = self.driver
+        self._deadline_timer = driver.call_later(driver.handshake_timeout, self._handshake_deadline)
+        if tls:
+            self._set_state(State.TLS)
+        self._events = selectors.EVENT_READ
+        driver.watch(self._sock, selectors.EVENT_READ, self._on_event)
+        if not tls:
+            self._begin_handshake()
 
     # -- sending (any thread) ------------------------------------------------------------
 
@@ -147,12 +246,12 @@ class Connection:
                     self._queue_remainder(buffers, sent)
                     queued_first = bool(self._out)
         if failure is not None:
-            # Not inline: on the IO thread (a reply from on_frame) _fail would run in
+            # Not inline: on the IO thread (a reply from on_frame) abort would run in
             # the middle of _read, and it takes self._lock, which we held just now.
-            self.transport._defer(self._fail, f"write failed: {failure}", True)
+            self.driver.defer(self.abort, f"write failed: {failure}", True)
             raise ConnectionClosed(f"{self!r}: write failed: {failure}", by_peer=True) from failure
         if queued_first and self.state in (State.OPEN, State.HANDSHAKE):
-            self.transport.call_soon(self._update_interest)
+            self.driver.call_soon(self._update_interest)
 
     def _write(self, buffers) -> int:
         """Write from the start of ``buffers`` (a list or the queue); return the bytes sent."""
@@ -225,7 +324,7 @@ class Connection:
 
     def close(self, reason: str = "closed by this side") -> None:
         """Close from any thread; queued output is dropped."""
-        self.transport.call_soon(self._fail, reason, False)
+        self.driver.call_soon(self.abort, reason, False)
 
     # -- IO thread ------------------------------------------------------------------------
 
@@ -238,7 +337,7 @@ class Connection:
         if self.state is State.CONNECTING:
             events = selectors.EVENT_WRITE
         if events != self._events:
-            self.transport._selector.modify(self._sock, events, self._on_event)
+            self.driver.rewatch(self._sock, events, self._on_event)
             self._events = events
 
     def _on_event(self, mask: int) -> None:
@@ -254,24 +353,24 @@ class Connection:
                     self._read()
         except ProtocolError as exc:
             log.warning("closing %r: protocol error: %s", self, exc)
-            self._fail(f"protocol error: {exc}", False)
+            self.abort(f"protocol error: {exc}", False)
         except (ConnectionClosed, OSError) as exc:
-            self._fail(str(exc) or type(exc).__name__, True)
+            self.abort(str(exc) or type(exc).__name__, True)
         except Exception as exc:  # a bug here must cost one connection, not the loop's attention
             log.exception("closing %r after an unexpected error", self)
-            self._fail(f"internal error: {exc!r}", False)
+            self.abort(f"internal error: {exc!r}", False)
 
     def _finish_connect(self) -> None:
         error = self._sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
         if error:
-            reason = f"cannot connect to {_where(self.remote)}: {errno.errorcode.get(error, error)} ({os.strerror(error)})"
-            self._fail(reason, True)
+            reason = f"cannot connect to {describe_remote(self.remote)}: {errno.errorcode.get(error, error)} ({os.strerror(error)})"
+            self.abort(reason, True)
             return
-        context = self.transport._client_tls
+        context = self.driver.client_tls
         if context is not None:
             self._set_state(State.TLS)
             self._sock = context.wrap_socket(self._sock, do_handshake_on_connect=False)
-            self.transport._selector.modify(self._sock, selectors.EVENT_WRITE | selectors.EVENT_READ, self._on_event)
+            self.driver.rewatch(self._sock, selectors.EVENT_WRITE | selectors.EVENT_READ, self._on_event)
             self._continue_tls()
             return
         self._begin_handshake()
@@ -281,22 +380,22 @@ class Connection:
             self._sock.do_handshake()
         except ssl.SSLWantReadError:
             self._events = selectors.EVENT_READ
-            self.transport._selector.modify(self._sock, self._events, self._on_event)
+            self.driver.rewatch(self._sock, self._events, self._on_event)
             return
         except ssl.SSLWantWriteError:
             self._events = selectors.EVENT_WRITE
-            self.transport._selector.modify(self._sock, self._events, self._on_event)
+            self.driver.rewatch(self._sock, self._events, self._on_event)
             return
         except (ssl.SSLError, OSError) as exc:
-            log.warning("TLS handshake with %s failed: %s", _where(self.remote), exc)
-            self._fail(f"TLS handshake failed: {exc}", True)
+            log.warning("TLS handshake with %s failed: %s", describe_remote(self.remote), exc)
+            self.abort(f"TLS handshake failed: {exc}", True)
             return
         self._begin_handshake()
 
     def _begin_handshake(self) -> None:
-        transport = self.transport
+        driver = self.driver
         self._set_state(State.HANDSHAKE)
-        options = dict(cluster_id=transport.cluster_id, secret=transport._secret, info=transport.info)
+        options = dict(cluster_id=driver.cluster_id, secret=driver.secret, info=driver.info)
         self._handshake = security.ClientHandshake(**options) if self.outbound else security.ServerHandshake(**options)
         self._update_interest()
         for kind, payload in self._handshake.start():
@@ -366,7 +465,7 @@ class Connection:
             if self._sock.pending() and self.state is not State.CLOSED:
                 # The rest of a record is decrypted and waiting inside OpenSSL while the kernel
                 # socket may be empty, so select() would not report it: read on after this event.
-                self.transport._defer(self._read_pending)
+                self.driver.defer(self._read_pending)
         return b"".join(chunks)
 
     def _read_pending(self) -> None:
@@ -382,7 +481,7 @@ class Connection:
             if future is not None and future.set_running_or_notify_cancel():
                 future.set_result(frame)
         elif self.state is State.OPEN:
-            self.transport._dispatch(self, frame)
+            self.driver.frame_received(self, frame)
 
     def _handshake_frame(self, frame: wire.Frame) -> None:
         try:
@@ -398,27 +497,52 @@ class Connection:
                 except (ConnectionClosed, OSError):
                     pass
             side = "peer" if by_peer else "this member"
-            log.warning("handshake with %s refused (by %s): %s", _where(self.remote), side, reason)
-            self._fail(f"handshake failed: {reason}", by_peer, error=exc)
+            log.warning("handshake with %s refused (by %s): %s", describe_remote(self.remote), side, reason)
+            self.abort(f"handshake failed: {reason}", by_peer, error=exc)
             return
         for kind, payload in replies:
             self.send_frame(kind, payload)
         if self._handshake.done:
             self.peer_info = self._handshake.peer_info or {}
-            self._decoder.authenticated(self.transport.max_payload)
+            self._decoder.authenticated(self.driver.max_payload)
             self._set_state(State.OPEN)
             if self._deadline_timer is not None:
                 self._deadline_timer.cancel()
             self._update_interest()
-            self.transport._opened(self)
+            self._announce()
+
+    def _announce(self) -> None:
+        if self.outbound:
+            if self.opened.set_running_or_notify_cancel():
+                self.opened.set_result(self)
+            else:  # nobody wants it any more
+                self.abort("connect was cancelled", False)
+                return
+        else:
+            self.opened.set_running_or_notify_cancel()
+            self.opened.set_result(self)
+        self._announced = True
+        self.driver.connection_opened(self)
 
     def _handshake_deadline(self) -> None:
         if self.state in (State.CONNECTING, State.TLS, State.HANDSHAKE):
-            reason = f"handshake with {_where(self.remote)} timed out after {self.transport.handshake_timeout} s"
+            reason = f"handshake with {describe_remote(self.remote)} timed out after {self.driver.handshake_timeout} s"
             log.warning(reason)
-            self._fail(reason, True, error=HandshakeError(reason))
+            self.abort(reason, True, error=HandshakeError(reason))
 
-    def _fail(self, reason: str, by_peer: bool, *, error: Exception | None = None) -> None:
+    # -- closing (IO thread) -------------------------------------------------------------
+
+    def abort(self, reason: str, by_peer: bool, *, error: Exception | None = None) -> None:
+        """Close now, on the IO thread: queued output is dropped, ``opened`` and pending requests fail.
+
+        Nothing happens if it is closed already. ``close()`` is the way from other threads.
+
+        Args:
+            reason: why, for the log and the errors.
+            by_peer: the peer or the network ended it, not this side.
+            error: what ``opened`` fails with; by default ConnectionClosed, or
+                TransportError for an outbound connection.
+        """
         if self.state is State.CLOSED:
             return
         log.debug("%r closed: %s", self, reason)
@@ -430,19 +554,17 @@ class Connection:
             pending, self._pending = self._pending, {}
         if self._deadline_timer is not None:
             self._deadline_timer.cancel()
-        try:
-            self.transport._selector.unregister(self._sock)
-        except (KeyError, ValueError):
-            pass
+        self.driver.unwatch(self._sock)
         self._sock.close()
-        self.transport._forget(self)
+        self.driver.forget(self)
         exc = error or ConnectionClosed(f"connection to {self.peer_info.get('address') or self.remote}: {reason}", by_peer=by_peer)
         if isinstance(exc, ConnectionClosed) and self.outbound:
             exc = TransportError(reason)
         _set_exception(self.opened, exc)
         for future in pending.values():
             _set_exception(future, ConnectionClosed(f"{reason} (request not answered)", by_peer=by_peer))
-        self.transport._closed(self)
+        if self._announced:
+            self.driver.connection_closed(self)
 
 
 def _set_exception(future: Future, exc: BaseException) -> None:
@@ -467,9 +589,3 @@ def _leading_bytes(buffers, limit: int) -> bytes:
             break
     return b"".join(pieces)
 
-
-def _where(remote) -> str:
-    """A connection's other end for messages: "host:port", or the Unix socket's path."""
-    if isinstance(remote, str):
-        return remote or "a local Unix socket"
-    return f"{remote[0]}:{remote[1]}"

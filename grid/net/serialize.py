@@ -16,9 +16,10 @@ from __future__ import annotations
 
 import io
 import pickle
+import traceback
 import types
 
-from ..errors import GridError
+from ..errors import GridError, RemoteError, RemoteTraceback
 
 PROTOCOL = 5
 OUT_OF_BAND_MIN = 64 * 1024  # smaller buffers are cheaper in-band
@@ -187,3 +188,34 @@ def wrap_buffers(values):
         return values
     wrapped = [_wrap(value) for value in values]
     return tuple(wrapped) if type(values) is tuple else wrapped
+
+
+# -- exceptions that travel -----------------------------------------------------------------------
+
+def pack_error(exc: BaseException) -> tuple:
+    """``(pickled exception, traceback text)``: pickled apart, so an exception the receiver
+    cannot unpickle fails only what raised it (see ``unpack_error``)."""
+    text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    try:
+        pickled = dumps(exc)
+    except Exception as error:
+        pickled = dumps(RemoteError(f"{type(exc).__name__}: {exc} (the exception itself cannot be "
+                                    f"pickled: {error})"))
+    return (pickled, text)
+
+
+def unpack_error(packed) -> BaseException:
+    """The exception another process raised, from ``pack_error``'s pair, with the remote
+    traceback as its ``__cause__`` (a ``RemoteTraceback``)."""
+    pickled, text = packed
+    try:
+        exc = loads(pickled)
+    except Exception as error:  # say, a class whose __init__ does not take its own args
+        raised = text.rstrip().splitlines()[-1] if text.strip() else "an exception"
+        exc = RemoteError(f"the task raised {raised}, but that exception cannot be unpickled here "
+                          f"({type(error).__name__}: {error}); make it picklable (its __reduce__ must "
+                          "rebuild it) and its class importable where the executor runs")
+    if not isinstance(exc, BaseException):
+        exc = RemoteError(str(exc))
+    exc.__cause__ = RemoteTraceback(text)
+    return exc

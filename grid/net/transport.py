@@ -5,10 +5,12 @@
     caller threads                          IO thread ("grid-io", one per Transport)
     --------------                          ----------------------------------------
     transport.listen(host, port) ---------> listener readable -> accept -> Connection
-    transport.connect(addr) -> Future ----> Connection, non-blocking connect
-                                            select() -> a socket is ready -> conn._on_event:
+                                              -> conn.start_accepted(tls)
+    transport.connect(addr) -> Future ----> Connection -> conn.start_connect(): non-blocking connect
+                                            select() -> a socket is ready -> the callback its
+                                              Connection watches it with (Driver.watch):
     conn.send_frame() --sendmsg()--> socket     (directly, when nothing is queued)
-         `-- what did not fit --> conn._out --wake--> EVENT_WRITE -> flush
+         `-- what did not fit --> conn's queue --wake--> EVENT_WRITE -> flush
     conn.request(payload) -> Future             connect -> TLS -> handshake -> on_open(conn)
                                                 readable -> FrameDecoder.feed()
                                                   handshake frames -> security.*Handshake
@@ -23,21 +25,22 @@ and accepts, starts outbound connects, runs calls and timers, keeps the set of
 connections and calls the layer above (``on_open``, ``on_frame``, ``on_close``).
 ``connection.py`` holds ``Connection`` (everything under ``conn.`` above): one socket's
 state machine from connect to close, with its TLS, handshake, framing, reads, writes and
-the requests awaiting a response. The two are one layer and use each other's underscore
-names (listed in ``connection.py``). Deviation from the house rule "sockets live in one
-file": these two files hold all of grid's TCP and Unix socket code; nothing above them
-touches a socket.
+the requests awaiting a response. Their seam is public and one-way: ``connection.py``
+defines ``Driver``, what a Connection needs from its loop, and imports nothing from
+here; this file implements it (``_Driver``, one per Transport, handed to each Connection
+it makes) and drives a Connection only through ``start_connect()``,
+``start_accepted(tls)`` and ``abort(reason, by_peer)``. Deviation from the house rule
+"sockets live in one file": these two files hold all of grid's TCP and Unix socket code;
+nothing above them touches a socket.
 
 Nothing but handshake frames is accepted before authentication. Every ``OSError`` is
 translated at this edge into grid's ``TransportError``/``ConnectionClosed``, saying
-whether we or the peer closed the connection. ``Connection`` and ``State`` are still
-importable from here.
+whether we or the peer closed the connection.
 """
 
 from __future__ import annotations
 
 import collections
-import errno
 import heapq
 import itertools
 import logging
@@ -49,7 +52,8 @@ import time
 from concurrent.futures import Future
 
 from . import security, wire
-from .connection import Connection, State, _where
+from .address import describe_remote
+from .connection import Connection, Driver
 from ..errors import TransportError
 
 log = logging.getLogger("grid.transport")
@@ -107,7 +111,6 @@ class Transport:
                  on_close=None, handshake_timeout: float = 5.0, tls=None, clock=time,
                  max_payload: int = wire.DEFAULT_MAX_PAYLOAD, name: str = "grid-io"):
         self.cluster_id = cluster_id
-        self._secret = secret
         self.info = dict(info)
         self.on_frame = on_frame
         self.on_open = on_open
@@ -116,8 +119,9 @@ class Transport:
         self.max_payload = max_payload
         self.clock = clock
         self._server_tls = security.server_context(tls)
-        self._client_tls = security.client_context(tls)
+        client_tls = security.client_context(tls)
         self._selector = selectors.DefaultSelector()
+        self._driver = _Driver(self, self._selector, secret=secret, client_tls=client_tls)
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
@@ -212,7 +216,7 @@ class Transport:
             host, port = address
             family, remote = (socket.AF_INET6 if ":" in host else socket.AF_INET), (host, port)
         if not self._running:
-            return _failed(TransportError(f"cannot connect to {_where(remote)}: this transport is closed"))
+            return _failed(TransportError(f"cannot connect to {describe_remote(remote)}: this transport is closed"))
         try:
             sock = socket.socket(family, socket.SOCK_STREAM)
         except OSError as exc:
@@ -220,10 +224,10 @@ class Transport:
         sock.setblocking(False)
         if family != socket.AF_UNIX:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        conn = Connection(self, sock, outbound=True, remote=remote)
+        conn = Connection(self._driver, sock, outbound=True, remote=remote)
         if not self._schedule(self._start_connect, conn, inline=True):
             sock.close()
-            return _failed(TransportError(f"cannot connect to {_where(remote)}: this transport is closed"))
+            return _failed(TransportError(f"cannot connect to {describe_remote(remote)}: this transport is closed"))
         return conn.opened
 
     def call_soon(self, fn, *args) -> None:
@@ -232,10 +236,6 @@ class Transport:
         Once the transport is closed, calls are dropped.
         """
         self._schedule(fn, *args, inline=True)
-
-    def _defer(self, fn, *args) -> None:
-        """Like call_soon, but never inline: after the current event, even on the IO thread."""
-        self._schedule(fn, *args, inline=False)
 
     def _schedule(self, fn, *args, inline: bool) -> bool:
         if inline and threading.current_thread() is self._thread:
@@ -342,17 +342,7 @@ class Transport:
 
     def _start_connect(self, conn: Connection) -> None:
         self._remember(conn)
-        conn._deadline_timer = self.call_later(self.handshake_timeout, conn._handshake_deadline)
-        try:
-            result = conn._sock.connect_ex(conn.remote)
-        except OSError as exc:
-            conn._fail(f"cannot connect to {_where(conn.remote)}: {exc}", True)
-            return
-        if result not in (0, errno.EINPROGRESS, errno.EWOULDBLOCK):
-            conn._fail(f"cannot connect to {_where(conn.remote)}: {errno.errorcode.get(result, result)}", True)
-            return
-        conn._events = selectors.EVENT_WRITE
-        self._selector.register(conn._sock, selectors.EVENT_WRITE, conn._on_event)
+        conn.start_connect()
 
     def _accept(self, listener: socket.socket) -> None:
         for _ in range(64):
@@ -370,46 +360,12 @@ class Transport:
                 if self._server_tls is not None:
                     sock = self._server_tls.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
             except OSError as exc:  # reset before we got to it
-                log.info("dropping a connection from %s at once: %s", _where(remote), exc)
+                log.info("dropping a connection from %s at once: %s", describe_remote(remote), exc)
                 sock.close()
                 continue
-            conn = Connection(self, sock, outbound=False, remote=remote)
+            conn = Connection(self._driver, sock, outbound=False, remote=remote)
             self._remember(conn)
-            conn._deadline_timer = self.call_later(self.handshake_timeout, conn._handshake_deadline)
-            if self._server_tls is not None:
-                conn._set_state(State.TLS)
-                conn._events = selectors.EVENT_READ
-                self._selector.register(sock, selectors.EVENT_READ, conn._on_event)
-                continue
-            conn._events = selectors.EVENT_READ
-            self._selector.register(sock, selectors.EVENT_READ, conn._on_event)
-            conn._begin_handshake()
-
-    def _opened(self, conn: Connection) -> None:
-        if conn.outbound:
-            if conn.opened.set_running_or_notify_cancel():
-                conn.opened.set_result(conn)
-            else:  # nobody wants it any more
-                conn._fail("connect was cancelled", False)
-                return
-        else:
-            conn.opened.set_running_or_notify_cancel()
-            conn.opened.set_result(conn)
-        conn._announced = True
-        if self.on_open is not None:
-            try:
-                self.on_open(conn)
-            except Exception:
-                log.exception("error in on_open for %r", conn)
-
-    def _dispatch(self, conn: Connection, frame: wire.Frame) -> None:
-        if self.on_frame is None:
-            log.debug("dropping a %s frame from %r: no on_frame handler", frame.kind.name, conn)
-            return
-        try:
-            self.on_frame(conn, frame)
-        except Exception:
-            log.exception("error handling a %s frame from %r", frame.kind.name, conn)
+            conn.start_accepted(tls=self._server_tls is not None)
 
     def _remember(self, conn: Connection) -> None:
         with self._connections_lock:
@@ -419,19 +375,12 @@ class Transport:
         with self._connections_lock:
             self._connections.discard(conn)
 
-    def _closed(self, conn: Connection) -> None:
-        if conn._announced and self.on_close is not None:
-            try:
-                self.on_close(conn)
-            except Exception:
-                log.exception("error in on_close for %r", conn)
-
     def _shutdown(self) -> None:
         with self._calls_lock:
             self._stopped = True  # from here call_soon drops, connect fails at once
         self._run_calls()
         for conn in self.connections:
-            conn._fail("transport closed", False)
+            conn.abort("transport closed", False)
         for listener in self._listeners:
             try:
                 self._selector.unregister(listener)
@@ -446,3 +395,80 @@ class Transport:
         self._selector.close()
         self._wake_r.close()
         self._wake_w.close()
+
+
+class _Driver(Driver):
+    """A Transport as its connections see it: one per Transport, shared by its connections."""
+
+    def __init__(self, owner: Transport, selector: selectors.BaseSelector, *, secret: str | None, client_tls):
+        self._owner = owner
+        self._selector = selector
+        self.secret = secret
+        self.client_tls = client_tls
+
+    # The settings stay the Transport's, read when used: peer.py fills in info["address"] later.
+    @property
+    def cluster_id(self) -> str:
+        return self._owner.cluster_id
+
+    @property
+    def info(self) -> dict:
+        return self._owner.info
+
+    @property
+    def max_payload(self) -> int:
+        return self._owner.max_payload
+
+    @property
+    def handshake_timeout(self) -> float:
+        return self._owner.handshake_timeout
+
+    def watch(self, sock, events, on_event) -> None:
+        self._selector.register(sock, events, on_event)
+
+    def rewatch(self, sock, events, on_event) -> None:
+        self._selector.modify(sock, events, on_event)
+
+    def unwatch(self, sock) -> None:
+        try:
+            self._selector.unregister(sock)
+        except (KeyError, ValueError):
+            pass
+
+    def call_soon(self, fn, *args) -> None:
+        self._owner._schedule(fn, *args, inline=True)
+
+    def defer(self, fn, *args) -> None:
+        self._owner._schedule(fn, *args, inline=False)
+
+    def call_later(self, delay: float, fn, *args) -> _Timer:
+        return self._owner.call_later(delay, fn, *args)
+
+    def connection_opened(self, conn: Connection) -> None:
+        on_open = self._owner.on_open
+        if on_open is not None:
+            try:
+                on_open(conn)
+            except Exception:
+                log.exception("error in on_open for %r", conn)
+
+    def frame_received(self, conn: Connection, frame: wire.Frame) -> None:
+        on_frame = self._owner.on_frame
+        if on_frame is None:
+            log.debug("dropping a %s frame from %r: no on_frame handler", frame.kind.name, conn)
+            return
+        try:
+            on_frame(conn, frame)
+        except Exception:
+            log.exception("error handling a %s frame from %r", frame.kind.name, conn)
+
+    def forget(self, conn: Connection) -> None:
+        self._owner._forget(conn)
+
+    def connection_closed(self, conn: Connection) -> None:
+        on_close = self._owner.on_close
+        if on_close is not None:
+            try:
+                on_close(conn)
+            except Exception:
+                log.exception("error in on_close for %r", conn)
