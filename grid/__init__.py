@@ -11,13 +11,13 @@
 from .client import (Cluster, GridExecutor, cluster, connect, deploy, eval_all, exec_all, fmap, load_all, run_all,
                      ufmap)
 from .cluster.config import Config, load_config
-from .errors import (BrokenGrid, CodeNotAllowed, GridError, RemoteError, ServiceNotFound, SomeMembersFailed,
-                     WorkerCrashed)
-from .code.patches import Patch
 from .cluster.members import Member, MembershipEvent
-from .peer import Peer
+from .code.patches import Patch
 from .compute.services import service
 from .compute.worker import current_member
+from .errors import (BrokenGrid, CodeNotAllowed, GridError, RemoteError, ServiceNotFound, SomeMembersFailed,
+                     WorkerCrashed)
+from .peer import Peer
 
 __all__ = [
     "BrokenGrid", "Cluster", "CodeNotAllowed", "Config", "GridError", "GridExecutor", "Member", "MembershipEvent",

@@ -12,8 +12,8 @@ import threading
 import time
 
 from .cluster.config import load_config
-from .net.address import format_address
 from .errors import ConfigError, GridError, SomeMembersFailed
+from .net.address import format_address
 
 log = logging.getLogger("grid.cli")
 

@@ -14,8 +14,8 @@ import sys
 import uuid as uuid_module
 from concurrent.futures import Future
 
-from .net import messaging
 from .errors import CodeNotAllowed, GridError, TransportError
+from .net import messaging
 from .net.transport import Transport
 
 log = logging.getLogger("grid.console")
@@ -167,8 +167,8 @@ def run_console(config=None, address: str | None = None, *, stdin=None, stdout=N
         was lost, 2 when the member cannot be reached or the config is invalid, 3 when the
         member refuses (``allow_code = false``).
     """
-    from .net.address import parse_address
     from .cluster.config import load_config
+    from .net.address import parse_address
 
     out = stdout if stdout is not None else sys.stdout
 

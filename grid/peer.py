@@ -14,20 +14,19 @@ import socket
 import time
 import uuid as uuid_module
 
-from .code import console
-from .net import messaging
-from .compute import services
-from .code.livecode import CodeService
 from .cluster.config import Config, load_config
-from .net.address import format_address, is_loopback, parse_address
 from .cluster.discovery import make_discovery
-from .errors import ConfigError, TransportError
-from .net.folders import private_folder
 from .cluster.members import advertised_address, local_member
 from .cluster.membership import Membership
-from .net.transport import Transport
-from .compute import worker
+from .code import console
+from .code.livecode import CodeService
+from .compute import services, worker
 from .compute.worker import TaskRunner
+from .errors import ConfigError, TransportError
+from .net import messaging
+from .net.address import format_address, is_loopback, parse_address
+from .net.folders import private_folder
+from .net.transport import Transport
 
 log = logging.getLogger("grid.peer")
 

@@ -31,10 +31,24 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..net.address import DEFAULT_PORT, describe_value, is_loopback
-from .config_check import JOIN_METHODS, build_table, members_from, reject_unknown_keys, resolve_path, validate_config
-from .config_tables import NESTED_TABLES, AwsConfig, MembersPath, MulticastConfig, TlsConfig, table_keys
 from ..errors import ConfigError, SecurityError
+from ..net.address import DEFAULT_PORT, describe_value, is_loopback
+from .config_check import (
+    JOIN_METHODS,
+    build_table,
+    members_from,
+    reject_unknown_keys,
+    resolve_path,
+    validate_config,
+)
+from .config_tables import (
+    NESTED_TABLES,
+    AwsConfig,
+    MembersPath,
+    MulticastConfig,
+    TlsConfig,
+    table_keys,
+)
 
 log = logging.getLogger("grid.config")
 

@@ -15,9 +15,21 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
-from ..net.address import describe_value, is_trusted_interface_pattern, is_valid_host, parse_address
-from .config_tables import NESTED_TABLES, AwsConfig, MembersPath, MulticastConfig, TlsConfig, table_keys
 from ..errors import ConfigError
+from ..net.address import (
+    describe_value,
+    is_trusted_interface_pattern,
+    is_valid_host,
+    parse_address,
+)
+from .config_tables import (
+    NESTED_TABLES,
+    AwsConfig,
+    MembersPath,
+    MulticastConfig,
+    TlsConfig,
+    table_keys,
+)
 
 JOIN_METHODS = ("multicast", "tcp", "aws")
 MAX_ID_LENGTH = 255

@@ -25,12 +25,18 @@ import secrets
 import socket
 import time
 
+from ..errors import ConfigError, DiscoveryError
 from ..net.address import DEFAULT_PORT, format_address, parse_address
-from .candidates import Address, Discovery, normalize_address, parse_member_address, unique_candidates
+from .candidates import (
+    Address,
+    Discovery,
+    normalize_address,
+    parse_member_address,
+    unique_candidates,
+)
 from .config import Config
 from .config_tables import MembersPath
 from .multicast import MulticastDiscovery
-from ..errors import ConfigError, DiscoveryError
 
 logger = logging.getLogger("grid.discovery")
 
@@ -270,7 +276,12 @@ class AwsDiscovery(Discovery):
         return filters
 
     def candidates(self) -> list[Address]:
-        from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError, NoRegionError
+        from botocore.exceptions import (
+            BotoCoreError,
+            ClientError,
+            NoCredentialsError,
+            NoRegionError,
+        )
 
         try:
             if self._client is None:

@@ -24,9 +24,9 @@ from __future__ import annotations
 import logging
 from concurrent.futures import Future
 
+from ..errors import JoinError
 from ..net import messaging
 from ..net.address import format_address
-from ..errors import JoinError
 from .members import Member
 
 log = logging.getLogger("grid.membership")  # one logger for all of membership, whichever file logs

@@ -27,9 +27,9 @@ import time
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 
+from ..errors import GridError
 from ..net import messaging
 from ..net.address import format_address
-from ..errors import GridError
 from .joining import Joiner
 from .members import Listeners, Member
 

@@ -31,10 +31,16 @@ import threading
 import time
 import uuid
 
-from ..net.address import format_address, is_loopback, trusted_interface_matches
-from .candidates import MEMBER_STATES, Address, Discovery, parse_member_address, unique_candidates
-from .config_tables import MulticastConfig
 from ..errors import ConfigError, DiscoveryError
+from ..net.address import format_address, is_loopback, trusted_interface_matches
+from .candidates import (
+    MEMBER_STATES,
+    Address,
+    Discovery,
+    parse_member_address,
+    unique_candidates,
+)
+from .config_tables import MulticastConfig
 
 # A child of "grid.discovery": logging set up for discovery still covers multicast.
 logger = logging.getLogger("grid.discovery.multicast")

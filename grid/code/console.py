@@ -32,10 +32,10 @@ import threading
 import types
 from concurrent.futures import Future
 
-from ..net import messaging
-from . import patches
-from ..net.address import format_address
 from ..errors import CodeNotAllowed, GridError
+from ..net import messaging
+from ..net.address import format_address
+from . import patches
 
 log = logging.getLogger("grid.console")
 

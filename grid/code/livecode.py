@@ -27,7 +27,14 @@ import time
 from concurrent.futures import Future
 
 from ..cluster.members import local_target
-from ..errors import CodeNotAllowed, GridError, RemoteError, RemoteTraceback, SomeMembersFailed, TransportError
+from ..errors import (
+    CodeNotAllowed,
+    GridError,
+    RemoteError,
+    RemoteTraceback,
+    SomeMembersFailed,
+    TransportError,
+)
 from ..net import messaging, serialize
 from .patches import apply_patch, check_module_name, compile_source, namespace
 

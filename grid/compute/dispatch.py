@@ -39,8 +39,8 @@ import logging
 import threading
 from concurrent.futures import Future
 
-from ..net import messaging, serialize
 from ..errors import GridError, WorkerCrashed
+from ..net import messaging, serialize
 from ..net.wire import Kind
 from .protocol import CALL, CANCELLED, OK, UNSENDABLE
 

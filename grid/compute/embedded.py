@@ -21,8 +21,8 @@ import sys
 import threading
 import time
 
-from ..net.address import format_address
 from ..errors import GridError
+from ..net.address import format_address
 from ..net.folders import private_folder
 
 log = logging.getLogger("grid.embedded")

@@ -44,14 +44,13 @@ import operator
 import threading
 import time
 from concurrent.futures import Future
-
 from typing import Protocol
 
 from ..cluster.config import Config
-from ..net.address import format_address
 from ..cluster.members import local_target
 from ..errors import GridError, NotConnected, ServiceNotFound, WorkerCrashed
 from ..net import messaging, serialize
+from ..net.address import format_address
 from ..net.transport import Transport
 from .dispatch import Dispatcher, Link
 from .mapping import chunk_futures, ordered_results, unordered_results

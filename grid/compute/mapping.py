@@ -2,7 +2,7 @@
 
 ::
 
-    items --islice--> chunk --executor._submit--> chunk Future --> (values, error, seconds)
+    items --islice--> chunk --executor.submit_task--> chunk Future --> (values, error, seconds)
       taken as results are consumed: at most        | done: _ChunkSizer learns the seconds per item
       _ChunkSizer.window() chunks ahead             v
                                                   ordered_results / unordered_results

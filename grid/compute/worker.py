@@ -22,8 +22,8 @@ import threading
 import time
 import traceback
 
-from ..net import messaging, serialize
 from ..errors import BrokenGrid, GridError, RemoteError
+from ..net import messaging, serialize
 from .protocol import CALL, CANCELLED, CHUNK1, FAILED, OK, UNSENDABLE
 
 log = logging.getLogger("grid.worker")

@@ -51,8 +51,8 @@ import ssl
 import threading
 from concurrent.futures import Future, InvalidStateError
 
-from . import security, wire
 from ..errors import ConnectionClosed, HandshakeError, ProtocolError, TransportError
+from . import security, wire
 from .address import describe_remote
 from .wire import Flag, Kind
 

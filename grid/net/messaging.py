@@ -10,8 +10,8 @@ from __future__ import annotations
 import logging
 from concurrent.futures import Future
 
-from . import serialize
 from ..errors import GridError, RemoteError
+from . import serialize
 from .wire import Flag, Kind, split_parts
 
 log = logging.getLogger("grid.messaging")

@@ -51,10 +51,10 @@ import threading
 import time
 from concurrent.futures import Future
 
+from ..errors import TransportError
 from . import security, wire
 from .address import describe_remote
 from .connection import Connection, Driver
-from ..errors import TransportError
 
 log = logging.getLogger("grid.transport")
 
