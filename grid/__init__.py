@@ -8,15 +8,33 @@
         cluster.exec_all("def worker(x): return x + 1")   # on every member, and on later joiners
 """
 
-from .client import (Cluster, GridExecutor, cluster, connect, deploy, eval_all, exec_all, fmap, load_all, run_all,
-                     ufmap)
+from .client import (
+                     Cluster,
+                     GridExecutor,
+                     cluster,
+                     connect,
+                     deploy,
+                     eval_all,
+                     exec_all,
+                     fmap,
+                     load_all,
+                     run_all,
+                     ufmap,
+)
 from .cluster.config import Config, load_config
 from .cluster.members import Member, MembershipEvent
 from .code.patches import Patch
 from .compute.services import service
 from .compute.worker import current_member
-from .errors import (BrokenGrid, CodeNotAllowed, GridError, RemoteError, ServiceNotFound, SomeMembersFailed,
-                     WorkerCrashed)
+from .errors import (
+                     BrokenGrid,
+                     CodeNotAllowed,
+                     GridError,
+                     RemoteError,
+                     ServiceNotFound,
+                     SomeMembersFailed,
+                     WorkerCrashed,
+)
 from .peer import Peer
 
 __all__ = [

@@ -21,7 +21,6 @@ from .cluster.config import Config, load_config
 from .cluster.link import ClusterLink
 from .cluster.members import Member
 from .code import livecode, patches
-from .compute.embedded import EmbeddedCluster
 from .compute.executor import ClusterExecutor
 from .compute.services import ServiceProxy
 from .errors import NotConnected, TransportError
@@ -335,6 +334,10 @@ class GridExecutor(ClusterExecutor):
         if cluster is None:
             config = load_config()
             if config.source == "defaults":
+                from .compute.embedded import (
+                    EmbeddedCluster,  # only when used: it costs a member's start ~8 ms
+                )
+
                 self._embedded = EmbeddedCluster(max_workers or config.effective_workers(),
                                                  startup_timeout=startup_timeout)
                 cluster = self._embedded.client_config()

@@ -6,6 +6,7 @@ purpose: kill, pause/resume, stop, add. See ``LocalCluster``; ``python -m sim up
 keeps one running for a REPL; ``sim.fixtures`` is a pytest plugin.
 """
 
-from .cluster import JOIN_METHODS, LocalCluster, PeerProcess, SimError, wait_until
+from .cluster import JOIN_METHODS, LocalCluster
+from .process import PeerProcess, SimError, wait_until
 
 __all__ = ["JOIN_METHODS", "LocalCluster", "PeerProcess", "SimError", "wait_until"]

@@ -10,7 +10,8 @@ import sys
 import threading
 from typing import Any
 
-from .cluster import JOIN_METHODS, LocalCluster, SimError, _merged
+from .cluster import JOIN_METHODS, LocalCluster, merged_settings
+from .process import SimError
 
 
 def parse_settings(items: list[str]) -> dict[str, Any]:
@@ -40,7 +41,7 @@ def parse_settings(items: list[str]) -> dict[str, Any]:
             value = text
         for part in reversed(key.strip().split(".")[1:]):
             value = {part: value}
-        settings = _merged(settings, {key.strip().split(".")[0]: value})
+        settings = merged_settings(settings, {key.strip().split(".")[0]: value})
     return settings
 
 

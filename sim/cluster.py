@@ -12,7 +12,7 @@ group (session), so a signal reaches a supervisor and its member alike, and a
 Ctrl-C in the terminal reaches the simulator, which then stops the peers cleanly.
 
 ``PeerProcess``, ``SimError``, ``wait_until`` and the process and port helpers
-live in ``process.py``; they are re-exported here.
+live in ``process.py``.
 """
 
 from __future__ import annotations
@@ -34,24 +34,22 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from .process import (  # noqa: F401 - re-exported: callers and tests import them from sim.cluster
+from .process import (
     LOG_TAIL_LINES,
     LOOPBACK,
-    PEER_COMMAND_ENV,
     STATE_CHANGE_TIMEOUT,
     PeerProcess,
     SimError,
-    _await_stopped_state,
-    _describe_exit,
-    _format_address,
-    _free_udp_port,
-    _parse_address,
-    _peer_environment,
-    _process_state,
-    _reserve_tcp_ports,
-    _signal_group,
-    _stop_peers,
+    await_stopped_state,
     default_peer_command,
+    describe_exit,
+    format_address,
+    free_udp_port,
+    parse_address,
+    peer_environment,
+    reserve_tcp_ports,
+    signal_group,
+    stop_peers,
     wait_until,
 )
 
@@ -126,7 +124,7 @@ class LocalCluster:
         self._stopping = threading.Event()
         self._terminate_lock = threading.Lock()
         self._terminated = False
-        self.multicast_port = _free_udp_port() if join == "multicast" else None
+        self.multicast_port = free_udp_port() if join == "multicast" else None
         self.directory = tempfile.mkdtemp(prefix=f"{self.cluster_id}-")
         self.members_file = os.path.join(self.directory, "members.txt") if join == "file" else None
         self.registry_dir = os.path.join(self.directory, "registry") if join == "registry" else None
@@ -143,8 +141,8 @@ class LocalCluster:
 
     def _start_initial(self, count: int) -> None:
         if self.join in ("tcp", "file"):
-            ports = _reserve_tcp_ports(count)
-            addresses = [_format_address((LOOPBACK, port)) for port in ports]
+            ports = reserve_tcp_ports(count)
+            addresses = [format_address((LOOPBACK, port)) for port in ports]
             if self.members_file is not None:
                 _write_lines(self.members_file, addresses, mode="w")
                 members: Any = {"path": self.members_file}
@@ -177,7 +175,7 @@ class LocalCluster:
                 "port": self.multicast_port,
                 "timeout_seconds": DEFAULT_MULTICAST_TIMEOUT,
             }
-        return _merged(_merged(config, self._overrides), overrides)
+        return merged_settings(merged_settings(config, self._overrides), overrides)
 
     def _launch(self, config: dict) -> PeerProcess:
         index = len(self.peers)
@@ -193,7 +191,7 @@ class LocalCluster:
                 stdout=subprocess.PIPE,
                 stderr=log_file,
                 cwd=self.directory,
-                env=_peer_environment(),
+                env=peer_environment(),
                 start_new_session=True,
             )
         peer = PeerProcess(index, popen, config, config_path, log_path)
@@ -229,7 +227,7 @@ class LocalCluster:
         if match is None:
             return
         try:
-            address = _parse_address(match.group(1))
+            address = parse_address(match.group(1))
         except ValueError:
             return  # not a ready line we understand; the deadline will report the log
         with self._condition:
@@ -255,7 +253,7 @@ class LocalCluster:
             peer = exited[0]
             try:
                 exit_code: int | None = peer.popen.wait(STATE_CHANGE_TIMEOUT)
-                what = f"exited {_describe_exit(exit_code)}"
+                what = f"exited {describe_exit(exit_code)}"
             except subprocess.TimeoutExpired:
                 exit_code = None
                 what = "closed its stdout but keeps running"
@@ -325,20 +323,20 @@ class LocalCluster:
         self._check_open()
         _check_loopback(config_overrides)
         if self.join in ("tcp", "file"):
-            port = _reserve_tcp_ports(1)[0]
-            own = _format_address((LOOPBACK, port))
+            port = reserve_tcp_ports(1)[0]
+            own = format_address((LOOPBACK, port))
             if self.members_file is not None:
                 _write_lines(self.members_file, [own], mode="a")
                 members: Any = {"path": self.members_file}
             else:
-                members = [_format_address(address) for address in self.addresses()] + [own]
+                members = [format_address(address) for address in self.addresses()] + [own]
         else:
             port, members = 0, self._shared_members()
         peer = self._launch(self._peer_config(port, members, config_overrides))
         try:
             self._await_ready([peer])
         except BaseException:
-            _stop_peers([peer], timeout=STATE_CHANGE_TIMEOUT)
+            stop_peers([peer], timeout=STATE_CHANGE_TIMEOUT)
             raise
         return peer
 
@@ -362,13 +360,13 @@ class LocalCluster:
             IndexError: no peer ``i``.
         """
         peer = self._running_peer(i)
-        _signal_group(peer, sig)
+        signal_group(peer, sig)
         if wait is None:
             wait = sig in FATAL_SIGNALS
         if not wait:
             return None
         if peer.paused and sig != signal.SIGKILL:
-            _signal_group(peer, signal.SIGCONT)
+            signal_group(peer, signal.SIGCONT)
         try:
             exit_code = peer.popen.wait(timeout)
         except subprocess.TimeoutExpired:
@@ -387,9 +385,9 @@ class LocalCluster:
             SimError: the peer had already exited.
         """
         peer = self._running_peer(i)
-        _signal_group(peer, signal.SIGSTOP)
+        signal_group(peer, signal.SIGSTOP)
         peer.paused = True
-        _await_stopped_state(peer, stopped=True)
+        await_stopped_state(peer, stopped=True)
 
     def resume(self, i: int) -> None:
         """Continue peer ``i`` with SIGCONT and return once it runs again.
@@ -398,9 +396,9 @@ class LocalCluster:
             SimError: the peer had already exited.
         """
         peer = self._running_peer(i)
-        _signal_group(peer, signal.SIGCONT)
+        signal_group(peer, signal.SIGCONT)
         peer.paused = False
-        _await_stopped_state(peer, stopped=False)
+        await_stopped_state(peer, stopped=False)
 
     def stop(self, i: int, timeout: float = 10.0) -> int:
         """Ask peer ``i`` to leave cleanly (SIGTERM) and wait until it exited.
@@ -416,7 +414,7 @@ class LocalCluster:
             exit_code = self.kill(i, signal.SIGTERM, wait=True, timeout=timeout)
         except SimError as error:
             if error.exit_code is None and self.peers[i].popen.poll() is None:
-                _signal_group(self.peers[i], signal.SIGKILL)
+                signal_group(self.peers[i], signal.SIGKILL)
                 self.peers[i].popen.wait()
                 raise SimError(
                     f"peer {i} did not leave within {timeout:g} s of SIGTERM, so it was killed",
@@ -480,7 +478,7 @@ class LocalCluster:
             "id": self.cluster_id,
             "secret": self.secret,
             "join": "tcp",
-            "members": [_format_address(address) for address in addresses],
+            "members": [format_address(address) for address in addresses],
             "interface": LOOPBACK,
             **{key: value for key, value in self._overrides.items() if key in _CLIENT_TIMINGS},
         }
@@ -519,7 +517,7 @@ class LocalCluster:
             self._terminated = True
         self._stopping.set()
         try:
-            _stop_peers(self.peers, timeout)
+            stop_peers(self.peers, timeout)
         finally:
             _LIVE_CLUSTERS.discard(self)
             shutil.rmtree(self.directory, ignore_errors=True)
@@ -542,7 +540,7 @@ class LocalCluster:
         exit_code = peer.popen.poll()
         if exit_code is not None:
             raise SimError(
-                f"peer {i} already exited {_describe_exit(exit_code)}; "
+                f"peer {i} already exited {describe_exit(exit_code)}; "
                 "start another with add()",
                 index=i,
                 exit_code=exit_code,
@@ -562,12 +560,12 @@ def _write_lines(path: str, lines: list[str], *, mode: str) -> None:
         members_file.writelines(line + "\n" for line in lines)
 
 
-def _merged(base: dict, overrides: dict) -> dict:
+def merged_settings(base: dict, overrides: dict) -> dict:
     """``base`` updated by ``overrides``, merging dicts found on both sides."""
     result = dict(base)
     for key, value in overrides.items():
         if isinstance(value, dict) and isinstance(result.get(key), dict):
-            result[key] = _merged(result[key], value)
+            result[key] = merged_settings(result[key], value)
         else:
             result[key] = value
     return result

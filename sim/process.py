@@ -103,11 +103,11 @@ class PeerProcess:
     @property
     def address_text(self) -> str | None:
         """The address as ``"host:port"``, or None until ready."""
-        return None if self.address is None else _format_address(self.address)
+        return None if self.address is None else format_address(self.address)
 
     def __repr__(self) -> str:
         if self.popen.returncode is not None:
-            state = f"exited {_describe_exit(self.popen.returncode)}"
+            state = f"exited {describe_exit(self.popen.returncode)}"
         elif self.paused:
             state = "paused"
         elif self.ready:
@@ -164,7 +164,7 @@ def default_peer_command() -> list[str]:
     return [sys.executable, "-m", "grid", "peer"]
 
 
-def _peer_environment() -> dict[str, str]:
+def peer_environment() -> dict[str, str]:
     environment = dict(os.environ)
     # The peer's config file names the cluster and secret; a stray GRID or GRID_SECRET
     # from the user's shell must not change them.
@@ -180,7 +180,7 @@ def _peer_environment() -> dict[str, str]:
     return environment
 
 
-def _signal_group(peer: PeerProcess, sig: int) -> None:
+def signal_group(peer: PeerProcess, sig: int) -> None:
     # Only while the leader is unreaped: its pid (= the group id) cannot be reused yet.
     if peer.popen.returncode is not None:
         return
@@ -190,7 +190,7 @@ def _signal_group(peer: PeerProcess, sig: int) -> None:
         pass
 
 
-def _process_state(pid: int) -> str | None:
+def process_state(pid: int) -> str | None:
     """The state letter from /proc (R, S, T, Z, ...), or None where /proc is missing."""
     try:
         with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as stat:
@@ -199,13 +199,13 @@ def _process_state(pid: int) -> str | None:
         return None
 
 
-def _stop_peers(peers: list[PeerProcess], timeout: float) -> None:
+def stop_peers(peers: list[PeerProcess], timeout: float) -> None:
     """SIGTERM the running peers (paused ones resumed), SIGKILL any left after ``timeout``, reap all."""
     running = [peer for peer in peers if peer.popen.returncode is None]
     for peer in running:
-        _signal_group(peer, signal.SIGTERM)
+        signal_group(peer, signal.SIGTERM)
         if peer.paused:
-            _signal_group(peer, signal.SIGCONT)
+            signal_group(peer, signal.SIGCONT)
     deadline = time.monotonic() + timeout
     stragglers = []
     for peer in running:
@@ -214,7 +214,7 @@ def _stop_peers(peers: list[PeerProcess], timeout: float) -> None:
         except subprocess.TimeoutExpired:
             stragglers.append(peer)
     for peer in stragglers:
-        _signal_group(peer, signal.SIGKILL)
+        signal_group(peer, signal.SIGKILL)
     for peer in running:
         peer.popen.wait()
         peer.paused = False
@@ -225,10 +225,10 @@ def _stop_peers(peers: list[PeerProcess], timeout: float) -> None:
             peer._reader.join(timeout)
 
 
-def _await_stopped_state(peer: PeerProcess, *, stopped: bool) -> None:
+def await_stopped_state(peer: PeerProcess, *, stopped: bool) -> None:
     """Return once /proc shows the peer stopped (SIGSTOP) or running again; at once without /proc."""
     def in_state() -> bool:
-        state = _process_state(peer.popen.pid)
+        state = process_state(peer.popen.pid)
         return state is None or (state in "Tt") == stopped
 
     wait_until(
@@ -239,7 +239,7 @@ def _await_stopped_state(peer: PeerProcess, *, stopped: bool) -> None:
     )
 
 
-def _reserve_tcp_ports(count: int) -> list[int]:
+def reserve_tcp_ports(count: int) -> list[int]:
     """Ask the OS for ``count`` distinct free TCP ports on loopback (bound together, then freed)."""
     sockets = []
     try:
@@ -253,25 +253,25 @@ def _reserve_tcp_ports(count: int) -> list[int]:
             reservation.close()
 
 
-def _free_udp_port() -> int:
+def free_udp_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as reservation:
         reservation.bind((LOOPBACK, 0))
         return reservation.getsockname()[1]
 
 
-def _parse_address(text: str) -> tuple[str, int]:
+def parse_address(text: str) -> tuple[str, int]:
     host, separator, port = text.rpartition(":")
     if not separator or not host or not port.isdigit():
         raise ValueError(f"not a host:port address: {text!r}")
     return host.strip("[]"), int(port)
 
 
-def _format_address(address: tuple[str, int]) -> str:
+def format_address(address: tuple[str, int]) -> str:
     host, port = address
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-def _describe_exit(exit_code: int) -> str:
+def describe_exit(exit_code: int) -> str:
     if exit_code < 0:
         try:
             return f"killed by {signal.Signals(-exit_code).name}"

@@ -2,8 +2,8 @@
 
 import-linter holds the layers (errors < net < cluster < {compute, code} < {peer, client} <
 {cli, __main__}), compute's independence from code, and the absence of import cycles.
-The AST check below holds the house rule that no module imports another module's
-``_private`` name: a piece two files need has a public home below both.
+The AST check below holds the house rule that no module of grid or sim imports another
+module's ``_private`` name: a piece two files need has a public home below both.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import subprocess
 import sys
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-GRID = ROOT / "grid"
+PACKAGES = ("grid", "sim")
 
 
 def test_import_contracts_are_kept():
@@ -33,7 +33,7 @@ def _module_name(path: pathlib.Path) -> str:
 
 
 def _imported_names(path: pathlib.Path):
-    """(line, module imported from, name) for every ``from grid... import name`` in ``path``."""
+    """(line, module imported from, name) for every ``from grid... import name`` (or sim) in ``path``."""
     package = _module_name(path) if path.name == "__init__.py" else _module_name(path).rpartition(".")[0]
     for node in ast.walk(ast.parse(path.read_text(), str(path))):
         if not isinstance(node, ast.ImportFrom):
@@ -43,14 +43,14 @@ def _imported_names(path: pathlib.Path):
             module = ".".join(base + ([node.module] if node.module else []))
         else:
             module = node.module or ""
-        if module == "grid" or module.startswith("grid."):
+        if module.partition(".")[0] in PACKAGES:
             for alias in node.names:
                 yield node.lineno, module, alias.name
 
 
-def private_imports(root: pathlib.Path = GRID) -> list[str]:
+def private_imports(*roots: pathlib.Path) -> list[str]:
     found = []
-    for path in sorted(root.rglob("*.py")):
+    for path in sorted(path for root in roots or [ROOT / name for name in PACKAGES] for path in root.rglob("*.py")):
         for line, module, name in _imported_names(path):
             if name.startswith("_") and not name.startswith("__"):
                 found.append(f"{path.relative_to(ROOT)}:{line}: {name} from {module}")

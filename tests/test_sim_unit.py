@@ -239,11 +239,11 @@ def test_pause_stops_the_process_and_resume_continues_it(fake_cluster):
     cluster = fake_cluster(2)
     peer = cluster.peers[0]
     cluster.pause(0)
-    assert sim.cluster._process_state(peer.popen.pid) in ("T", "t")
+    assert sim.process.process_state(peer.popen.pid) in ("T", "t")
     assert peer.paused and peer.alive
     assert peer.address in cluster.addresses()
     cluster.resume(0)
-    assert sim.cluster._process_state(peer.popen.pid) not in ("T", "t")
+    assert sim.process.process_state(peer.popen.pid) not in ("T", "t")
     assert not peer.paused
     assert ask_uuid(peer.address) == peer.uuid
 
@@ -441,7 +441,7 @@ def test_the_peer_command_comes_from_sim_peer_command(monkeypatch):
         assert cluster.command == COMMAND
         assert ask_uuid(cluster.peers[0].address) == cluster.peers[0].uuid
     monkeypatch.delenv("SIM_PEER_COMMAND")
-    assert sim.cluster.default_peer_command() == [sys.executable, "-m", "grid", "peer"]
+    assert sim.process.default_peer_command() == [sys.executable, "-m", "grid", "peer"]
 
 
 # ------------------------------------------------------------------ python -m sim
