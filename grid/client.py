@@ -24,6 +24,7 @@ from .code import livecode, patches
 from .compute.executor import ClusterExecutor
 from .compute.services import ServiceProxy
 from .errors import NotConnected, TransportError
+from .net import serialize
 from .peer import Peer
 
 log = logging.getLogger("grid.client")
@@ -314,6 +315,8 @@ class GridExecutor(ClusterExecutor):
             raise ValueError("max_workers must be greater than 0")
         if max_retries < 0:
             raise ValueError("max_retries must be 0 or more")
+        if initializer is not None:  # one that cannot travel fails here, before a cluster is opened
+            serialize.dumps((initializer, tuple(initargs)))
         self._embedded = None
         self._owns_cluster = not isinstance(cluster, Cluster)
         self._handle = cluster if isinstance(cluster, Cluster) else self._open_cluster(cluster, max_workers,
