@@ -21,13 +21,25 @@ _RESTART_WINDOW = 30.0  # a member that dies more than _MAX_RESTARTS times in th
 _MAX_RESTARTS = 5
 
 
+_LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
+def _log_level(text: str) -> str:
+    """``--log-level``: a level name (any case) or number; argparse reports anything else."""
+    level = text.strip().upper()
+    if level in _LOG_LEVELS or level.isdigit():
+        return level
+    raise argparse.ArgumentTypeError(f"{text!r} is not a log level; use one of {', '.join(_LOG_LEVELS)}")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m grid", description="grid: a pure-Python compute and data grid")
     commands = parser.add_subparsers(dest="command", required=True)
     peer = commands.add_parser("peer", help="run member processes on this machine")
     peer.add_argument("--config", help="config file (default: the lookup: ./grid.toml, ~/.grid/grid.toml, GRID)")
     peer.add_argument("--procs", type=int, default=None, help="member processes to run (default: the core count)")
-    peer.add_argument("--log-level", default=os.environ.get("GRID_LOG_LEVEL", "INFO"))
+    peer.add_argument("--log-level", type=_log_level, default=os.environ.get("GRID_LOG_LEVEL", "INFO"),
+                      help="DEBUG, INFO (the default), WARNING, ERROR or CRITICAL; or GRID_LOG_LEVEL")
     peer.add_argument("--stop-on-eof", action="store_true",
                       help="leave the cluster when standard input closes (the parent that started us died)")
     peer.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE",
@@ -51,7 +63,8 @@ def main(argv=None) -> int:
     evaluate.add_argument("--config")
     args = parser.parse_args(argv)
     if args.command == "peer":
-        logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
+        level = int(args.log_level) if args.log_level.isdigit() else args.log_level
+        logging.basicConfig(level=level, stream=sys.stderr,
                             format="%(asctime)s %(process)d %(name)s %(levelname)s %(message)s")
         procs = args.procs if args.procs is not None else (os.cpu_count() or 1)
         if procs < 1:

@@ -59,6 +59,10 @@ class Peer:
             handshake_timeout=self.config.handshake_timeout, tls=self.config.tls, clock=clock)
         try:
             bound = self.transport.listen(host, self.config.port)
+            if self.transport.skipped_ports:
+                wanted, why = self.transport.skipped_ports[0]
+                log.warning("port %d is taken (%s); listening on %d instead: a member or client whose static "
+                            "`members` list names port %d will not find this member", wanted, why, bound[1], wanted)
             self.address = advertised_address(*bound)
             self.transport.info["address"] = format_address(self.address)
             self._socket_dir = None

@@ -81,6 +81,13 @@ class Discovery:
     def member_dead(self, address: Address) -> None:
         """Forget a member found dead (the registry folder prunes its entry; others do nothing)."""
 
+    def refresh(self) -> None:
+        """Called now and then by a member: put back what it published if that went missing.
+
+        Raises:
+            DiscoveryError: it cannot (the caller logs it once and goes on).
+        """
+
     def set_state(self, state: str) -> None:
         """Tell discovery this process is ``"joining"``, a ``"member"`` or a ``"client"``.
 

@@ -164,6 +164,7 @@ class RegistryFolderDiscovery(Discovery):
         self.register_on_join = register_on_join
         self._own_entry: str | None = None
         self._reported_junk: set[str] = set()
+        self._stopped = False
 
     def start(self, own_address: Address) -> None:
         super().start(own_address)
@@ -173,7 +174,19 @@ class RegistryFolderDiscovery(Discovery):
             raise DiscoveryError(
                 f"cannot create registry folder {self.folder}: {exc.strerror}; "
                 "fix the path or permissions of config key 'members'") from exc
+        self._entries()  # a folder this member cannot list is one clear error now, not a stuck join
         if self.register_on_join:
+            self._write_own_entry()
+
+    def set_state(self, state: str) -> None:
+        super().set_state(state)
+        if state == "member":  # joined or rejoined: the master may have pruned the entry meanwhile
+            self.refresh()
+
+    def refresh(self) -> None:
+        """Write this member's entry again if it is missing (pruned while it was away, or wiped)."""
+        if self.register_on_join and self._own_address is not None and not self._stopped and (
+                self._own_entry is None or not os.path.exists(self._own_entry)):
             self._write_own_entry()
 
     def _write_own_entry(self) -> None:
@@ -208,7 +221,9 @@ class RegistryFolderDiscovery(Discovery):
             return []
         except OSError as exc:
             raise DiscoveryError(
-                f"cannot read registry folder {self.folder}: {exc.strerror}; fix its permissions") from exc
+                f"cannot list registry folder {self.folder}: {exc.strerror}; every member must be able to "
+                "read, write and enter it (e.g. chmod 1777 for a shared folder), or change config key "
+                "'members'") from exc
         entries = []
         for name in names:
             try:
@@ -233,6 +248,7 @@ class RegistryFolderDiscovery(Discovery):
                     logger.info("pruned registry entry %s of dead member %s", name, format_address(address))
 
     def stop(self, *, clean: bool = True) -> None:
+        self._stopped = True
         entry, self._own_entry = self._own_entry, None
         if entry is not None and clean:
             _remove_quietly(entry)

@@ -10,11 +10,17 @@
         (alone: only after discovery.join_wait; anyone, once the lowest
         has not formed it within 4 * join_wait + 2 s)
       `required` unreachable after join_wait                   -> _fail_join (JoinError)
+      nobody answered but some refused the handshake (another
+        secret or cluster id), after join_wait                 -> _fail_join (JoinError)
+
+A joiner that was refused never forms a second cluster under the same id: that would
+hide a wrong secret behind a cluster that seems to work. One that heard nobody at all
+starts alone, as before.
 
 ``Joiner`` is ``membership.Membership``'s base class and changes no state itself.
 Membership owns the attributes it uses (``me``, ``transport``, ``discovery``,
 ``required``, ``clock``, ``_links``, ``_probes``, ``_join_started``, ``_last_reasons``,
-``_joined``, ``_join_error``, ``_stop``) and the transitions a join ends in, next to
+``_refusals``, ``_merge_target``, ``_joined``, ``_join_error``, ``_stop``) and the transitions a join ends in, next to
 its state table: ``_enter_cluster`` (JOINING -> MEMBER), or STOPPED once ``_fail_join``
 has stopped its thread. The master's side (admitting a joiner) is ``Membership._admit``.
 """
@@ -24,9 +30,10 @@ from __future__ import annotations
 import logging
 from concurrent.futures import Future
 
-from ..errors import JoinError
+from ..errors import DiscoveryError, JoinError
 from ..net import messaging
 from ..net.address import format_address
+from ..net.security import HandshakeFailed
 from .members import Member
 
 log = logging.getLogger("grid.membership")  # one logger for all of membership, whichever file logs
@@ -39,7 +46,15 @@ class Joiner:
 
     def _join_attempt(self) -> None:
         elapsed = self.clock.monotonic() - self._join_started
-        candidates = [address for address in self.discovery.candidates() if address != self.me.address]
+        try:
+            found = self.discovery.candidates()
+        except DiscoveryError as exc:  # e.g. a registry folder that became unreadable: say so once
+            self._discovery_failed(exc)
+            found = []
+        candidates = [address for address in found if address != self.me.address]
+        target = self._merge_target  # a larger cluster this one merges into, seen or not by discovery
+        if target is not None and target != self.me.address and target not in candidates:
+            candidates.append(target)
         required = self.required
         if required is not None and required != self.me.address and required not in candidates:
             candidates.append(required)
@@ -61,6 +76,14 @@ class Joiner:
             best = min(joined, key=lambda r: (-r["size"], tuple(r["master"])))
             self._try_join(tuple(best["master"]))
             return
+        refusals = {address: why for address, why in self._refusals.items() if address in candidates}
+        if not replies and refusals and elapsed >= self.discovery.join_wait:
+            refused = "; ".join(f"{format_address(address)}: {why}" for address, why in sorted(refusals.items()))
+            self._fail_join(JoinError(
+                f"the members found refused this one ({refused}); it does not start a second cluster "
+                f"named {self.transport.cluster_id!r}: give it the same `secret` (or GRID_SECRET) and `id` as the "
+                "running members"))
+            return
         contenders = [self.me.address] + [tuple(r["address"]) for r in replies if r["state"] == "joining"]
         leader = self.me.address if required == self.me.address else min(contenders)
         alone = len(contenders) == 1
@@ -81,7 +104,10 @@ class Joiner:
                 conn = future.result(max(0.0, deadline - self.clock.monotonic()))
             except Exception as exc:
                 self._last_reasons[address] = str(exc) or type(exc).__name__
+                if isinstance(exc, HandshakeFailed):  # it answered, and said no: another secret or cluster id
+                    self._refusals[address] = exc.reason
                 continue
+            self._refusals.pop(address, None)
             requests[address] = (conn, messaging.request(conn, "who", None))
         replies = []
         for address, (conn, future) in requests.items():

@@ -30,6 +30,7 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from ..errors import GridError
 from ..net import messaging
 from ..net.address import format_address
+from ..net.security import HandshakeFailed
 from .joining import Joiner
 from .members import Listeners, Member
 
@@ -37,6 +38,7 @@ log = logging.getLogger("grid.membership")
 
 _JOIN_RETRY = 0.1  # seconds between join attempts
 _MERGE_INTERVAL = 1.0  # how often a master looks for other clusters of the same id to merge with
+_REFRESH_INTERVAL = 5.0  # how often a member puts back its discovery entry if it went missing
 
 
 class State(enum.Enum):
@@ -94,6 +96,11 @@ class Membership(Joiner):
         self._stop = False
         self._last_tick = clock.monotonic()
         self._next_merge_check = 0.0
+        self._next_refresh = 0.0
+        self._refusals: dict = {}  # address -> why it refused our handshake (while joining)
+        self._merge_target: tuple | None = None  # the master of the larger cluster we are merging into
+        self._unreachable_since: dict[tuple, float] = {}  # discovered non-member -> first failed probe
+        self._discovery_problem: str | None = None  # the last discovery error logged (logged once)
         router.register("who", self._on_who)
         router.register("join", self._on_join)
         router.register("members", self._on_members)
@@ -103,6 +110,7 @@ class Membership(Joiner):
         router.register("removed", self._on_removed)
         router.register("client_hello", self._on_client_hello)
         router.register("merge", self._on_merge)
+        router.register("merge_into", self._on_merge_into)
         self._thread = threading.Thread(target=self._run, name="grid-membership")
 
     # -- public, any thread -------------------------------------------------------------------
@@ -215,6 +223,9 @@ class Membership(Joiner):
             if self.is_master and now >= self._next_merge_check:
                 self._next_merge_check = now + _MERGE_INTERVAL
                 self._look_for_other_clusters()
+            if now >= self._next_refresh:
+                self._next_refresh = now + _REFRESH_INTERVAL
+                self._discovery_call(self.discovery.refresh)
             return min(self.heartbeat_interval, self.failure_timeout / 4, _MERGE_INTERVAL)
         return self.heartbeat_interval
 
@@ -224,12 +235,14 @@ class Membership(Joiner):
         self._set_state(State.JOINING)
         self._join_started = self._next_tick = self.clock.monotonic()
         self._last_reasons: dict = {}
+        self._refusals = {}
 
     def _enter_cluster(self, version: int, members) -> None:
         self._set_state(State.MEMBER)
         self._suspected.clear()
         self._apply(version, members, force=True)
         self._join_error = None
+        self._merge_target = None
         self._joined.set()
         master = self.master()
         log.info("joined the cluster: %d members, master %s", len(members), master)
@@ -264,7 +277,9 @@ class Membership(Joiner):
         for conn in list(self._clients):
             self._send(conn, "members", {"version": version, "members": [m.to_wire() for m in members]})
 
-    def _rejoin(self) -> None:
+    def _rejoin(self, target: tuple | None = None) -> None:
+        """Leave the member list and join again; ``target``: the master of a cluster to merge into."""
+        self._merge_target = target
         self.listeners.emit_changes(self._members, [self.me], self.version)
         self._members = ()
         self.version = 0
@@ -277,6 +292,7 @@ class Membership(Joiner):
         self._set_state(State.JOINING)
         self._join_started = self._next_tick = self.clock.monotonic()
         self._last_reasons = {}
+        self._refusals = {}
 
     def _publish(self, members) -> None:
         """Master only: a new list, version bumped, sent to every member."""
@@ -411,25 +427,54 @@ class Membership(Joiner):
     # -- merging clusters that found each other ------------------------------------------------
 
     def _look_for_other_clusters(self) -> None:
-        """Master: ask discovered addresses outside our list which cluster they are in."""
+        """Master: ask discovered addresses outside our list which cluster they are in.
+
+        Whichever side sees the other starts the merge (visibility is often one-way): the
+        smaller cluster moves into the larger, told by the larger one if it cannot see it.
+        A discovered address that cannot be reached for ``failure_timeout`` is pruned from
+        discovery (a registry entry left by a process that is gone, member or not).
+        """
         known = {m.address for m in self._members}
         try:
-            strangers = [a for a in self.discovery.candidates() if tuple(a) not in known]
+            strangers = [tuple(a) for a in self.discovery.candidates() if tuple(a) not in known]
         except Exception as exc:
             log.debug("merge check: discovery failed: %s", exc)
             return
+        for address in list(self._unreachable_since):
+            if address not in strangers:
+                del self._unreachable_since[address]
         for address in strangers:
-            self.transport.connect(tuple(address)).add_done_callback(self._merge_probe_connected)
+            self._probe_other_cluster(address)
 
-    def _merge_probe_connected(self, done: Future) -> None:
-        if done.cancelled() or done.exception() is not None:
+    def _probe_other_cluster(self, address: tuple) -> None:
+        def connected(done: Future) -> None:  # IO thread
+            if done.cancelled():
+                return
+            error = done.exception()
+            if error is not None:
+                self._post(lambda: self._stranger_unreachable(address, error))
+                return
+            conn = done.result()
+            reply = messaging.request(conn, "who", None)
+            reply.add_done_callback(lambda answered: self._post(lambda: self._merge_answer(conn, answered)))
+
+        self.transport.connect(address).add_done_callback(connected)
+
+    def _stranger_unreachable(self, address: tuple, error: BaseException) -> None:
+        if isinstance(error, HandshakeFailed):  # it answers, and refuses us: not ours to prune
+            self._unreachable_since.pop(address, None)
             return
-        conn = done.result()
-        reply = messaging.request(conn, "who", None)
-        reply.add_done_callback(lambda answered: self._post(lambda: self._merge_answer(conn, answered)))
+        now = self.clock.monotonic()
+        since = self._unreachable_since.setdefault(address, now)
+        if now - since >= self.failure_timeout:
+            del self._unreachable_since[address]
+            log.info("discovered address %s has been unreachable for %.0f s (%s); forgetting it",
+                     format_address(address), now - since, error)
+            self._discovery_call(self.discovery.member_dead, address)
 
     def _merge_answer(self, conn, answered: Future) -> None:
         conn.close("merge probe done")
+        self._unreachable_since.pop(conn.remote, None)
         if answered.exception() is not None or self.state is not State.MEMBER or not self.is_master:
             return
         other = answered.result()
@@ -439,13 +484,43 @@ class Membership(Joiner):
             return
         theirs = (-other["size"], tuple(other["master"]))
         ours = (-len(self._members), self.me.address)
-        if theirs >= ours:
-            return  # we are the larger (or older) cluster: they come to us
+        if theirs == ours:
+            return
+        if theirs > ours:
+            # We are the larger (or older) cluster: they come to us. Tell their master, which
+            # may not see us at all (a missing registry entry, a one-way split).
+            self._tell_to_merge(tuple(other["master"]))
+            return
         target = tuple(other["master"])
         log.warning("another cluster of %d members (master %s) found; this cluster of %d merges into it",
                     other["size"], format_address(target), len(self._members))
         self._send_to_others("merge", {"target": list(target)})
-        self._rejoin()
+        self._rejoin(target)
+
+    def _tell_to_merge(self, their_master: tuple) -> None:
+        def connected(done: Future) -> None:  # IO thread
+            if done.cancelled() or done.exception() is not None:
+                return
+            conn = done.result()
+            try:
+                messaging.send(conn, "merge_into", {"target": list(self.me.address)})
+            except GridError:
+                pass
+            self.transport.call_later(2 * self.heartbeat_interval, conn.close, "merge request sent")
+
+        log.info("a smaller cluster (master %s) does not see this one; asking it to merge in",
+                 format_address(their_master))
+        self.transport.connect(their_master).add_done_callback(connected)
+
+    def _on_merge_into(self, conn, body) -> None:
+        """Another cluster's master says its cluster is the larger: check that, then merge into it."""
+        target = tuple(body["target"])
+
+        def handle():
+            if self.state is State.MEMBER and self.is_master and all(m.address != target for m in self._members):
+                self._probe_other_cluster(target)  # merges only if it really is the larger
+
+        self._post(handle)
 
     def _on_merge(self, conn, body) -> None:
         def handle():
@@ -453,9 +528,24 @@ class Membership(Joiner):
             if self.state is State.MEMBER and master and conn.peer_info.get("uuid") == master.uuid:
                 log.warning("the master merges this cluster into the one at %s; rejoining",
                             format_address(tuple(body["target"])))
-                self._rejoin()
+                self._rejoin(tuple(body["target"]))
 
         self._post(handle)
+
+    def _discovery_call(self, fn, *args) -> None:
+        """Call discovery; a failure is logged once (until it changes), never as a flood of tracebacks."""
+        try:
+            fn(*args)
+        except Exception as exc:
+            self._discovery_failed(exc)
+            return
+        self._discovery_problem = None
+
+    def _discovery_failed(self, exc: BaseException) -> None:
+        problem = f"{type(exc).__name__}: {exc}"
+        if problem != self._discovery_problem:
+            self._discovery_problem = problem
+            log.warning("discovery: %s", problem)
 
     # -- leaving ------------------------------------------------------------------------------
 
@@ -490,18 +580,22 @@ class Membership(Joiner):
         }
 
     def _on_join(self, conn, body) -> Future:
+        try:
+            joiner = Member.from_wire(body["member"])
+        except Exception as exc:  # answered with this error by the router
+            raise messaging.MalformedMessage(f"a 'join' body is {{'member': member info}}, not {body!r:.100}: "
+                                             f"{type(exc).__name__}: {exc}") from exc
         reply: Future = Future()
-        self._post(lambda: self._admit(conn, body, reply))
+        self._post(lambda: self._admit(conn, joiner, reply))
         return reply
 
-    def _admit(self, conn, body, reply: Future) -> None:
+    def _admit(self, conn, joiner: Member, reply: Future) -> None:
         if self.state is not State.MEMBER:
             reply.set_result({"ok": False, "reason": f"{self.me} is {self.state.value}"})
             return
         if not self.is_master:
             reply.set_result({"ok": False, "redirect": list(self.master().address)})
             return
-        joiner = Member.from_wire(body["member"])
         members = list(self._members)
         if any(m.uuid == joiner.uuid for m in members):
             reply.set_result({"ok": True, "version": self.version, "members": [m.to_wire() for m in members]})

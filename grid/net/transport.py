@@ -146,7 +146,8 @@ class Transport:
     def listen(self, host: str, port: int, *, port_range: int = 100) -> tuple[str, int]:
         """Bind and listen on ``host:port``, trying up to ``port_range`` ports upwards.
 
-        Port 0 lets the OS choose. Returns the bound address.
+        Port 0 lets the OS choose. Returns the bound address; ``skipped_ports`` lists the
+        ``(port, why)`` it tried before that one.
 
         Raises:
             TransportError: no port in the range could be bound, or the transport is closed.
@@ -154,6 +155,7 @@ class Transport:
         if not self._running:
             raise TransportError("cannot listen: this transport is closed; make a new Transport")
         last_error = None
+        self.skipped_ports: list[tuple[int, str]] = []
         candidates = [0] if port == 0 else range(port, min(port + port_range, 65536))
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         for candidate in candidates:
@@ -165,6 +167,7 @@ class Transport:
             except OSError as exc:
                 sock.close()
                 last_error = exc
+                self.skipped_ports.append((candidate, exc.strerror or str(exc)))
                 continue
             sock.setblocking(False)
             self._listeners.append(sock)
