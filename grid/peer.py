@@ -25,6 +25,7 @@ from .compute.worker import TaskRunner
 from .errors import ConfigError, TransportError
 from .net import messaging
 from .net.address import format_address, is_loopback, parse_address
+from .net.faults import SIM_FAULTS_ENV, Faults
 from .net.folders import private_folder
 from .net.transport import Transport
 
@@ -86,6 +87,8 @@ class Peer:
             # Tasks wait until the patch log is replayed (CodeService calls on_ready).
             self.tasks = TaskRunner(self.router, workers=self.config.effective_workers(), hold=True)
             services.register_handlers(self.router)
+            if os.environ.get(SIM_FAULTS_ENV) == "1":  # under the simulator only: its partitions
+                self.router.register("sim.faults", self._set_faults)
             self.console = console.ConsoleSessions(self.router, allow_code=self.config.allow_code, member=self.me)
             self.code = CodeService(router=self.router, transport=self.transport, membership=self.membership,
                                     allow_code=self.config.allow_code, request_timeout=self.config.handshake_timeout,
@@ -103,6 +106,19 @@ class Peer:
 
     def _on_close(self, conn) -> None:
         self.membership.on_connection_closed(conn)
+
+    def _set_faults(self, conn, body) -> bool:
+        """``sim.faults``: simulate a network split inside the transport (see ``net/faults.py``)."""
+        if not body:
+            self.transport.faults = None
+            log.warning("simulated network faults cleared")
+            return True
+        # A member this one knows is also dialed on its Unix socket: that path is cut too.
+        unix = {format_address(m.address): m.unix for m in self.membership.members() if m.unix}
+        unreachable = set(body["unreachable"]) | {unix[a] for a in body["unreachable"] if a in unix}
+        self.transport.faults = Faults(unreachable, body["refuse_from"])
+        log.warning("simulated network faults: %r", self.transport.faults)
+        return True
 
     def start(self, timeout: float | None = None) -> Peer:
         """Discover, join or form the cluster; return once this member is in it.

@@ -34,6 +34,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from .faults import FaultControl, faults_by_peer, partition_pairs
 from .process import (
     LOG_TAIL_LINES,
     LOOPBACK,
@@ -123,6 +124,9 @@ class LocalCluster:
         self._condition = threading.Condition()
         self._stopping = threading.Event()
         self._terminate_lock = threading.Lock()
+        self._blocked: set[tuple[int, int]] = set()  # (source, target): source cannot reach target
+        self._faults = FaultControl(cluster_id=self.cluster_id, secret=self.secret,
+                                    timeout=STATE_CHANGE_TIMEOUT)
         self._terminated = False
         self.multicast_port = free_udp_port() if join == "multicast" else None
         self.directory = tempfile.mkdtemp(prefix=f"{self.cluster_id}-")
@@ -505,6 +509,37 @@ class LocalCluster:
 
         return grid.connect(self.config())
 
+    # ---------------------------------------------------------------- network splits
+
+    def partition(self, *groups: Sequence[int]) -> None:
+        """Split the live peers into ``groups`` (lists of indexes) that cannot reach each other.
+
+        Inside each peer's transport: dials across the split fail and frames on links across
+        it are dropped, so each side meets silence and goes on as a cluster of its own.
+        ``partition([0, 1], [2])`` is a {2, 1} split. It replaces any split before it.
+
+        Raises:
+            SimError: a live peer is in no group, or in two.
+        """
+        self._blocked = partition_pairs(groups, [p.index for p in self.peers if p.alive])
+        self._apply_faults()
+
+    def block(self, sources: Sequence[int], targets: Sequence[int]) -> None:
+        """One way: the peers ``sources`` cannot reach ``targets`` (links dialed the other way still work)."""
+        self._blocked |= {(s, t) for s in sources for t in targets if s != t}
+        self._apply_faults()
+
+    def heal(self) -> None:
+        """End every split: all peers reach each other again."""
+        self._blocked = set()
+        self._apply_faults()
+
+    def _apply_faults(self) -> None:
+        self._check_open()
+        live = {p.index: p.address for p in self.peers if p.alive and p.address is not None}
+        for index, body in faults_by_peer(self._blocked, live).items():
+            self._faults.apply(live[index], body)
+
     def terminate(self, timeout: float = 5.0) -> None:
         """Stop every peer and remove the temp dir; safe to call more than once.
 
@@ -517,6 +552,7 @@ class LocalCluster:
             self._terminated = True
         self._stopping.set()
         try:
+            self._faults.close()
             stop_peers(self.peers, timeout)
         finally:
             _LIVE_CLUSTERS.discard(self)

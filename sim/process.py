@@ -172,6 +172,7 @@ def peer_environment() -> dict[str, str]:
     environment.pop("GRID_SECRET", None)
     environment.pop(PEER_COMMAND_ENV, None)
     environment["PYTHONUNBUFFERED"] = "1"
+    environment["GRID_SIM_FAULTS"] = "1"  # the peer takes partition()/heal() orders (sim/faults.py)
     # Run from a source checkout: make `python -m grid` find the grid next to sim.
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     if os.path.isdir(os.path.join(root, "grid")):

@@ -118,6 +118,7 @@ class Transport:
         self.handshake_timeout = handshake_timeout
         self.max_payload = max_payload
         self.clock = clock
+        self.faults = None  # a net.faults.Faults while the simulator splits the network, else None
         self._server_tls = security.server_context(tls)
         client_tls = security.client_context(tls)
         self._selector = selectors.DefaultSelector()
@@ -220,6 +221,9 @@ class Transport:
             family, remote = (socket.AF_INET6 if ":" in host else socket.AF_INET), (host, port)
         if not self._running:
             return _failed(TransportError(f"cannot connect to {describe_remote(remote)}: this transport is closed"))
+        if self.faults is not None and self.faults.blocks_dial(remote):
+            return _failed(TransportError(f"cannot connect to {describe_remote(remote)}: unreachable "
+                                          "(a simulated network split)"))
         try:
             sock = socket.socket(family, socket.SOCK_STREAM)
         except OSError as exc:
@@ -456,6 +460,9 @@ class _Driver(Driver):
                 log.exception("error in on_open for %r", conn)
 
     def frame_received(self, conn: Connection, frame: wire.Frame) -> None:
+        faults = self._owner.faults
+        if faults is not None and faults.drops(conn):
+            return  # a simulated network split: this link meets silence
         on_frame = self._owner.on_frame
         if on_frame is None:
             log.debug("dropping a %s frame from %r: no on_frame handler", frame.kind.name, conn)
