@@ -19,6 +19,7 @@ log = logging.getLogger("grid.cli")
 
 _RESTART_WINDOW = 30.0  # a member that dies more than _MAX_RESTARTS times in this window is not restarted
 _MAX_RESTARTS = 5
+_CANNOT_START = (2, 3)  # run_member's exit codes for a bad config and for a refused join
 
 
 _LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
@@ -165,6 +166,10 @@ def supervise(procs: int, config_path: str | None, log_level: str, *, imports=()
                 code = child.poll()
                 if code is None:
                     continue
+                if code in _CANNOT_START:  # its config or its cluster says no: a restart would say it again
+                    log.error("member process %d could not start (exit code %d, its error is above); "
+                              "stopping the others", child.pid, code)
+                    return code
                 now = time.monotonic()
                 deaths = [t for t in deaths if now - t < _RESTART_WINDOW] + [now]
                 if len(deaths) > _MAX_RESTARTS:

@@ -58,6 +58,17 @@ def test_a_refused_joiner_stops_with_the_reason_instead_of_forming_its_own_clust
         assert len(client.members()) == 1
 
 
+def test_the_supervisor_does_not_restart_a_member_that_was_refused(local_cluster, tmp_path):
+    cluster = local_cluster(1, **FAST)
+    path = tmp_path / "wrong.json"
+    path.write_text(json.dumps(dict(cluster.config(0), port=0, join_timeout=0.5, secret="not-the-secret")))
+    done = subprocess.run([sys.executable, "-m", "grid", "peer", "--procs", "2", "--config", str(path)],
+                          capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
+    assert done.returncode == 3, done.stderr[-2000:]
+    assert "refused this one" in done.stderr and "could not start" in done.stderr
+    assert "restarting it" not in done.stderr
+
+
 def test_a_joiner_that_hears_nobody_still_starts_alone(tmp_path):
     # the rule above is about refusals only: an empty static list still forms a cluster
     absent = "127.0.0.1:%d" % free_port()
