@@ -14,6 +14,7 @@ newest first.
 from __future__ import annotations
 
 import logging
+import sys
 import threading
 import time
 
@@ -325,7 +326,7 @@ class GridExecutor(ClusterExecutor):
                          startup_timeout=startup_timeout,
                          crash_report=self._embedded.exit_report if self._embedded else None,
                          on_teardown=self._close_what_it_opened)
-        close_at_exit(self, self.shutdown)
+        close_at_exit(self, self._close_at_exit)
 
     @property
     def cluster(self) -> Cluster:
@@ -352,6 +353,17 @@ class GridExecutor(ClusterExecutor):
             if self._embedded is not None:
                 self._embedded.close()
             raise
+
+    def _close_at_exit(self) -> None:
+        """At interpreter exit: wait for submitted work, as ProcessPoolExecutor does, unless the
+        program ended with Ctrl-C (or Ctrl-C comes while waiting): then stop at once."""
+        if isinstance(getattr(sys, "last_value", None), KeyboardInterrupt):
+            self.abandon("the program was interrupted (Ctrl-C)")
+            return
+        try:
+            self.shutdown(wait=True)
+        except KeyboardInterrupt:  # shutdown abandoned the work and let go of everything
+            pass
 
     def _close_what_it_opened(self) -> None:
         forget_at_exit(self)

@@ -21,6 +21,7 @@ from .cluster.membership import Membership
 from .code import console
 from .code.livecode import CodeService
 from .compute import services, worker
+from .compute.taskproc import TaskProcess
 from .compute.worker import TaskRunner
 from .errors import ConfigError, TransportError
 from .net import messaging
@@ -57,7 +58,8 @@ class Peer:
         self.transport = Transport(
             cluster_id=self.config.id, secret=self.secret, info={"uuid": self.uuid, "role": "member"},
             on_frame=self.router.on_frame, on_close=self._on_close,
-            handshake_timeout=self.config.handshake_timeout, tls=self.config.tls, clock=clock)
+            handshake_timeout=self.config.handshake_timeout, tls=self.config.tls, clock=clock,
+            max_payload=self.config.max_frame_bytes)
         try:
             bound = self.transport.listen(host, self.config.port)
             if self.transport.skipped_ports:
@@ -76,7 +78,8 @@ class Peer:
                     log.info("no Unix socket (%s); processes on this host use TCP", exc)
                     self._remove_socket_dir()
                     self._socket_dir = None
-            self.me = local_member(self.address, self.uuid, self.config.effective_workers(), unix)
+            task_threads = self.config.task_processes or self.config.effective_workers()
+            self.me = local_member(self.address, self.uuid, task_threads, unix)
             self.discovery = make_discovery(self.config, secret=self.secret, cluster_id=self.config.id,
                                             member_uuid=self.uuid, clock=clock)
             required = parse_address(self.config.required, key="required") if self.config.required else None
@@ -85,7 +88,8 @@ class Peer:
                 heartbeat_interval=self.config.heartbeat_interval, failure_timeout=self.config.failure_timeout,
                 required=required, clock=clock)
             # Tasks wait until the patch log is replayed (CodeService calls on_ready).
-            self.tasks = TaskRunner(self.router, workers=self.config.effective_workers(), hold=True)
+            self.tasks = TaskRunner(self.router, workers=task_threads, hold=True, processes=[
+                TaskProcess(self.me.to_wire(), self.config.imports) for _ in range(self.config.task_processes)])
             services.register_handlers(self.router)
             if os.environ.get(SIM_FAULTS_ENV) == "1":  # under the simulator only: its partitions
                 self.router.register("sim.faults", self._set_faults)

@@ -87,9 +87,10 @@ QUICK_COUNTS = {
 # Seconds one repetition of a phase may take before the child is killed and the measure failed.
 PHASE_TIMEOUTS = {
     "startup": 60, "setup": 90, "roundtrip": 60, "map_default": 300, "map_lambda": 120,
-    "map_best": 180, "map_chunk1": 120, "bytes": 120, "everywhere": 120, "shutdown": 60, "done": 30,
+    "map_best": 180, "map_chunk1": 120, "bytes": 120, "everywhere": 120, "links": 120, "shutdown": 60, "done": 30,
 }
-MEASURES = ("startup", "roundtrip", "map_default", "map_lambda", "map_best", "map_chunk1", "bytes", "everywhere")
+MEASURES = ("startup", "roundtrip", "map_default", "map_lambda", "map_best", "map_chunk1", "bytes", "everywhere",
+            "links")
 
 # Targets of issue 3, grid against ProcessPoolExecutor (see print_targets).
 TARGET_ROUNDTRIP = 0.75  # grid median at most this times PPE's
@@ -442,17 +443,61 @@ def measure_everywhere(contender: Contender, counts, repeat) -> dict:
     return {"everywhere_us": median(calls), "load_file_us": median(loads)}
 
 
+def measure_links(contender: Contender, counts, repeat) -> dict:
+    """Grid only: one link between two Transports of this process, over TCP and a Unix socket.
+
+    A request echoed by the other side: the median round trip of a 10-byte payload and of a
+    1 MB one (pickled bytes, as tasks travel). It isolates the transport (framing, the
+    handshake's per-frame MAC on TCP) from the executor and the member.
+    """
+    from grid.net.transport import Transport
+
+    results = {}
+    payload = os.urandom(PAYLOAD_BYTES)
+    with tempfile.TemporaryDirectory() as folder:
+        server = Transport(cluster_id="bench", secret="bench-secret", info={"uuid": "server", "role": "member"},
+                           on_frame=lambda conn, frame: conn.respond(frame.request_id, frame.payload),
+                           name="grid-io-bench-server")
+        client = Transport(cluster_id="bench", secret="bench-secret", info={"uuid": "client", "role": "client"},
+                           name="grid-io-bench-client")
+        try:
+            address = server.listen("127.0.0.1", 0)
+            path = server.listen_unix(os.path.join(folder, "bench.sock"))
+            for label, target in (("tcp", address), ("unix", path)):
+                conn = client.connect(target).result(10)
+                for size_label, data, rounds in (("rt", b"0123456789", counts["roundtrips"]),
+                                                 ("1mb", payload, max(20, counts["payloads"]))):
+                    medians = []
+                    for _ in range(repeat):
+                        for _ in range(max(5, rounds // 10)):
+                            conn.request(data).result(10)
+                        samples = []
+                        for _ in range(rounds):
+                            start = time.perf_counter_ns()
+                            answer = conn.request(data).result(10)
+                            samples.append(time.perf_counter_ns() - start)
+                        if len(answer.payload) != len(data):
+                            raise RuntimeError("the echo returned a payload of another size")
+                        medians.append(statistics.median(samples) / 1000)
+                    results[f"link_{label}_{size_label}_us"] = median(medians)
+                conn.close()
+        finally:
+            client.close()
+            server.close()
+    return results
+
+
 MEASURE_FUNCTIONS = {
     "startup": measure_startup, "roundtrip": measure_roundtrip, "map_default": measure_map_default,
     "map_lambda": measure_map_lambda, "map_best": measure_map_best, "map_chunk1": measure_map_chunk1,
-    "bytes": measure_bytes, "everywhere": measure_everywhere,
+    "bytes": measure_bytes, "everywhere": measure_everywhere, "links": measure_links,
 }
 
 
 def applicable(contender_class, measure: str) -> bool:
     if measure == "everywhere":
         return contender_class.run_everywhere is not None
-    if measure == "map_lambda":
+    if measure in ("map_lambda", "links"):
         return contender_class.name == "grid"
     if measure == "map_best":
         return contender_class.has_chunksize and contender_class.name != "grid"
@@ -698,11 +743,16 @@ ROWS = [
     ("startup_s", "startup to first result", "s", False),
     ("everywhere_us", "call on every worker (run_all / Client.run)", "µs", False),
     ("load_file_us", "ship a .py to every worker (load_all / upload_file)", "µs", False),
+    ("link_tcp_rt_us", "link round trip, TCP, 10 B (grid only)", "µs", False),
+    ("link_tcp_1mb_us", "link round trip, TCP, 1 MB each way (grid only)", "µs", False),
+    ("link_unix_rt_us", "link round trip, Unix socket, 10 B (grid only)", "µs", False),
+    ("link_unix_1mb_us", "link round trip, Unix socket, 1 MB each way (grid only)", "µs", False),
 ]
 KEY_MEASURE = {"rt_median_us": "roundtrip", "rt_p99_us": "roundtrip", "map_default": "map_default",
                "map_lambda": "map_lambda", "map_best": "map_best", "map_chunk1": "map_chunk1",
                "bytes_mbs": "bytes", "startup_s": "startup", "everywhere_us": "everywhere",
-               "load_file_us": "everywhere"}
+               "load_file_us": "everywhere", "link_tcp_rt_us": "links", "link_tcp_1mb_us": "links",
+               "link_unix_rt_us": "links", "link_unix_1mb_us": "links"}
 
 
 def _number(value: float) -> str:
@@ -772,7 +822,8 @@ def print_report(outcomes: dict[str, Outcome], counts) -> None:
         return
     print("\nGrid's ratio to each peer: >1 means grid is better (latencies and startup are inverted: peer / grid)")
     ratio_rows = []
-    comparisons = [(key, label, key, higher) for key, label, _, higher in ROWS if key not in ("map_lambda", "map_best")]
+    comparisons = [(key, label, key, higher) for key, label, _, higher in ROWS
+                   if key not in ("map_lambda", "map_best") and not key.startswith("link_")]
     comparisons.insert(3, ("map_default", "grid default map vs peer best chunksize", "map_best", True))
     comparisons.insert(4, ("map_lambda", "grid lambda map vs peer add_one default", "map_default", True))
     for grid_key, label, peer_key, higher in comparisons:

@@ -325,6 +325,11 @@ def test_bad_members(data, key, fragment):
     ({"backup_count": -1}, "backup_count", "allowed: an integer >= 0"),
     ({"partitions": 0}, "partitions", "allowed: an integer >= 1"),
     ({"workers": 0}, "workers", "allowed: an integer >= 1"),
+    ({"task_processes": -1}, "task_processes", "0 runs tasks in the member's threads"),
+    ({"task_processes": "2"}, "task_processes", "expected an integer"),
+    ({"max_frame_bytes": 100}, "max_frame_bytes", "from 4096 to"),
+    ({"max_frame_bytes": 2**32}, "max_frame_bytes", "default 536870912, 512 MiB"),
+    ({"max_frame_bytes": 1e6}, "max_frame_bytes", "expected an integer"),
 ])
 def test_invalid_values_name_the_key_the_source_and_what_is_allowed(data, key, fragment):
     error = config_error(data)
@@ -332,6 +337,13 @@ def test_invalid_values_name_the_key_the_source_and_what_is_allowed(data, key, f
     message = str(error)
     assert f"config key {key!r}" in message and SOURCE in message
     assert fragment in message
+
+
+def test_max_frame_bytes_defaults_to_the_wire_limit_and_can_be_set():
+    from grid.net import wire
+
+    assert Config().max_frame_bytes == wire.DEFAULT_MAX_PAYLOAD == 512 * 1024 * 1024
+    assert Config.from_mapping({"max_frame_bytes": 65536}).max_frame_bytes == 65536
 
 
 @pytest.mark.parametrize("data, key, fragment", [

@@ -91,11 +91,13 @@ class Backend:
             executor.cluster.close()
 
 
-@pytest.fixture(scope="module", params=["embedded", "sim"])
+@pytest.fixture(scope="module", params=["embedded", "sim", "sim-task-processes"])
 def backend(request, tmp_path_factory):
     backend = Backend(request.param, tmp_path_factory.mktemp(f"executor-{request.param}"))
     if backend.name == "sim":
         backend.sim = LocalCluster(2)
+    elif backend.name == "sim-task-processes":  # members run tasks in child processes (task_processes)
+        backend.sim = LocalCluster(2, task_processes=2)
     try:
         backend.shared = backend.new_executor()
         yield backend

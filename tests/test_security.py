@@ -99,10 +99,10 @@ def test_handshake_payloads_are_json_and_raw_macs_never_pickle():
     transcript = run_exchange(client, server)
 
     hello = json.loads(transcript[0][2])
-    assert set(hello) == {"v", "cluster", "nonce", "info"}
+    assert set(hello) == {"v", "cluster", "nonce", "info", "to", "plain"}
     assert hello["cluster"] == "dev" and len(hello["nonce"]) == 32
     challenge = transcript[1][2]
-    assert set(json.loads(challenge[security.MAC_SIZE :])) == {"nonce", "info"}
+    assert set(json.loads(challenge[security.MAC_SIZE :])) == {"v", "nonce", "info", "at", "mac"}
     assert len(transcript[2][2]) == security.MAC_SIZE
     for _, _, payload in transcript[:2]:  # the JSON ones; the MAC is 32 random bytes, never decoded
         assert not payload.startswith(b"\x80")  # no pickle protocol header
@@ -202,7 +202,7 @@ def test_other_cluster_id_is_refused_by_the_server_naming_both():
 
 def test_a_long_hostile_cluster_id_still_gives_a_refuse_that_fits_the_limit():
     # Raw UTF-8 is 4 bytes an emoji; JSON-escaped in a REFUSE it is 12.
-    hostile = {"v": 1, "cluster": "\U0001f4a5" * 990, "nonce": "a" * 32, "info": {}}
+    hostile = {"v": security.PROTOCOL_VERSION, "cluster": "\U0001f4a5" * 990, "nonce": "a" * 32, "info": {}}
     hello = json.dumps(hostile, ensure_ascii=False).encode("utf-8")
     assert len(hello) <= wire.HANDSHAKE_LIMIT
     server = ServerHandshake(cluster_id="dev", secret=SECRET, info={})
@@ -341,7 +341,7 @@ def test_malformed_challenge_body_with_a_valid_mac_raises_handshake_error():
 def test_challenge_without_info_is_refused():
     client, _ = make_pair()
     [(_, hello)] = client.start()
-    body = b'{"nonce": "00"}'
+    body = b'{"nonce": "00", "v": %d}' % security.PROTOCOL_VERSION
     mac = security._mac(derive_key(SECRET), b"grid-server", hello, body)
 
     with pytest.raises(HandshakeFailed, match="no member info"):
@@ -431,6 +431,128 @@ def test_derive_key_is_a_stable_sha256_of_the_secret():
     assert derive_key("ü") != derive_key("u")
     assert derive_key(None) == derive_key("")  # no secret: a fixed, public key
     assert derive_key("s") != b"s".ljust(32, b"\0")
+
+
+# ------------------------------------------------------------------ session keys, identity, version
+
+
+def pair(client_options=None, server_options=None):
+    client = ClientHandshake(cluster_id="dev", secret=SECRET, info={"uuid": "c"}, **(client_options or {}))
+    server = ServerHandshake(cluster_id="dev", secret=SECRET, info={"uuid": "s", "address": "10.0.0.2:5701"},
+                             **(server_options or {}))
+    return client, server
+
+
+def test_both_sides_derive_the_same_keys_one_per_direction_fresh_per_connection():
+    client, server = pair()
+    run_exchange(client, server)
+    again_client, again_server = pair()
+    run_exchange(again_client, again_server)
+
+    assert client.send_key == server.receive_key and client.receive_key == server.send_key
+    assert client.send_key != client.receive_key
+    assert len(client.send_key) == 32
+    assert {client.send_key, client.receive_key}.isdisjoint({again_client.send_key, again_client.receive_key})
+    assert client.frame_mac and server.frame_mac  # neither said it may go without
+
+
+def test_keys_need_the_secret_a_relay_that_forwarded_everything_cannot_compute_them():
+    client, server = pair()
+    transcript = run_exchange(client, server)
+    hello, challenge = transcript[0][2], transcript[1][2]
+    body = challenge[security.MAC_SIZE :]
+
+    guesses = {security.session_keys(derive_key(guess), hello, body) for guess in (None, "", "dev", "c")}
+
+    assert (client.send_key, client.receive_key) not in guesses
+    assert security.session_keys(derive_key(SECRET), hello, body) == (client.send_key, client.receive_key)
+
+
+def test_the_server_refuses_a_hello_that_dialed_another_address():
+    client, server = pair({"dialed": "10.0.0.9:5701"}, {"reached_at": "10.0.0.2:5701"})
+
+    [(_, hello)] = client.start()
+    with pytest.raises(HandshakeFailed) as error:
+        server.receive(Kind.HELLO, hello)
+
+    reason = refuse_reason(error.value.reply)
+    assert "dialed '10.0.0.9:5701' but reached this member at 10.0.0.2:5701" in reason
+    assert "relays the connection" in reason
+
+
+def test_the_dialer_refuses_an_answer_from_another_address_even_if_the_server_does_not_check():
+    # The server here does not know where it was reached (at = None): the dialer's own check holds.
+    client, server = pair({"dialed": "10.0.0.9:5701"}, {"reached_at": None})
+    _, challenge = hello_and_challenge(client, server)
+
+    with pytest.raises(HandshakeFailed) as error:
+        client.receive(Kind.CHALLENGE, challenge)
+
+    reason = refuse_reason(error.value.reply)
+    assert "dialed 10.0.0.9:5701 but the member that answered is at None" in reason
+    assert "'10.0.0.2:5701'" in reason
+
+
+@pytest.mark.parametrize("dialed", ["10.0.0.2:5701", "192.168.7.7:5701"])
+def test_the_dialer_accepts_the_address_it_reached_or_the_one_the_member_advertises(dialed):
+    # 10.0.0.2 is advertised; 192.168.7.7 is where the accepted socket was reached.
+    client, server = pair({"dialed": dialed}, {"reached_at": "192.168.7.7:5701"})
+
+    run_exchange(client, server)
+
+    assert client.done and server.done
+
+
+def test_the_dialer_checks_the_uuid_it_expects():
+    client, server = pair({"expect_uuid": "someone-else"})
+    _, challenge = hello_and_challenge(client, server)
+
+    with pytest.raises(HandshakeFailed, match="dialed member someone-else at None but 's' answered"):
+        client.receive(Kind.CHALLENGE, challenge)
+
+
+@pytest.mark.parametrize("client_plain, server_plain, expected", [
+    (False, False, True), (True, False, True), (False, True, True), (True, True, False)])
+def test_the_frame_mac_is_off_only_when_both_sides_would_go_without(client_plain, server_plain, expected):
+    client, server = pair({"plain_ok": client_plain}, {"plain_ok": server_plain})
+
+    run_exchange(client, server)
+
+    assert client.frame_mac is server.frame_mac is expected
+
+
+def test_the_client_refuses_a_server_that_turns_the_mac_off_when_the_client_needs_it():
+    client, _ = pair()  # plain_ok False: TCP
+    [(_, hello)] = client.start()
+    body = json.dumps({"v": security.PROTOCOL_VERSION, "nonce": "b" * 32, "info": {}, "at": None,
+                       "mac": False}).encode()
+    mac = security._mac(derive_key(SECRET), b"grid-server", hello, body)  # a holder of the secret
+
+    with pytest.raises(HandshakeFailed, match="turned the frame MAC off"):
+        client.receive(Kind.CHALLENGE, mac + body)
+
+
+def test_a_hello_of_another_version_is_refused_naming_both_versions():
+    server = ServerHandshake(cluster_id="dev", secret=SECRET, info={})
+    hello = json.dumps({"v": 1, "cluster": "dev", "nonce": "a" * 32, "info": {}}).encode()
+
+    with pytest.raises(HandshakeFailed) as error:
+        server.receive(Kind.HELLO, hello)
+
+    reason = refuse_reason(error.value.reply)
+    assert f"peer speaks grid protocol version 1, this side speaks version {security.PROTOCOL_VERSION}" in reason
+    assert "same grid release" in reason
+
+
+def test_a_challenge_of_another_version_is_refused_naming_both_versions():
+    client, _ = pair()
+    [(_, hello)] = client.start()
+    body = json.dumps({"v": 3, "nonce": "b" * 32, "info": {}, "at": None, "mac": True}).encode()
+    mac = security._mac(derive_key(SECRET), b"grid-server", hello, body)
+
+    with pytest.raises(HandshakeFailed, match=f"peer speaks grid protocol version 3, this side speaks version "
+                                              f"{security.PROTOCOL_VERSION}"):
+        client.receive(Kind.CHALLENGE, mac + body)
 
 
 # ------------------------------------------------------------------ TLS contexts

@@ -176,10 +176,16 @@ def decode_all(data: bytes) -> list[wire.Frame]:
     return frames
 
 
-def raw_authenticated(address, *, secret=SECRET) -> tuple[socket.socket, FrameDecoder]:
-    """A blocking socket that did the client handshake by hand: frames at the byte level."""
+def raw_authenticated(address, *, secret=SECRET, cluster_id=CLUSTER) -> tuple[socket.socket, FrameDecoder,
+                                                                              wire.FrameSealer]:
+    """A blocking socket that did the client handshake by hand: frames at the byte level.
+
+    Returns the socket, the decoder of what the server sends (checking its MACs) and the
+    sealer that MACs what the test sends (``wire.seal_frame``), numbered from 0.
+    """
     sock = raw_socket(address)
-    handshake = ClientHandshake(cluster_id=CLUSTER, secret=secret, info={"uuid": "raw"})
+    handshake = ClientHandshake(cluster_id=cluster_id, secret=secret, info={"uuid": "raw"},
+                                dialed=f"{sock.getpeername()[0]}:{sock.getpeername()[1]}")
     decoder = FrameDecoder()
     for kind, payload in handshake.start():
         sock.sendall(frame_bytes(kind, payload))
@@ -188,8 +194,9 @@ def raw_authenticated(address, *, secret=SECRET) -> tuple[socket.socket, FrameDe
         for frame in frames:
             for kind, payload in handshake.receive(frame.kind, frame.payload):
                 sock.sendall(frame_bytes(kind, payload))
-    decoder.authenticated()
-    return sock, decoder
+    assert handshake.frame_mac  # TCP: always
+    decoder.authenticated(mac_key=handshake.receive_key)
+    return sock, decoder, wire.FrameSealer(handshake.send_key)
 
 
 def assert_still_serving(server: Transport, make_transport) -> None:
@@ -362,9 +369,9 @@ def test_many_concurrent_requests_from_several_threads(client, server):
 def test_frames_larger_than_max_payload_close_the_connection(make_transport, logs):
     server = make_transport(max_payload=1000, on_frame=lambda conn, frame: None)
     server.listen(LOOPBACK, 0)
-    sock, _ = raw_authenticated(server.address)
+    sock, _, _ = raw_authenticated(server.address)
 
-    sock.sendall(HEADER.pack(wire.MAGIC, wire.VERSION, Kind.MESSAGE, 0, 0, 1001))
+    sock.sendall(HEADER.pack(wire.MAGIC, wire.VERSION, Kind.MESSAGE, 0, 0, 1001 + wire.MAC_SIZE))
 
     assert read_until_closed(sock) == b""
     assert "exceeds the limit of 1000" in logs.wait_for("exceeds the limit")
@@ -493,9 +500,9 @@ def test_truncated_frame_then_close_is_forgotten(server, server_events, make_tra
 
 
 def test_truncated_frame_after_authentication_then_close(server, server_events, make_transport):
-    sock, _ = raw_authenticated(server.address)
+    sock, _, sealer = raw_authenticated(server.address)
     accepted = server_events.opened.get(timeout=WAIT)
-    sock.sendall(frame_bytes(Kind.MESSAGE, b"cut short")[:-4])
+    sock.sendall(wire.seal_frame(sealer, Kind.MESSAGE, b"cut short")[:-4])
     sock.close()
 
     assert server_events.closed_event.wait(WAIT)
@@ -551,8 +558,8 @@ def test_write_failure_on_the_io_thread_closes_only_that_connection(make_transpo
 
     server = make_transport(on_frame=on_frame, on_open=events.on_open, on_close=events.on_close)
     server.listen(LOOPBACK, 0)
-    sock, _ = raw_authenticated(server.address)
-    sock.sendall(frame_bytes(Kind.REQUEST, b"answer me", request_id=1))
+    sock, _, sealer = raw_authenticated(server.address)
+    sock.sendall(wire.seal_frame(sealer, Kind.REQUEST, b"answer me", request_id=1))
     assert got_request.wait(WAIT)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     sock.close()  # RST
@@ -679,9 +686,12 @@ def test_close_from_the_io_thread_is_refused(make_transport):
 
 
 def test_cancelled_connect_closes_quietly(client, server, server_events, client_events, logs):
+    hold = threading.Event()
+    server.call_soon(hold.wait, WAIT)  # the server's IO thread waits: the handshake cannot finish yet
     future = client.connect(server.address)
 
-    assert future.cancel()  # four handshake messages take longer than this line
+    assert future.cancel()
+    hold.set()
 
     assert server_events.closed_event.wait(WAIT)  # the client hung up once authenticated
     with pytest.raises(CancelledError):

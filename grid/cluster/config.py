@@ -33,6 +33,7 @@ from typing import Any
 
 from ..errors import ConfigError, SecurityError
 from ..net.address import DEFAULT_PORT, describe_value, is_loopback
+from ..net.wire import DEFAULT_MAX_PAYLOAD
 from .config_check import (
     JOIN_METHODS,
     build_table,
@@ -87,9 +88,11 @@ class Config:
     failure_timeout: float = 10.0
     join_timeout: float = 2.0
     handshake_timeout: float = 5.0
+    max_frame_bytes: int = DEFAULT_MAX_PAYLOAD  # largest frame a link takes after the handshake (512 MiB)
     backup_count: int = 1
     partitions: int = 271
     workers: int | None = None
+    task_processes: int = 0  # run tasks in this many child processes of the member (0: in its threads)
     allow_code: bool = True
     imports: list[str] = field(default_factory=list)  # modules a member imports before it joins (services)
     # Where this config came from; not a setting, so two equal settings compare equal.

@@ -22,6 +22,7 @@ from ..net.address import (
     is_valid_host,
     parse_address,
 )
+from ..net.wire import DEFAULT_MAX_PAYLOAD, MAC_SIZE
 from .config_tables import (
     NESTED_TABLES,
     AwsConfig,
@@ -33,6 +34,8 @@ from .config_tables import (
 
 JOIN_METHODS = ("multicast", "tcp", "aws")
 MAX_ID_LENGTH = 255
+MIN_FRAME_LIMIT = 4096  # below this, ordinary control messages would not fit
+MAX_FRAME_LIMIT = 2**32 - 1 - MAC_SIZE  # the header's length field is 32 bits and counts the MAC
 
 
 # ---------------------------------------------------------------- from_mapping helpers
@@ -216,10 +219,15 @@ def validate_config(config: Any, source: str) -> None:
         raise check.fail("heartbeat_interval", f"{config.heartbeat_interval} s is not shorter than "
                          f"failure_timeout ({config.failure_timeout} s); allowed: heartbeat_interval < "
                          "failure_timeout, so a member sends several heartbeats before it is declared dead")
+    check.integer(config.max_frame_bytes, "max_frame_bytes", MIN_FRAME_LIMIT, MAX_FRAME_LIMIT,
+                  f"an integer number of bytes from {MIN_FRAME_LIMIT} to {MAX_FRAME_LIMIT} (default "
+                  f"{DEFAULT_MAX_PAYLOAD}, 512 MiB): the largest frame a link accepts after the handshake")
     check.integer(config.backup_count, "backup_count", 0, None, "an integer >= 0")
     check.integer(config.partitions, "partitions", 1, None, "an integer >= 1")
     if config.workers is not None:
         check.integer(config.workers, "workers", 1, None, "an integer >= 1, or leave it out for one per CPU")
+    check.integer(config.task_processes, "task_processes", 0, 256,
+                  "0..256 (0 runs tasks in the member's threads; N runs them in N child processes)")
     if not isinstance(config.source, str):
         raise check.fail("source", f"expected a string naming where the config came from, got "
                                    f"{describe_value(config.source)}")

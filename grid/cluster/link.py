@@ -60,7 +60,7 @@ class ClusterLink:
             cluster_id=config.id, secret=self._secret,
             info={"uuid": uuid_module.uuid4().hex, "role": "client"},
             on_frame=self._router.on_frame, on_close=self._on_close,
-            handshake_timeout=config.handshake_timeout, tls=config.tls)
+            handshake_timeout=config.handshake_timeout, tls=config.tls, max_payload=config.max_frame_bytes)
         try:
             self._discovery = make_discovery(config.replace(register_on_join=False), secret=self._secret)
             if isinstance(self._discovery, MulticastDiscovery):

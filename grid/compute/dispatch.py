@@ -79,7 +79,7 @@ class _PickledFunction:
 
 class _Task:
     __slots__ = ("id", "future", "fn", "function_id", "function", "kind", "args", "kwargs", "attempts", "pinned",
-                 "link")
+                 "link", "deaths")
     service = None  # a class attribute: an ordinary task pays nothing for services (see _ServiceTask)
 
     def __init__(self, task_id, future, fn, function, kind, args, kwargs, pinned=None):
@@ -94,6 +94,7 @@ class _Task:
         self.attempts = 0
         self.pinned = pinned  # a member uuid, or None for any member
         self.link = None
+        self.deaths = ()  # (member, close reason) of each link lost while it ran there
 
     def describe(self) -> str:
         name = getattr(self.fn, "__qualname__", None) or repr(self.fn)
@@ -158,8 +159,9 @@ class Dispatcher:
     """Places tasks on links to members within each link's credit, sends them, resolves their Futures.
 
     The base of ``ClusterExecutor``, which provides what placing a task needs from outside:
-    ``_transport`` (its IO thread sends batched frames), ``_cluster`` (the member list) and
-    ``_open_link(member)`` (a pinned task's member has no link yet).
+    ``_transport`` (its IO thread sends batched frames), ``_cluster`` (the member list),
+    ``_open_link(member)`` (a pinned task's member has no link yet) and ``_starved_error(task)``
+    (no member has been reachable for failure_timeout: what a task submitted now fails with).
     """
 
     def __init__(self):
@@ -174,6 +176,8 @@ class Dispatcher:
         self._function_ids = itertools.count(1)
         self._all_done = threading.Condition(self._lock)
         self._outstanding = 0
+        self._starved = False  # no link for failure_timeout: tasks fail at once instead of waiting
+        self._starve_timer = None  # set while no link is open: when it fires, waiting tasks fail
 
     # -- submitting ---------------------------------------------------------------------------------------
 
@@ -272,7 +276,10 @@ class Dispatcher:
         else:
             link = self._least_loaded()
             if link is None:
-                self._backlog.append(task)
+                if self._starved and not self._links:
+                    self._fail_starved(task)
+                else:
+                    self._backlog.append(task)
                 return None, False
         was_idle = not link.in_flight
         self._assign(link, task)
@@ -369,6 +376,12 @@ class Dispatcher:
                 break
         return given
 
+    def _fail_starved(self, task: _Task) -> None:
+        """(Under the lock) fail ``task``: no member has been reachable for failure_timeout."""
+        self._finish_outstanding(1)
+        if task.future.set_running_or_notify_cancel():
+            task.future.set_exception(self._starved_error(task))
+
     def _fail_pinned(self, task: _Task) -> None:
         self._finish_outstanding(1)
         if task.future.set_running_or_notify_cancel():
@@ -462,17 +475,34 @@ class Dispatcher:
         link = conn.attachment
         finished = []
         with self._lock:
-            for task_id, status, value, seconds in results:
-                task = link.in_flight.pop(task_id, None)
-                if task is None:
-                    continue
-                finished.append((task, status, value, seconds))
-                if status != CANCELLED:  # per task, chunks too: the credit counts tasks
-                    link.average = seconds if link.average is None else 0.8 * link.average + 0.2 * seconds
-            self._finish_outstanding(len(finished))
-            more = self._refill(link)
+            try:
+                for task_id, status, value, seconds in results:
+                    task = link.in_flight.pop(task_id, None)
+                    if task is None:
+                        continue
+                    finished.append((task, status, value, seconds))
+                    if status != CANCELLED:  # per task, chunks too: the credit counts tasks
+                        link.average = seconds if link.average is None else 0.8 * link.average + 0.2 * seconds
+            except Exception as exc:  # a member sent garbage: its tasks fail over when the link closes
+                for task, *_ in finished:
+                    link.in_flight[task.id] = task
+                malformed = f"malformed 'results' from member {link.member}: {type(exc).__name__}: {exc}"
+            else:
+                malformed = None
+                self._finish_outstanding(len(finished))
+                more = self._refill(link)
+        if malformed is not None:
+            log.warning("closing the link: %s", malformed)
+            messaging.close_with_goodbye(conn, malformed)
+            return
         for task, status, value, seconds in finished:
-            _complete(task, status, value, seconds)
+            try:
+                _complete(task, status, value, seconds)
+            except Exception as exc:
+                if not task.future.done():
+                    task.future.set_exception(GridError(
+                        f"member {link.member} sent a result for task {task.describe()} that cannot be read "
+                        f"({type(exc).__name__}: {exc}); a grid bug, or a member of another grid version"))
         if more:
             self._flush(link)
 

@@ -33,7 +33,7 @@ _RESTART_WINDOW = 30.0
 
 
 class _Process:
-    __slots__ = ("popen", "address", "log_path", "uuid", "returncode")
+    __slots__ = ("popen", "address", "log_path", "uuid", "returncode", "report", "mourned")
 
     def __init__(self, popen, log_path):
         self.popen = popen
@@ -41,6 +41,8 @@ class _Process:
         self.address = None
         self.uuid = None
         self.returncode = None
+        self.report = None  # how it ended, once it did
+        self.mourned = False  # the supervisor saw it end (and restarted it, or gave up)
 
 
 class EmbeddedCluster:
@@ -86,19 +88,21 @@ class EmbeddedCluster:
         return {"id": self.cluster_id, "secret": self.secret, "join": "tcp", "members": members,
                 "interface": "127.0.0.1", "port": 0}
 
-    def exit_report(self, address, timeout: float = 2.0) -> str | None:
-        """How the member process at ``address`` ended (exit code or signal, last log lines), if it did."""
+    def exit_report(self, address, timeout: float = 2.0, uuid: str | None = None) -> str | None:
+        """How the member process at ``address`` (the one named ``uuid``, if given: a restarted
+        member reuses its predecessor's address) ended: exit code or signal, last log lines.
+        None if it is still running after ``timeout`` seconds."""
         address = tuple(address)
         with self._lock:
-            process = next((p for p in self._processes if p.address == address), None)
-            if address in self._exits:
-                return self._exits[address]
-        if process is None:
-            return None
-        try:
-            process.popen.wait(timeout)
-        except subprocess.TimeoutExpired:
-            return None
+            process = next((p for p in reversed(self._processes)
+                            if p.address == address and (uuid is None or p.uuid == uuid)), None)
+            if process is None:
+                return self._exits.get(address) if uuid is None else None
+        if process.returncode is None:
+            try:
+                process.popen.wait(timeout)
+            except subprocess.TimeoutExpired:
+                return None
         return self._record_exit(process)
 
     def pids(self) -> list[int]:
@@ -193,7 +197,10 @@ class EmbeddedCluster:
     def _supervise(self) -> None:
         while not self._closing.wait(0.05):
             with self._lock:
-                dead = [p for p in self._processes if p.returncode is None and p.popen.poll() is not None]
+                # Not returncode: exit_report may have recorded a death before this loop saw it.
+                dead = [p for p in self._processes if not p.mourned and p.popen.poll() is not None]
+                for process in dead:
+                    process.mourned = True
             for process in dead:
                 report = self._record_exit(process)
                 log.warning("embedded member %s died: %s", format_address(process.address), report.splitlines()[0])
@@ -203,12 +210,14 @@ class EmbeddedCluster:
                     log.error("embedded members keep dying (%d times in %.0f s); not restarting them",
                               len(self._deaths), _RESTART_WINDOW)
                     continue
-                self._restart()
+                self._restart(process.address)
 
-    def _restart(self) -> None:
+    def _restart(self, old_address) -> None:
+        """Start a member in place of the one at ``old_address``, on the same port when it is free:
+        clients know the first members' addresses, so even with every member dead they find it."""
         with self._lock:
             live = [p.address for p in self._processes if p.returncode is None and p.address]
-        address = ("127.0.0.1", _free_ports(1)[0])
+        address = tuple(old_address) if old_address else ("127.0.0.1", _free_ports(1)[0])
         try:
             process = self._spawn(address, live + [address])
             self._await_ready([process])
@@ -217,14 +226,14 @@ class EmbeddedCluster:
 
     def _record_exit(self, process: _Process) -> str:
         with self._lock:
-            if process.returncode is not None and process.address in self._exits:
-                return self._exits[process.address]
+            if process.report is not None:
+                return process.report
             process.returncode = code = process.popen.poll()
             how = (f"killed by signal {signal.Signals(-code).name}" if code is not None and code < 0
                    else f"exited with code {code}")
-            report = f"member process {process.popen.pid} {how}; its log ends with:\n{_tail(process.log_path)}"
-            self._exits[process.address] = report
-            return report
+            process.report = f"member process {process.popen.pid} {how}; its log ends with:\n{_tail(process.log_path)}"
+            self._exits[process.address] = process.report  # the newest death at that address
+            return process.report
 
 
 def _import_path() -> list[str]:

@@ -12,9 +12,9 @@
       are consumed; yields in order                    backlog (at most max_retries times)
     submit_service(name, *args): the same, but       a link opens: ask its member which
       only links whose member offers ``name``          services it offers ("services")
-      (a miss asks every member again, then
-      raises ServiceNotFound); waits in its own
-      backlog per name
+      (a miss asks every member again, then         no link left for failure_timeout: what
+      raises ServiceNotFound); waits in its own        waits fails, and so does a submit until
+      backlog per name                                 a link opens again
 
 No central scheduler: this process sends work to each member directly, keeping a
 credit window per member (bounded work in flight), so ``map`` over an endless
@@ -48,7 +48,7 @@ from typing import Protocol
 
 from ..cluster.config import Config
 from ..cluster.members import local_target
-from ..errors import GridError, NotConnected, ServiceNotFound, WorkerCrashed
+from ..errors import BrokenGrid, GridError, NotConnected, ServiceNotFound, WorkerCrashed
 from ..net import messaging, serialize
 from ..net.address import format_address
 from ..net.transport import Transport
@@ -83,8 +83,9 @@ class ClusterExecutor(Dispatcher, concurrent.futures.Executor):
             before it takes this executor's work.
         max_retries: how often a task is re-run after the member running it died.
         startup_timeout: seconds to wait for the first links to members.
-        crash_report: ``crash_report(address, timeout=)`` says how the member process at
-            ``address`` ended (exit code, last log lines), for the error of a task it took down.
+        crash_report: ``crash_report(address, timeout=, uuid=)`` says how the member process
+            ``uuid`` at ``address`` ended (exit code, last log lines), for the error of a task it
+            took down.
         on_teardown: called once when the executor has let go of its links (at the end of a
             shutdown, or when ``__init__`` fails): the owner closes what it opened for it.
 
@@ -114,7 +115,8 @@ class ClusterExecutor(Dispatcher, concurrent.futures.Executor):
             self._transport = Transport(
                 cluster_id=config.id, secret=config.resolved_secret(), info={"role": "executor"},
                 on_frame=self._router.on_frame, on_close=self._on_link_closed,
-                handshake_timeout=config.handshake_timeout, tls=config.tls, name="grid-io-executor")
+                handshake_timeout=config.handshake_timeout, tls=config.tls, name="grid-io-executor",
+                max_payload=config.max_frame_bytes)
         except BaseException:
             self._release()
             raise
@@ -175,6 +177,10 @@ class ClusterExecutor(Dispatcher, concurrent.futures.Executor):
         with self._lock:
             self._connecting.discard(member.uuid)
             self._links[member.uuid] = link
+            self._starved = False
+            if self._starve_timer is not None:
+                self._starve_timer.cancel()
+                self._starve_timer = None
             self._refill(link)
             self._all_done.notify_all()
         self._flush(link)
@@ -189,6 +195,7 @@ class ClusterExecutor(Dispatcher, concurrent.futures.Executor):
             self._fail_pinned(task)
         if self._service_backlog:
             self._fail_unservable()
+        self._note_no_links()
         self._all_done.notify_all()
 
     def _on_membership(self, event) -> None:
@@ -214,9 +221,11 @@ class ClusterExecutor(Dispatcher, concurrent.futures.Executor):
             pinned = list(link.pinned)
             link.pinned.clear()
             retry, failed, retry_services = [], [], []
+            lost = (link.member, conn.farewell or conn.close_reason)
             for task in orphans:
                 task.attempts += 1
                 task.link = None
+                task.deaths += (lost,)
                 if task.future.cancelled():
                     self._finish_outstanding(1)
                 elif task.pinned is None and task.attempts <= self._max_retries:
@@ -239,24 +248,85 @@ class ClusterExecutor(Dispatcher, concurrent.futures.Executor):
             log.warning("member %s was lost with %d tasks in flight (%s); %d will run elsewhere",
                         link.member, len(orphans), conn.close_reason, len(retry))
         if failed or pinned:
-            report = self._crash_report(link.member.address, timeout=0.5) if self._crash_report else None
+            report = (self._crash_report(link.member.address, timeout=0.5, uuid=link.member.uuid)
+                      if self._crash_report else None)
             cause = report or f"the connection was lost ({conn.farewell or conn.close_reason})"
             with self._lock:
                 self._finish_outstanding(len(failed) + len(pinned))
-            for task in failed + pinned:
+            reports = {link.member.uuid: report}
+            for task in failed:
                 if task.future.set_running_or_notify_cancel():
                     attempts = (f"after {task.attempts} attempts (max_retries={self._max_retries})"
                                 if task.pinned is None else "(it was pinned to that member)")
                     task.future.set_exception(WorkerCrashed(
-                        f"task {task.describe()} failed {attempts}: member {link.member} was lost while "
-                        f"running it: {cause}"))
+                        f"task {task.describe()} failed {attempts}: {self._describe_deaths(task, reports)}"))
+            for task in pinned:
+                if task.future.set_running_or_notify_cancel():
+                    task.future.set_exception(WorkerCrashed(
+                        f"task {task.describe()} failed (it was pinned to that member): member {link.member} "
+                        f"was lost before it ran: {cause}"))
         for other in refilled:
             self._flush(other)
         if not self._shutdown and any(m.uuid == link.member.uuid for m in self._cluster.members()):
             self._open_link(link.member)  # the link broke but the member is still listed: link again
-        if self._service_backlog:
-            with self._lock:  # after _open_link: a member being linked again may still run them
+        with self._lock:
+            if self._service_backlog:  # after _open_link: a member being linked again may still run them
                 self._fail_unservable()
+            self._note_no_links()
+
+    def _describe_deaths(self, task, reports: dict) -> str:
+        """Each member lost while it ran ``task``: how its process ended (when known) or why the link
+        closed. ``reports`` memoizes crash reports by member uuid across the tasks of one failure."""
+        lines = []
+        for number, (member, reason) in enumerate(task.deaths, 1):
+            last = number == len(task.deaths)  # the others ended a while ago: no need to wait for them
+            if member.uuid not in reports:
+                reports[member.uuid] = (self._crash_report(member.address, timeout=0.5 if last else 0.05,
+                                                           uuid=member.uuid) if self._crash_report else None)
+            report = reports[member.uuid]
+            if report and not last:
+                report = report.splitlines()[0]
+            lines.append(f"({number}) member {member} was lost while running it: "
+                         f"{report or f'the connection was lost ({reason})'}")
+        return "\n".join(lines)
+
+    # -- no member left ----------------------------------------------------------------------------------
+
+    def _note_no_links(self) -> None:
+        """(Under self._lock) with no link left, waiting tasks fail after failure_timeout unless one opens."""
+        if self._links or self._shutdown or self._starve_timer is not None:
+            return
+        self._starve_timer = self._transport.call_later(self._cluster.config.failure_timeout, self._starve)
+
+    def _starve(self) -> None:
+        """No link for failure_timeout: fail what waits (and, until a link opens, what is submitted)."""
+        with self._lock:
+            self._starve_timer = None
+            if self._links or self._shutdown:
+                return
+            self._starved = True
+            waiting = list(self._backlog)
+            self._backlog.clear()
+            for tasks in self._service_backlog.values():
+                waiting.extend(tasks)
+            self._service_backlog.clear()
+            self._finish_outstanding(len(waiting))
+        if waiting:
+            log.error("no member of the cluster has been reachable for %.1f s; %d waiting tasks failed",
+                      self._cluster.config.failure_timeout, len(waiting))
+        reports: dict = {}
+        for task in waiting:
+            if task.future.set_running_or_notify_cancel():
+                task.future.set_exception(self._starved_error(task, reports))
+
+    def _starved_error(self, task, reports: dict | None = None) -> BrokenGrid:
+        why = (f"task {task.describe()} cannot run: no member of the cluster has been reachable for "
+               f"{self._cluster.config.failure_timeout} s (failure_timeout); start members (`python -m grid peer`) "
+               "or check the cluster, then submit again")
+        if task.deaths:
+            return WorkerCrashed(f"{why}; before that, members were lost while running it:\n"
+                                 f"{self._describe_deaths(task, {} if reports is None else reports)}")
+        return BrokenGrid(why)
 
     # -- submitting -----------------------------------------------------------------------------------
 
@@ -445,9 +515,32 @@ class ClusterExecutor(Dispatcher, concurrent.futures.Executor):
             closer.join()
 
     def _close_when_done(self) -> None:
+        try:
+            with self._lock:
+                while self._outstanding > 0:
+                    self._all_done.wait(0.1)
+        except BaseException:  # Ctrl-C while waiting: stop now, so one Ctrl-C ends the program
+            self.abandon("shutdown was interrupted")
+            raise
+        self._teardown()
+
+    def abandon(self, why: str) -> None:
+        """Stop at once without waiting for work: every unfinished Future is cancelled (members
+        are told to skip what they have not started), then the links and what the executor
+        opened are released. For exits that must not wait (Ctrl-C)."""
         with self._lock:
-            while self._outstanding > 0:
-                self._all_done.wait(0.1)
+            self._shutdown = True
+            tasks = list(self._backlog)
+            for waiting in self._service_backlog.values():
+                tasks.extend(waiting)
+            for link in self._links.values():
+                tasks.extend(link.in_flight.values())
+                tasks.extend(link.pinned)
+        unfinished = [task for task in tasks if not task.future.done()]
+        if unfinished:
+            log.warning("%s: %d unfinished tasks are cancelled", why, len(unfinished))
+        for task in unfinished:
+            task.future.cancel()
         self._teardown()
 
     def _teardown(self) -> None:

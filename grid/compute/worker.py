@@ -1,10 +1,18 @@
 """The member's half of the executor: run the tasks that executors send here.
 
-    executor link --"tasks"--> IO thread: forget ids, load     task threads ("grid-task-N")
-                               functions, queue each task -----> run fn(*args) / a chunk
-                               with its function
+    executor link --"tasks"--> IO thread: forget ids, keep     task threads ("grid-task-N")
+                               new functions (pickled),  -----> unpickle a function on first
+                               check and queue each task        use, run fn(*args) / a chunk
     executor link <--"results"-- sent straight from the task thread, batched while
                                  more tasks are queued behind it
+
+The IO thread never runs user code, however quick: it only checks and queues, so
+heartbeats and handshakes never wait on a task (unpickling a function may import user
+modules, so that happens on a task thread too). A malformed task fails with an error
+saying what is wrong with it; a frame none of whose tasks can be answered closes the
+link, after a goodbye. A task thread outlives anything a task or a frame does. With
+``task_processes`` each task thread runs its tasks in its own child process
+(``taskproc.py``), so a task that kills its process does not kill the member.
 
 Each executor link has its own state: the functions it sent (by id, so a function
 travels once per link), its initializer (run before any of its tasks), and the
@@ -24,18 +32,18 @@ import traceback
 
 from ..errors import BrokenGrid, GridError, RemoteError
 from ..net import messaging, serialize
-from .protocol import CALL, CANCELLED, CHUNK1, FAILED, OK, UNSENDABLE
+from .protocol import CALL, CANCELLED, CHUNK, CHUNK1, FAILED, OK, UNSENDABLE
+
+_KINDS = (CALL, CHUNK, CHUNK1)
 
 log = logging.getLogger("grid.worker")
 
-_QUICK_SECONDS = 0.0005  # a function that always ran faster than this may run on the IO thread
-_QUICK_RUNS = 5  # ... once it has done so this many times
-_INLINE_BATCH = 4  # at most this many tasks of one frame run on the IO thread
 _RESULT_BATCH = 256  # results per frame at most
 _RESULT_DELAY = 0.005  # seconds a finished result may wait for others to share its frame
 
 
 _current_member = None
+_serials = itertools.count(1)  # of loaded functions and link states, unique in this process
 
 
 def current_member():
@@ -50,45 +58,38 @@ def set_current_member(member) -> None:
 
 
 class _LoadedFunction:
-    """A function an executor link sent, unpickled, and how fast it runs here.
+    """A function an executor link sent: pickled on arrival, unpickled by the first task thread
+    that runs it (unpickling may import user modules: never on the IO thread)."""
 
-    ``quick``: it always ran in under ``_QUICK_SECONDS`` (at least ``_QUICK_RUNS`` times),
-    so it may run on the IO thread. One slow run disqualifies it for good, so a long task
-    never holds up heartbeats. Its timings live here, not in a table by id, so forgetting
-    the function forgets them too (a task thread timing it later updates only this object).
-    """
+    __slots__ = ("pickled", "serial", "_fn", "_lock")
 
-    __slots__ = ("fn", "runs", "quick")
+    def __init__(self, pickled):
+        self.pickled = pickled
+        self.serial = next(_serials)  # names it to a task process (ids are per link, serials per member)
+        self._fn = None
+        self._lock = threading.Lock()
 
-    def __init__(self, fn):
-        self.fn = fn
-        self.runs = 0  # quick runs so far; -1: it was slow once
-        self.quick = False
-
-    def timed(self, seconds: float) -> None:
-        runs = self.runs
-        if runs < 0:
-            return
-        if seconds > _QUICK_SECONDS:
-            self.runs = -1
-            self.quick = False
-        elif runs + 1 >= _QUICK_RUNS:
-            self.runs = _QUICK_RUNS
-            self.quick = True
-        else:
-            self.runs = runs + 1
-
-
-_NEVER_SENT = _LoadedFunction(None)  # looked up in place of an id the link never sent: not quick
+    def load(self):
+        fn = self._fn
+        if fn is None:
+            with self._lock:  # two task threads may take the same function's first tasks
+                fn = self._fn
+                if fn is None:
+                    fn = self._fn = load_function(self.pickled)
+                    self.pickled = None
+        return fn
 
 
 class _LinkState:
     """What one executor link has told this member: ``functions`` holds what it sent and has
     not told us to forget (the executor keeps that bounded)."""
 
-    __slots__ = ("functions", "cancelled", "init_done", "init_error", "held", "lock", "pending_results")
+    __slots__ = ("functions", "cancelled", "init_done", "init_error", "init_pickled", "held", "lock",
+                 "pending_results", "serial")
 
     def __init__(self):
+        self.serial = next(_serials)
+        self.init_pickled = None  # with task processes: the initializer each process runs first
         self.functions: dict[int, _LoadedFunction] = {}
         self.cancelled: set[int] = set()
         self.init_done = True
@@ -102,15 +103,19 @@ class TaskRunner:
     """Runs executor tasks on ``workers`` threads of this member.
 
     With ``hold=True`` it takes no work (tasks and initializers are kept, in order)
-    until ``release()``: a member that joins replays the patch log first.
+    until ``release()``: a member that joins replays the patch log first. Given
+    ``processes`` (``taskproc.TaskProcess``es, made by the peer), there is one task
+    thread per process, running its tasks there; they are closed with it.
     """
 
-    def __init__(self, router, *, workers: int, hold: bool = False):
-        self.workers = workers
+    def __init__(self, router, *, workers: int, hold: bool = False, processes=()):
+        self._processes = list(processes)
+        self.workers = len(self._processes) or workers
         self._held_frames: list | None = [] if hold else None  # (handler, conn, body) until release()
         self.tasks_done = 0
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
-        self._threads = [threading.Thread(target=self._run, name=f"grid-task-{index}") for index in range(workers)]
+        self._threads = [threading.Thread(target=self._run, args=(index,), name=f"grid-task-{index}")
+                         for index in range(self.workers)]
         router.register("tasks", self._on_tasks)
         router.register("cancel", self._on_cancel)
         router.register("init", self._on_init)
@@ -123,6 +128,8 @@ class TaskRunner:
             self._queue.put(None)
         for thread in self._threads:
             thread.join()
+        for process in self._processes:
+            process.close()
 
     @property
     def queued(self) -> int:
@@ -155,38 +162,61 @@ class TaskRunner:
     def _on_tasks(self, conn, body) -> None:
         if self._held_frames is not None and self._hold(self._on_tasks, conn, body):
             return
-        forget, functions, tasks = body
+        try:
+            forget, functions, tasks = body
+            forget, functions, tasks = list(forget), list(functions), list(tasks)
+        except (TypeError, ValueError):
+            self._refuse(conn, f"a 'tasks' body must be (forget, functions, tasks), not {_short(body)}")
+            return
         state = self._state(conn)
         table = state.functions
         for function_id in forget:  # before this frame's functions: it may send one of them again
-            table.pop(function_id, None)
-        for function_id, pickled in functions:
-            try:
-                table[function_id] = _LoadedFunction(serialize.loads(pickled))
-            except Exception as exc:
-                table[function_id] = _LoadedFunction(_Unloadable(exc))
+            if isinstance(function_id, int):
+                table.pop(function_id, None)
+        for entry in functions:
+            if type(entry) is tuple and len(entry) == 2 and isinstance(entry[0], int):
+                table[entry[0]] = _LoadedFunction(entry[1])  # unpickled on a task thread, where it runs
+            else:  # the tasks that use it fail with "never sent"
+                log.warning("ignoring a malformed function entry %s from %r", _short(entry), conn)
+        good, failed = [], []
+        for task in tasks:
+            problem = _malformed(task)
+            if problem is None:
+                good.append(task)
+            elif type(task) in (tuple, list) and task and isinstance(task[0], int):
+                error = serialize.pack_error(GridError(f"malformed task from the executor: {problem}"))
+                chunk = len(task) > 2 and task[2] in (CHUNK, CHUNK1)  # a chunk's failure carries its values too
+                failed.append((task[0], FAILED, ([], error) if chunk else error, 0.0))
+            else:
+                self._refuse(conn, f"a task without a usable id: {problem}")
+                return
+        if failed:
+            log.warning("%d malformed tasks from %r failed, the first: %s", len(failed), conn, _short(tasks))
+            with state.lock:
+                state.pending_results.extend(failed)
+            self._flush(conn, state)
         # Each task takes its function now: a later frame may forget it before the task runs.
         function_of = table.get  # None: never sent, which _execute reports
         if not state.init_done:
             with state.lock:
                 if not state.init_done:
-                    state.held.extend([(task, function_of(task[1])) for task in tasks])
+                    state.held.extend([(task, function_of(task[1])) for task in good])
                     return
-        if len(tasks) <= _INLINE_BATCH and self._queue.empty() and all(
-                function_of(task[1], _NEVER_SENT).quick and (task[2] == CALL or len(task[3]) == 1)
-                for task in tasks):
-            # Known-quick functions with nothing queued: run them here, on the IO thread,
-            # and save the hand-over to a task thread (tens of microseconds a task).
-            for task in tasks:
-                state.pending_results.append(self._execute(state, task, function_of(task[1])))
-            self.tasks_done += len(tasks)
-            self._flush(conn, state)
-            return
         put = self._queue.put
-        for task in tasks:
+        for task in good:
             put((conn, state, task, function_of(task[1])))
 
+    @staticmethod
+    def _refuse(conn, reason: str) -> None:
+        """An executor sent a frame no task of which can be answered: close its link, saying why
+        (the executor re-runs or fails what it had in flight on it)."""
+        log.warning("closing %r: %s", conn, reason)
+        messaging.close_with_goodbye(conn, reason)
+
     def _on_cancel(self, conn, task_ids) -> None:
+        if not isinstance(task_ids, (list, tuple)) or not all(isinstance(task_id, int) for task_id in task_ids):
+            log.warning("ignoring a malformed 'cancel' from %r: %s", conn, _short(task_ids))
+            return
         self._state(conn).cancelled.update(task_ids)
 
     def _on_init(self, conn, pickled) -> None:
@@ -198,7 +228,8 @@ class TaskRunner:
 
     # -- task threads -----------------------------------------------------------------------------
 
-    def _run(self) -> None:
+    def _run(self, index: int) -> None:
+        process = self._processes[index] if self._processes else None
         get, get_nowait = self._queue.get, self._queue.get_nowait
         dirty: dict[int, tuple] = {}  # links with results not yet sent, by id(state)
         while True:
@@ -219,10 +250,17 @@ class TaskRunner:
                     self._flush(conn, state)
                 return
             conn, state, task, function = item
-            if task[0] == "init":
-                self._run_initializer(conn, state, task[1])
-                continue
-            result = self._execute(state, task, function)
+            try:
+                if task[0] == "init":
+                    self._run_initializer(conn, state, task[1])
+                    continue
+                result = self._execute(state, task, function, process)
+            except Exception as exc:  # a grid bug: this task fails, the thread lives on
+                log.exception("task %s failed inside grid", _short(task))
+                if task[0] == "init":
+                    continue
+                result = (task[0], FAILED, serialize.pack_error(GridError(
+                    f"the member could not run the task ({type(exc).__name__}: {exc}); a grid bug")), 0.0)
             with state.lock:  # another thread may be taking the list in _flush
                 state.pending_results.append(result)
                 waiting = len(state.pending_results)
@@ -235,38 +273,21 @@ class TaskRunner:
                 self._flush(conn, state)
                 del dirty[id(state)]
 
-    def _execute(self, state: _LinkState, task, function: _LoadedFunction | None) -> tuple:
-        task_id, function_id, kind, args, kwargs = task
+    def _execute(self, state: _LinkState, task, function: _LoadedFunction | None, process) -> tuple:
+        task_id, kind = task[0], task[2]
         if task_id in state.cancelled:
             state.cancelled.discard(task_id)
             return (task_id, CANCELLED, None, 0.0)
         if state.init_error is not None:
             return (task_id, FAILED, state.init_error if kind == CALL else ([], state.init_error), 0.0)
-        if function is None:
-            error = serialize.pack_error(GridError(f"function {function_id} was never sent on this link, or was forgotten "
-                                          "before this task arrived (a grid bug)"))
-            return (task_id, FAILED, error if kind == CALL else ([], error), 0.0)
-        fn = function.fn
-        started = time.perf_counter()
-        if kind == CALL:
-            try:
-                value = fn(*args, **kwargs)
-            except BaseException as exc:  # noqa: B036 - the caller gets every failure
-                if isinstance(exc, (KeyboardInterrupt, SystemExit)) and not isinstance(fn, _Unloadable):
-                    exc = RemoteError(f"task raised {type(exc).__name__}: {exc}")
-                return (task_id, FAILED, serialize.pack_error(exc), time.perf_counter() - started)
-            seconds = time.perf_counter() - started
-            function.timed(seconds)
-            return (task_id, OK, serialize.wrap_buffers((value,))[0], seconds)
-        values = []
-        try:  # list.extend keeps what it appended before an exception: the results up to the failure
-            values.extend(map(fn, args) if kind == CHUNK1 else itertools.starmap(fn, args))
-        except BaseException as exc:  # noqa: B036
-            return (task_id, FAILED, (values, serialize.pack_error(exc)), time.perf_counter() - started)
-        seconds = time.perf_counter() - started
-        if len(values) == 1:
-            function.timed(seconds)
-        return (task_id, OK, serialize.wrap_buffers(values), seconds)
+        if function is None or process is None:
+            return run_task(None if function is None else function.load(), task)
+        if state.init_pickled is not None and not process.initialized(state.serial):
+            error = process.initialize(state.serial, state.init_pickled)
+            if error is not None:
+                state.init_error = error
+                return (task_id, FAILED, error if kind == CALL else ([], error), 0.0)
+        return process.run(function.serial, function.pickled, task)
 
     def _flush(self, conn, state: _LinkState) -> None:
         with state.lock:
@@ -276,28 +297,74 @@ class TaskRunner:
         try:
             parts = serialize.dumps_parts(("results", results))
         except Exception:
-            parts = serialize.dumps_parts(("results", [_sendable(result) for result in results]))
+            parts = serialize.dumps_parts(("results", [sendable(result) for result in results]))
         try:
             conn.send_frame(messaging.Kind.MESSAGE, parts if len(parts) > 1 else parts[0])
         except GridError as exc:
             log.info("results for %d tasks could not be sent (%s); the executor will retry them", len(results), exc)
 
     def _run_initializer(self, conn, state: _LinkState, pickled) -> None:
-        try:
-            fn, args = serialize.loads(pickled)
-            fn(*args)
-        except BaseException as exc:  # noqa: B036
-            log.error("executor initializer failed: %s", exc)
-            text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
-            broken = BrokenGrid(f"the executor's initializer failed on member {current_member()} "
-                                f"({type(exc).__name__}: {exc}), so none of its tasks run there; fix the "
-                                "initializer (its traceback is the __cause__) and make a new executor")
-            state.init_error = (serialize.dumps(broken), text)
+        if self._processes and isinstance(pickled, (bytes, bytearray)):
+            state.init_pickled = pickled  # each task process runs it before its first task of this link
+        else:
+            state.init_error = run_initializer(pickled)
         with state.lock:
             held, state.held = state.held, []
             state.init_done = True
         for task, function in held:
             self._queue.put((conn, state, task, function))
+
+
+def load_function(pickled):
+    """The function ``pickled`` (unpickled here), or a stand-in that raises saying why it cannot load."""
+    try:
+        return serialize.loads(pickled)
+    except Exception as exc:
+        return _Unloadable(exc)
+
+
+def run_task(fn, task) -> tuple:
+    """Run one checked task with ``fn`` (None: never sent); its ``(task id, status, value, seconds)``."""
+    task_id, function_id, kind, args, kwargs = task
+    if fn is None:
+        error = serialize.pack_error(GridError(f"function {function_id} was never sent on this link, or was forgotten "
+                                               "before this task arrived (a grid bug)"))
+        return (task_id, FAILED, error if kind == CALL else ([], error), 0.0)
+    started = time.perf_counter()
+    if kind == CALL:
+        try:
+            value = fn(*args, **kwargs)
+        except BaseException as exc:  # noqa: B036 - the caller gets every failure
+            if isinstance(exc, (KeyboardInterrupt, SystemExit)) and not isinstance(fn, _Unloadable):
+                exc = RemoteError(f"task raised {type(exc).__name__}: {exc}")
+            return (task_id, FAILED, serialize.pack_error(exc), time.perf_counter() - started)
+        seconds = time.perf_counter() - started
+        return (task_id, OK, serialize.wrap_buffers((value,))[0], seconds)
+    values = []
+    try:  # list.extend keeps what it appended before an exception: the results up to the failure
+        values.extend(map(fn, args) if kind == CHUNK1 else itertools.starmap(fn, args))
+    except BaseException as exc:  # noqa: B036
+        return (task_id, FAILED, (values, serialize.pack_error(exc)), time.perf_counter() - started)
+    seconds = time.perf_counter() - started
+    return (task_id, OK, serialize.wrap_buffers(values), seconds)
+
+
+def run_initializer(pickled):
+    """Run an executor's pickled ``(initializer, initargs)`` here: None, or the packed error every
+    task of that link then fails with."""
+    try:
+        if not isinstance(pickled, (bytes, bytearray, memoryview)):
+            raise GridError(f"an 'init' body is a pickled (initializer, initargs), not {_short(pickled)}")
+        fn, args = serialize.loads(pickled)
+        fn(*args)
+    except BaseException as exc:  # noqa: B036
+        log.error("executor initializer failed: %s", exc)
+        text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+        broken = BrokenGrid(f"the executor's initializer failed on member {current_member()} "
+                            f"({type(exc).__name__}: {exc}), so none of its tasks run there; fix the "
+                            "initializer (its traceback is the __cause__) and make a new executor")
+        return (serialize.dumps(broken), text)
+    return None
 
 
 class _Unloadable:
@@ -311,7 +378,31 @@ class _Unloadable:
                           "is its module importable on every member? (grid.deploy ships it)") from self.error
 
 
-def _sendable(result: tuple) -> tuple:
+def _malformed(task) -> str | None:
+    """What is wrong with a task tuple an executor sent, or None if it can be run."""
+    if type(task) not in (tuple, list) or len(task) != 5:
+        return f"a task is (task id, function id, kind, args, kwargs), not {_short(task)}"
+    task_id, function_id, kind, args, kwargs = task
+    if not isinstance(task_id, int) or not isinstance(function_id, int):
+        return f"task and function ids are ints, not {_short(task_id)} and {_short(function_id)}"
+    if kind not in _KINDS or type(kind) is not int:
+        return f"unknown task kind {_short(kind)} (known: {_KINDS})"
+    if type(args) not in (tuple, list):
+        return f"a task's args are a tuple or list, not {type(args).__name__}"
+    if kind == CALL and (type(kwargs) is not dict or not all(type(key) is str for key in kwargs)):
+        return f"a call's kwargs are a dict with str keys, not {_short(kwargs)}"
+    return None
+
+
+def _short(value, limit: int = 100) -> str:
+    try:
+        text = repr(value)
+    except Exception as exc:  # noqa: BLE001 - a body from the wire may have any __repr__
+        text = f"<{type(value).__name__}: repr failed: {exc}>"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def sendable(result: tuple) -> tuple:
     """``result``, or if its value cannot be pickled, an UNSENDABLE result with an error that says so."""
     task_id, status, value, seconds = result
     try:

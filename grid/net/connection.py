@@ -17,9 +17,14 @@
                                                   requests fail, driver.connection_closed(conn)
 
 Nothing but handshake frames is accepted before authentication, and the
-decoder caps them at 4 KiB. Every ``OSError`` of a read or write is translated
-here into grid's ``TransportError``/``ConnectionClosed``, saying whether we or
-the peer closed the connection.
+decoder caps them at 4 KiB. After it, on a link whose handshake turned the frame
+MAC on, every frame sent gets its MAC trailer (``wire.FrameSealer``; one frame at a
+time under ``_frame_lock``, so the sequence numbers follow the wire) and every frame
+received is checked by the decoder before it is handed up. Failures before
+authentication are logged through the driver (``Driver.log_failure``), which counts
+repeats per source. Every ``OSError`` of a read or write is translated here into
+grid's ``TransportError``/``ConnectionClosed``, saying whether we or the peer
+closed the connection.
 
 The transport layer is two files: ``transport.py`` is the loop (the IO thread, the
 selector, listening, accepting, starting connects, call_soon and timers) and makes a
@@ -29,7 +34,8 @@ needs from the loop that drives it, which the Transport hands to each Connection
 makes (``conn.driver``). Through it a Connection watches its socket (``watch``,
 ``rewatch``, ``unwatch``), runs code on the IO thread (``call_soon``, ``defer``,
 ``call_later``), reads the handshake settings, and reports ``connection_opened``,
-``frame_received``, ``forget`` and ``connection_closed``. The other way, the Transport
+``frame_received``, ``forget`` and ``connection_closed``, and failures before
+authentication (``log_failure``, which counts repeats). The other way, the Transport
 starts a Connection with ``start_connect()`` or ``start_accepted(tls)`` and ends it with
 ``abort(reason, by_peer)``; neither side touches the other's underscore names.
 Deviation from the house rule "sockets live in one file": these two files hold all of
@@ -48,12 +54,13 @@ import os
 import selectors
 import socket
 import ssl
+import struct
 import threading
 from concurrent.futures import Future, InvalidStateError
 
 from ..errors import ConnectionClosed, HandshakeError, ProtocolError, TransportError
 from . import security, wire
-from .address import describe_remote
+from .address import describe_remote, format_address
 from .wire import Flag, Kind
 
 log = logging.getLogger("grid.transport")  # one logger for the transport layer, whichever file logs
@@ -142,6 +149,10 @@ class Driver(abc.ABC):
     def connection_closed(self, conn: Connection) -> None:
         """``conn``, which ``connection_opened`` saw, is closed (called once, after its futures failed)."""
 
+    @abc.abstractmethod
+    def log_failure(self, remote: tuple | str, message: str) -> None:
+        """Log a connection from ``remote`` that failed before authentication (repeats are counted, not logged)."""
+
 
 class Connection:
     """One authenticated (or authenticating) connection to another process.
@@ -152,10 +163,13 @@ class Connection:
     ``call_later`` to run code on this connection's IO thread.
     """
 
-    def __init__(self, driver: Driver, sock: socket.socket, *, outbound: bool, remote: tuple | str):
+    def __init__(self, driver: Driver, sock: socket.socket, *, outbound: bool, remote: tuple | str,
+                 expect_uuid: str | None = None):
         self.driver = driver
         self.outbound = outbound
         self.remote = remote
+        self.expect_uuid = expect_uuid  # outbound: the member uuid the handshake must find, if known
+        self.frame_mac: bool | None = None  # once open: whether its frames carry a MAC
         self.state = State.CONNECTING
         self.peer_info: dict = {}
         self.close_reason: str | None = None
@@ -167,6 +181,8 @@ class Connection:
         self._lock = threading.Lock()
         self._out: collections.deque = collections.deque()
         self._decoder = wire.FrameDecoder()
+        self._sealer: wire.FrameSealer | None = None  # set when the link opens with the frame MAC on
+        self._frame_lock = threading.Lock()  # MACed links: one frame is sent whole, MAC included, at a time
         self._handshake = None
         self._pending: dict[int, Future] = {}
         self._request_ids = itertools.count(1)
@@ -216,7 +232,10 @@ class Connection:
         self._events = selectors.EVENT_READ
         driver.watch(self._sock, selectors.EVENT_READ, self._on_event)
         if not tls:
-            self._begin_handshake()
+            try:
+                self._begin_handshake()
+            except ConnectionClosed as exc:
+                self.abort(str(exc), True)
 
     # -- sending (any thread) ------------------------------------------------------------
 
@@ -226,8 +245,21 @@ class Connection:
         Raises:
             ConnectionClosed: the connection is closed (or failed while writing).
         """
-        buffers = wire.encode_frame(kind, payload, request_id=request_id, flags=flags)
-        self._send_buffers(buffers)
+        sealer = self._sealer
+        if sealer is None:
+            self._send_buffers(wire.encode_frame(kind, payload, request_id=request_id, flags=flags))
+            return
+        buffers = wire.encode_frame(kind, payload, request_id=request_id, flags=flags, trailer=wire.MAC_SIZE)
+        # One frame at a time from header to MAC, so the sequence numbers follow the wire. A
+        # large frame goes out before it is hashed and its MAC after: the hashing (which lets
+        # go of the GIL) overlaps the sending, and the receiver hashes as the bytes arrive.
+        with self._frame_lock:
+            if wire.HEADER.unpack_from(buffers[0])[-1] < wire.LARGE_FRAME:
+                buffers.append(sealer.seal(sealer.prepare(buffers)))
+                self._send_buffers(buffers)
+                return
+            self._send_buffers(buffers)
+            self._send_buffers([sealer.seal(sealer.prepare(buffers))])
 
     def _send_buffers(self, buffers: list) -> None:
         failure = None
@@ -352,7 +384,10 @@ class Connection:
                 if mask & selectors.EVENT_READ:
                     self._read()
         except ProtocolError as exc:
-            log.warning("closing %r: protocol error: %s", self, exc)
+            if self.state is State.OPEN:
+                log.warning("closing %r: protocol error: %s", self, exc)
+            else:
+                self.driver.log_failure(self.remote, f"closing {self!r}: protocol error: {exc}")
             self.abort(f"protocol error: {exc}", False)
         except (ConnectionClosed, OSError) as exc:
             self.abort(str(exc) or type(exc).__name__, True)
@@ -387,7 +422,7 @@ class Connection:
             self.driver.rewatch(self._sock, self._events, self._on_event)
             return
         except (ssl.SSLError, OSError) as exc:
-            log.warning("TLS handshake with %s failed: %s", describe_remote(self.remote), exc)
+            self.driver.log_failure(self.remote, f"TLS handshake with {describe_remote(self.remote)} failed: {exc}")
             self.abort(f"TLS handshake failed: {exc}", True)
             return
         self._begin_handshake()
@@ -395,15 +430,42 @@ class Connection:
     def _begin_handshake(self) -> None:
         driver = self.driver
         self._set_state(State.HANDSHAKE)
-        options = dict(cluster_id=driver.cluster_id, secret=driver.secret, info=driver.info)
-        self._handshake = security.ClientHandshake(**options) if self.outbound else security.ServerHandshake(**options)
+        options = dict(cluster_id=driver.cluster_id, secret=driver.secret, info=driver.info,
+                       plain_ok=self._plain_ok())
+        try:
+            if self.outbound:  # whom this socket really reached, whatever name was dialed
+                self._handshake = security.ClientHandshake(
+                    dialed=endpoint(self._sock.getpeername()), expect_uuid=self.expect_uuid, **options)
+            else:  # where this side was reached
+                self._handshake = security.ServerHandshake(reached_at=endpoint(self._sock.getsockname()), **options)
+        except OSError as exc:  # the peer is gone already (ENOTCONN)
+            raise ConnectionClosed(f"connection lost: {exc}") from exc
         self._update_interest()
         for kind, payload in self._handshake.start():
             self.send_frame(kind, payload)
 
+    def _plain_ok(self) -> bool:
+        """Whether this socket already guarantees the peer and its bytes, so frames may go without a MAC.
+
+        TLS with the peer's certificate verified against the CA does; so does a Unix socket
+        whose peer runs as this uid (members listen in an owner-only folder). Plain TCP never.
+        """
+        sock = self._sock
+        if isinstance(sock, ssl.SSLSocket):
+            return sock.context.verify_mode == ssl.CERT_REQUIRED
+        if sock.family == getattr(socket, "AF_UNIX", None) and hasattr(socket, "SO_PEERCRED"):
+            try:
+                _, uid, _ = _PEER_CREDENTIALS.unpack(
+                    sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEER_CREDENTIALS.size))
+            except OSError:
+                return False
+            return uid == os.getuid()
+        return False
+
     def _read(self) -> None:
-        target = self._decoder.receive_buffer()
-        if target is not None and not isinstance(self._sock, ssl.SSLSocket):
+        # (A view taken and not released would pin the buffer, which grows as it fills.)
+        target = None if isinstance(self._sock, ssl.SSLSocket) else self._decoder.receive_buffer()
+        if target is not None:
             frames = self._decoder.received_into(self._receive_into(target))  # a large payload, in place
         else:
             data = self._receive()
@@ -497,14 +559,20 @@ class Connection:
                 except (ConnectionClosed, OSError):
                     pass
             side = "peer" if by_peer else "this member"
-            log.warning("handshake with %s refused (by %s): %s", describe_remote(self.remote), side, reason)
+            self.driver.log_failure(
+                self.remote, f"handshake with {describe_remote(self.remote)} refused (by {side}): {reason}")
             self.abort(f"handshake failed: {reason}", by_peer, error=exc)
             return
         for kind, payload in replies:
             self.send_frame(kind, payload)
         if self._handshake.done:
-            self.peer_info = self._handshake.peer_info or {}
-            self._decoder.authenticated(self.driver.max_payload)
+            handshake = self._handshake
+            self.peer_info = handshake.peer_info or {}
+            self.frame_mac = handshake.frame_mac
+            if handshake.frame_mac:  # WELCOME went out (or came in) without one: from here on, all frames
+                self._sealer = wire.FrameSealer(handshake.send_key)
+            self._decoder.authenticated(self.driver.max_payload,
+                                        mac_key=handshake.receive_key if handshake.frame_mac else None)
             self._set_state(State.OPEN)
             if self._deadline_timer is not None:
                 self._deadline_timer.cancel()
@@ -527,7 +595,7 @@ class Connection:
     def _handshake_deadline(self) -> None:
         if self.state in (State.CONNECTING, State.TLS, State.HANDSHAKE):
             reason = f"handshake with {describe_remote(self.remote)} timed out after {self.driver.handshake_timeout} s"
-            log.warning(reason)
+            self.driver.log_failure(self.remote, reason)
             self.abort(reason, True, error=HandshakeError(reason))
 
     # -- closing (IO thread) -------------------------------------------------------------
@@ -565,6 +633,23 @@ class Connection:
             _set_exception(future, ConnectionClosed(f"{reason} (request not answered)", by_peer=by_peer))
         if self._announced:
             self.driver.connection_closed(self)
+
+
+_PEER_CREDENTIALS = struct.Struct("3i")  # struct ucred: pid, uid, gid
+
+
+def endpoint(address: tuple | str) -> str:
+    """A socket address as the handshake names it: a Unix socket's path, or ``host:port``.
+
+    An IPv6 scope and the IPv4-mapped prefix of a dual-stack socket are dropped, so the
+    two ends of one TCP connection name it alike.
+    """
+    if isinstance(address, (str, bytes)):
+        return os.fsdecode(address)
+    host = address[0].split("%", 1)[0]
+    if host.startswith("::ffff:") and "." in host:
+        host = host[len("::ffff:"):]
+    return format_address((host, address[1]))
 
 
 def _set_exception(future: Future, exc: BaseException) -> None:

@@ -21,6 +21,10 @@ class UnknownMessage(GridError):
     """A peer sent a message type this member has no handler for."""
 
 
+class MalformedMessage(GridError):
+    """A peer sent a frame that decodes but is not a ``(message type, body)`` message."""
+
+
 class Router:
     """The table of message handlers: ``handler(conn, body) -> result``.
 
@@ -30,6 +34,7 @@ class Router:
 
     def __init__(self):
         self._handlers: dict[str, object] = {"goodbye": _note_goodbye}
+        self.bad_input = 0  # malformed messages and failed handlers so far (for the log's count)
 
     def register(self, message_type: str, handler) -> None:
         if message_type in self._handlers:
@@ -37,43 +42,65 @@ class Router:
         self._handlers[message_type] = handler
 
     def on_frame(self, conn, frame) -> None:
-        """The transport's ``on_frame``: decode, look up, run, answer."""
+        """The transport's ``on_frame``: decode, look up, run, answer.
+
+        Every REQUEST is answered: with the handler's result, or an error naming what was
+        wrong (unknown type, malformed message, the handler's exception). A frame that
+        cannot be decoded at all closes the link, after a goodbye that says why.
+        """
         try:
             if frame.flags & Flag.MULTIPART:
-                message_type, body = serialize.loads_parts(split_parts(frame))
+                message = serialize.loads_parts(split_parts(frame))
             else:
-                message_type, body = serialize.loads(frame.payload)
+                message = serialize.loads(frame.payload)
         except Exception as exc:  # an authenticated peer sent something undecodable
             # What it asked for is unknown, so nobody could be answered: close the link, and
             # the other side fails (or retries elsewhere) what it had outstanding on it.
             reason = f"undecodable {frame.kind.name} frame: {type(exc).__name__}: {exc}"
             log.warning("closing %r: %s", conn, reason)
-            try:
-                send(conn, "goodbye", reason)  # so the other side can say why the link closed
-            except GridError:
-                pass
-            conn.close(reason)
+            close_with_goodbye(conn, reason)
             return
+        if type(message) is not tuple or len(message) != 2 or type(message[0]) is not str:
+            self._refuse(conn, frame, MalformedMessage(
+                f"a {frame.kind.name} frame carries (message type: str, body), not {_short(message)}"))
+            return
+        message_type, body = message
         handler = self._handlers.get(message_type)
         if handler is None:
-            error = UnknownMessage(
-                f"unknown message type {message_type!r}; this member handles: {sorted(self._handlers)}")
-            log.warning("%s (from %r)", error, conn)
-            if frame.kind == Kind.REQUEST:
-                _respond_error(conn, frame.request_id, error)
+            self._refuse(conn, frame, UnknownMessage(
+                f"unknown message type {message_type!r}; this member handles: {sorted(self._handlers)}"))
             return
         if frame.kind != Kind.REQUEST:
-            handler(conn, body)
+            try:
+                handler(conn, body)
+            except Exception as exc:  # a malformed body, most likely: nobody to answer, so say so here
+                self._failed(conn, message_type, body, exc)
             return
         try:
             result = handler(conn, body)
         except Exception as exc:
+            if not isinstance(exc, GridError):  # a grid error is an answer; anything else, a bad body
+                self._failed(conn, message_type, body, exc)
             _respond_error(conn, frame.request_id, exc)
             return
         if isinstance(result, Future):
             result.add_done_callback(lambda done: _respond_future(conn, frame.request_id, done))
         else:
             _respond(conn, frame.request_id, result)
+
+    def _refuse(self, conn, frame, error: GridError) -> None:
+        self._warn(f"{error} (from {conn!r})")
+        if frame.kind == Kind.REQUEST:
+            _respond_error(conn, frame.request_id, error)
+
+    def _failed(self, conn, message_type: str, body, exc: Exception) -> None:
+        self._warn(f"{message_type!r} from {conn!r} failed: {type(exc).__name__}: {exc} (body: {_short(body)})")
+
+    def _warn(self, text: str) -> None:
+        """Log bad input, every time at first, then every hundredth time with a count."""
+        self.bad_input += 1
+        if self.bad_input <= 10 or self.bad_input % 100 == 0:
+            log.warning("%s [bad input #%d from authenticated peers]", text, self.bad_input)
 
 
 def _note_goodbye(conn, reason) -> None:
@@ -106,6 +133,23 @@ def _respond_future(conn, request_id: int, done: Future) -> None:
         _respond_error(conn, request_id, done.exception())
     else:
         _respond(conn, request_id, done.result())
+
+
+def close_with_goodbye(conn, reason: str) -> None:
+    """Close ``conn`` after a ``goodbye`` saying why, so the peer's error can name the reason."""
+    try:
+        send(conn, "goodbye", reason)
+    except GridError:
+        pass
+    conn.close(reason)
+
+
+def _short(value, limit: int = 100) -> str:
+    try:
+        text = repr(value)
+    except Exception as exc:  # noqa: BLE001 - a body from the wire may have any __repr__
+        text = f"<{type(value).__name__}: repr failed: {exc}>"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def send(conn, message_type: str, body) -> None:

@@ -36,11 +36,17 @@ nothing above them touches a socket.
 Nothing but handshake frames is accepted before authentication. Every ``OSError`` is
 translated at this edge into grid's ``TransportError``/``ConnectionClosed``, saying
 whether we or the peer closed the connection.
+
+Under load that is not ours to fix the loop stays quiet: connections that fail before
+authentication are logged once per source per ``failure_log_interval`` with a count of
+the rest (``FailureLog``), and when accept runs out of file descriptors (EMFILE, ENFILE)
+the listener is paused and retried with a growing delay instead of spinning.
 """
 
 from __future__ import annotations
 
 import collections
+import errno
 import heapq
 import itertools
 import logging
@@ -59,6 +65,9 @@ from .connection import Connection, Driver
 log = logging.getLogger("grid.transport")
 
 _ACCEPT_BACKLOG = 512
+_ACCEPT_PAUSE_FIRST = 0.05  # seconds a listener rests after accept ran out of descriptors ...
+_ACCEPT_PAUSE_MAX = 2.0  # ... doubling up to this while it keeps running out
+_OUT_OF_DESCRIPTORS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 
 
 def _failed(exc: BaseException) -> Future:
@@ -85,6 +94,67 @@ class _Timer:
         return (self.when, self.sequence) < (other.when, other.sequence)
 
 
+class FailureLog:
+    """Failures before authentication, logged once per source per interval, with a count of the rest.
+
+    The first failure from a source (a host; all local Unix sockets are one source) is
+    logged at once; the ones after it within ``interval`` seconds are counted, and the
+    count is logged when the interval ends (from a timer), with the last reason. At most
+    ``max_sources`` sources are tracked; failures from more are counted together.
+
+    Args:
+        logger: where the lines go (as warnings).
+        clock: an object with ``monotonic()``.
+        call_later: ``fn(delay, callback)``, to report the counts when their interval ends.
+    """
+
+    def __init__(self, logger: logging.Logger, clock, call_later, *, interval: float = 10.0, max_sources: int = 1024):
+        self._logger = logger
+        self._clock = clock
+        self._call_later = call_later
+        self.interval = interval
+        self._max_sources = max_sources
+        self._windows: dict[str, list] = {}  # source -> [interval end, failures counted, last message]
+        self._timer = None
+
+    def note(self, remote: tuple | str, message: str) -> None:
+        """One failure from ``remote`` (a socket address), with the line that says what happened."""
+        source = remote[0] if isinstance(remote, tuple) else "local Unix sockets"
+        now = self._clock.monotonic()
+        self._report(now)
+        window = self._windows.get(source)
+        if window is not None:
+            window[1] += 1
+            window[2] = message
+            if self._timer is None:
+                self._timer = self._call_later(max(0.0, window[0] - now), self._on_timer)
+            return
+        if len(self._windows) >= self._max_sources:
+            source = "other sources"
+            if source in self._windows:
+                self._windows[source][1] += 1
+                self._windows[source][2] = message
+                return
+        self._windows[source] = [now + self.interval, 0, message]
+        self._logger.warning("%s", message)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self._report(self._clock.monotonic())
+        pending = [window[0] for window in self._windows.values() if window[1]]
+        if pending:
+            self._timer = self._call_later(max(0.0, min(pending) - self._clock.monotonic()), self._on_timer)
+
+    def _report(self, now: float) -> None:
+        for source, (until, count, last) in list(self._windows.items()):
+            if now < until:
+                continue
+            del self._windows[source]
+            if count:
+                self._logger.warning("%d more connections from %s failed before authentication in the last %g s "
+                                     "(the last: %s)", count, source, self.interval, last)
+
+
 class Transport:
     """One selectors loop on its own thread, the listening socket and every connection.
 
@@ -100,7 +170,10 @@ class Transport:
             HMAC) must be done; a connection still not authenticated then is closed.
         tls: a ``TlsConfig`` (or any object with ``cert``, ``key``, ``ca``) or None.
         clock: an object with ``monotonic()`` for timers (tests pass a manual one).
-        max_payload: the largest frame accepted after authentication, in bytes.
+        max_payload: the largest frame accepted after authentication, in bytes (config
+            ``max_frame_bytes``); a bigger one closes its link, naming the limit.
+        failure_log_interval: seconds over which repeated failures before authentication
+            from one source are counted into one log line.
         name: the IO thread's name.
 
     Raises:
@@ -109,7 +182,8 @@ class Transport:
 
     def __init__(self, *, cluster_id: str, secret: str | None, info: dict, on_frame=None, on_open=None,
                  on_close=None, handshake_timeout: float = 5.0, tls=None, clock=time,
-                 max_payload: int = wire.DEFAULT_MAX_PAYLOAD, name: str = "grid-io"):
+                 max_payload: int = wire.DEFAULT_MAX_PAYLOAD, failure_log_interval: float = 10.0,
+                 name: str = "grid-io"):
         self.cluster_id = cluster_id
         self.info = dict(info)
         self.on_frame = on_frame
@@ -137,6 +211,9 @@ class Transport:
         self._connections_lock = threading.Lock()
         self._listeners: list[socket.socket] = []
         self._unix_paths: list[str] = []
+        self._accept_pause = _ACCEPT_PAUSE_FIRST
+        self._accept_failures = 0  # accepts refused for lack of descriptors since the last that worked
+        self.failures = FailureLog(log, clock, self.call_later, interval=failure_log_interval)
         self.address: tuple[str, int] | None = None
         self._running = True
         self._thread = threading.Thread(target=self._run, name=name)
@@ -173,7 +250,7 @@ class Transport:
             sock.setblocking(False)
             self._listeners.append(sock)
             bound = sock.getsockname()[:2]
-            self.call_soon(self._selector.register, sock, selectors.EVENT_READ, lambda mask, s=sock: self._accept(s))
+            self.call_soon(self._watch_listener, sock)
             self.address = (bound[0], bound[1])
             return self.address
         raise TransportError(
@@ -205,14 +282,18 @@ class Transport:
         sock.setblocking(False)
         self._listeners.append(sock)
         self._unix_paths.append(path)
-        self.call_soon(self._selector.register, sock, selectors.EVENT_READ, lambda mask, s=sock: self._accept(s))
+        self.call_soon(self._watch_listener, sock)
         return path
 
-    def connect(self, address: tuple[str, int] | str) -> Future:
+    def connect(self, address: tuple[str, int] | str, *, expect_uuid: str | None = None) -> Future:
         """Start connecting and authenticating; the Future resolves to an open ``Connection``.
 
+        The handshake checks that the process that answers is the one listening at
+        ``address`` (not a relay), and with ``expect_uuid`` that it is that member.
+
         It fails with ``TransportError`` (refused, unreachable) or ``HandshakeError``
-        (wrong secret or cluster id, timeout) within ``handshake_timeout``.
+        (wrong secret or cluster id, another member or a relay answered, timeout)
+        within ``handshake_timeout``.
         """
         if isinstance(address, str):  # a Unix socket of a member on this machine
             family, remote = socket.AF_UNIX, address
@@ -231,7 +312,7 @@ class Transport:
         sock.setblocking(False)
         if family != socket.AF_UNIX:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        conn = Connection(self._driver, sock, outbound=True, remote=remote)
+        conn = Connection(self._driver, sock, outbound=True, remote=remote, expect_uuid=expect_uuid)
         if not self._schedule(self._start_connect, conn, inline=True):
             sock.close()
             return _failed(TransportError(f"cannot connect to {describe_remote(remote)}: this transport is closed"))
@@ -351,6 +432,10 @@ class Transport:
         self._remember(conn)
         conn.start_connect()
 
+    def _watch_listener(self, listener: socket.socket) -> None:
+        if listener.fileno() != -1:
+            self._selector.register(listener, selectors.EVENT_READ, lambda mask, s=listener: self._accept(s))
+
     def _accept(self, listener: socket.socket) -> None:
         for _ in range(64):
             try:
@@ -358,8 +443,16 @@ class Transport:
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:
-                log.warning("accept failed: %s", exc)
+                if exc.errno in _OUT_OF_DESCRIPTORS:
+                    self._pause_accepting(listener, exc)
+                else:
+                    log.warning("accept failed: %s", exc)
                 return
+            if self._accept_failures:
+                log.warning("accepting connections again, after %d attempts failed for lack of file descriptors",
+                            self._accept_failures)
+                self._accept_failures = 0
+                self._accept_pause = _ACCEPT_PAUSE_FIRST
             try:
                 sock.setblocking(False)
                 if listener.family != socket.AF_UNIX:
@@ -373,6 +466,21 @@ class Transport:
             conn = Connection(self._driver, sock, outbound=False, remote=remote)
             self._remember(conn)
             conn.start_accepted(tls=self._server_tls is not None)
+
+    def _pause_accepting(self, listener: socket.socket, exc: OSError) -> None:
+        # The connection stays in the backlog and the listener stays readable: retrying at
+        # once would spin. Rest, longer each time, and log only the first failure of a run.
+        if not self._accept_failures:
+            log.warning("cannot accept connections: %s; pausing accepts (retrying with growing delays up to %g s) "
+                        "until descriptors are free: raise the open-files limit (ulimit -n) or close connections",
+                        exc, _ACCEPT_PAUSE_MAX)
+        self._accept_failures += 1
+        try:
+            self._selector.unregister(listener)
+        except (KeyError, ValueError):
+            pass
+        self.call_later(self._accept_pause, self._watch_listener, listener)
+        self._accept_pause = min(self._accept_pause * 2, _ACCEPT_PAUSE_MAX)
 
     def _remember(self, conn: Connection) -> None:
         with self._connections_lock:
@@ -474,6 +582,9 @@ class _Driver(Driver):
 
     def forget(self, conn: Connection) -> None:
         self._owner._forget(conn)
+
+    def log_failure(self, remote, message: str) -> None:
+        self._owner.failures.note(remote, message)
 
     def connection_closed(self, conn: Connection) -> None:
         on_close = self._owner.on_close
