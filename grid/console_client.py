@@ -54,7 +54,8 @@ class RemoteConsole:
         self._transport = Transport(cluster_id=config.id, secret=config.resolved_secret(),
                                     info={"uuid": uuid_module.uuid4().hex, "role": "client"},
                                     on_frame=router.on_frame, handshake_timeout=config.handshake_timeout,
-                                    tls=config.tls, name="grid-io-console-client")
+                                    tls=config.tls, max_payload=config.max_frame_bytes,
+                                    name="grid-io-console-client")
         try:
             self._conn = self._transport.connect(address).result(self._timeout)
             self.info = messaging.request(self._conn, "console.open", {}).result(self._timeout)
