@@ -166,7 +166,7 @@ class TaskRunner:
             forget, functions, tasks = body
             forget, functions, tasks = list(forget), list(functions), list(tasks)
         except (TypeError, ValueError):
-            self._refuse(conn, f"a 'tasks' body must be (forget, functions, tasks), not {_short(body)}")
+            self._refuse(conn, f"a 'tasks' body must be (forget, functions, tasks), not {messaging.shorten(body)}")
             return
         state = self._state(conn)
         table = state.functions
@@ -177,7 +177,7 @@ class TaskRunner:
             if type(entry) is tuple and len(entry) == 2 and isinstance(entry[0], int):
                 table[entry[0]] = _LoadedFunction(entry[1])  # unpickled on a task thread, where it runs
             else:  # the tasks that use it fail with "never sent"
-                log.warning("ignoring a malformed function entry %s from %r", _short(entry), conn)
+                log.warning("ignoring a malformed function entry %s from %r", messaging.shorten(entry), conn)
         good, failed = [], []
         for task in tasks:
             problem = _malformed(task)
@@ -191,7 +191,7 @@ class TaskRunner:
                 self._refuse(conn, f"a task without a usable id: {problem}")
                 return
         if failed:
-            log.warning("%d malformed tasks from %r failed, the first: %s", len(failed), conn, _short(tasks))
+            log.warning("%d malformed tasks from %r failed, the first: %s", len(failed), conn, messaging.shorten(tasks))
             with state.lock:
                 state.pending_results.extend(failed)
             self._flush(conn, state)
@@ -215,7 +215,7 @@ class TaskRunner:
 
     def _on_cancel(self, conn, task_ids) -> None:
         if not isinstance(task_ids, (list, tuple)) or not all(isinstance(task_id, int) for task_id in task_ids):
-            log.warning("ignoring a malformed 'cancel' from %r: %s", conn, _short(task_ids))
+            log.warning("ignoring a malformed 'cancel' from %r: %s", conn, messaging.shorten(task_ids))
             return
         self._state(conn).cancelled.update(task_ids)
 
@@ -256,7 +256,7 @@ class TaskRunner:
                     continue
                 result = self._execute(state, task, function, process)
             except Exception as exc:  # a grid bug: this task fails, the thread lives on
-                log.exception("task %s failed inside grid", _short(task))
+                log.exception("task %s failed inside grid", messaging.shorten(task))
                 if task[0] == "init":
                     continue
                 result = (task[0], FAILED, serialize.pack_error(GridError(
@@ -354,7 +354,7 @@ def run_initializer(pickled):
     task of that link then fails with."""
     try:
         if not isinstance(pickled, (bytes, bytearray, memoryview)):
-            raise GridError(f"an 'init' body is a pickled (initializer, initargs), not {_short(pickled)}")
+            raise GridError(f"an 'init' body is a pickled (initializer, initargs), not {messaging.shorten(pickled)}")
         fn, args = serialize.loads(pickled)
         fn(*args)
     except BaseException as exc:  # noqa: B036
@@ -381,25 +381,17 @@ class _Unloadable:
 def _malformed(task) -> str | None:
     """What is wrong with a task tuple an executor sent, or None if it can be run."""
     if type(task) not in (tuple, list) or len(task) != 5:
-        return f"a task is (task id, function id, kind, args, kwargs), not {_short(task)}"
+        return f"a task is (task id, function id, kind, args, kwargs), not {messaging.shorten(task)}"
     task_id, function_id, kind, args, kwargs = task
     if not isinstance(task_id, int) or not isinstance(function_id, int):
-        return f"task and function ids are ints, not {_short(task_id)} and {_short(function_id)}"
+        return f"task and function ids are ints, not {messaging.shorten(task_id)} and {messaging.shorten(function_id)}"
     if kind not in _KINDS or type(kind) is not int:
-        return f"unknown task kind {_short(kind)} (known: {_KINDS})"
+        return f"unknown task kind {messaging.shorten(kind)} (known: {_KINDS})"
     if type(args) not in (tuple, list):
         return f"a task's args are a tuple or list, not {type(args).__name__}"
     if kind == CALL and (type(kwargs) is not dict or not all(type(key) is str for key in kwargs)):
-        return f"a call's kwargs are a dict with str keys, not {_short(kwargs)}"
+        return f"a call's kwargs are a dict with str keys, not {messaging.shorten(kwargs)}"
     return None
-
-
-def _short(value, limit: int = 100) -> str:
-    try:
-        text = repr(value)
-    except Exception as exc:  # noqa: BLE001 - a body from the wire may have any __repr__
-        text = f"<{type(value).__name__}: repr failed: {exc}>"
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def sendable(result: tuple) -> tuple:

@@ -62,7 +62,7 @@ class Router:
             return
         if type(message) is not tuple or len(message) != 2 or type(message[0]) is not str:
             self._refuse(conn, frame, MalformedMessage(
-                f"a {frame.kind.name} frame carries (message type: str, body), not {_short(message)}"))
+                f"a {frame.kind.name} frame carries (message type: str, body), not {shorten(message)}"))
             return
         message_type, body = message
         handler = self._handlers.get(message_type)
@@ -94,7 +94,7 @@ class Router:
             _respond_error(conn, frame.request_id, error)
 
     def _failed(self, conn, message_type: str, body, exc: Exception) -> None:
-        self._warn(f"{message_type!r} from {conn!r} failed: {type(exc).__name__}: {exc} (body: {_short(body)})")
+        self._warn(f"{message_type!r} from {conn!r} failed: {type(exc).__name__}: {exc} (body: {shorten(body)})")
 
     def _warn(self, text: str) -> None:
         """Log bad input, every time at first, then every hundredth time with a count."""
@@ -144,7 +144,9 @@ def close_with_goodbye(conn, reason: str) -> None:
     conn.close(reason)
 
 
-def _short(value, limit: int = 100) -> str:
+def shorten(value, limit: int = 100) -> str:
+    """``repr(value)`` cut to ``limit`` characters, for logs and errors about a body off the wire
+    (whose ``__repr__`` may fail: that is said instead)."""
     try:
         text = repr(value)
     except Exception as exc:  # noqa: BLE001 - a body from the wire may have any __repr__
