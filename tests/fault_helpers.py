@@ -37,3 +37,20 @@ def wait_for_file(path: str, timeout: float = 30.0) -> str:
             raise TimeoutError(f"{path} did not appear within {timeout} s")
         pause.wait(0.005)
     return path
+
+
+class ThreadProbe:
+    """A task argument that notes which thread unpickled it (its ``__setstate__`` is user code)."""
+
+    def __init__(self):
+        self.unpickled_on = None
+
+    def __getstate__(self):
+        return {}
+
+    def __setstate__(self, state):
+        self.unpickled_on = threading.current_thread().name
+
+
+def unpickled_on(probe: ThreadProbe) -> str:
+    return probe.unpickled_on

@@ -15,7 +15,7 @@ import uuid
 import pytest
 
 import grid
-from grid.compute import dispatch, worker
+from grid.compute import dispatch, protocol, worker
 from grid.net import serialize
 
 from .conftest import wait_for
@@ -88,9 +88,9 @@ def runner():
 
 def test_a_task_queued_before_its_function_was_forgotten_still_runs(runner):
     link = _Link()
-    runner._on_tasks(link, ([], [(1, serialize.dumps_function(wait_at_gate))], [(10, 1, worker.CALL, (), {})]))
+    runner._on_tasks(link, ([], [(1, serialize.dumps_function(wait_at_gate))], [(10, 1, worker.CALL, *protocol.pack_arguments((), {}))]))
     assert _at_gate.wait(RESULT_TIMEOUT)  # the only task thread is held: what comes next waits in the queue
-    runner._on_tasks(link, ([], [(2, serialize.dumps_function(times(3)))], [(11, 2, worker.CALL, (5,), {})]))
+    runner._on_tasks(link, ([], [(2, serialize.dumps_function(times(3)))], [(11, 2, worker.CALL, *protocol.pack_arguments((5,), {}))]))
     runner._on_tasks(link, ([1, 2], [], []))
 
     assert link.attachment.functions == {}, "both ids are forgotten at once, on the IO thread"
@@ -105,7 +105,7 @@ def test_a_task_held_for_the_initializer_keeps_its_function_through_a_forget(run
     link = _Link()
     runner._on_init(link, serialize.dumps((wait_at_gate, ())))
     assert _at_gate.wait(RESULT_TIMEOUT)  # the initializer runs: tasks are held until it is done
-    runner._on_tasks(link, ([], [(1, serialize.dumps_function(times(3)))], [(10, 1, worker.CALL, (5,), {})]))
+    runner._on_tasks(link, ([], [(1, serialize.dumps_function(times(3)))], [(10, 1, worker.CALL, *protocol.pack_arguments((5,), {}))]))
     runner._on_tasks(link, ([1], [], []))
     assert link.attachment.functions == {} and len(link.attachment.held) == 1
 
@@ -115,10 +115,10 @@ def test_a_task_held_for_the_initializer_keeps_its_function_through_a_forget(run
 
 def test_an_id_forgotten_and_sent_again_in_one_frame_runs_the_new_function(runner):
     link = _Link()
-    runner._on_tasks(link, ([], [(1, serialize.dumps_function(times(2)))], [(10, 1, worker.CALL, (5,), {})]))
+    runner._on_tasks(link, ([], [(1, serialize.dumps_function(times(2)))], [(10, 1, worker.CALL, *protocol.pack_arguments((5,), {}))]))
     assert link.results() == {10: (worker.OK, 10)}
 
-    runner._on_tasks(link, ([1], [(1, serialize.dumps_function(times(3)))], [(11, 1, worker.CALL, (5,), {})]))
+    runner._on_tasks(link, ([1], [(1, serialize.dumps_function(times(3)))], [(11, 1, worker.CALL, *protocol.pack_arguments((5,), {}))]))
     assert link.results() == {11: (worker.OK, 15)}, "the forget comes before the frame's functions"
     assert list(link.attachment.functions) == [1]
 
@@ -126,7 +126,7 @@ def test_an_id_forgotten_and_sent_again_in_one_frame_runs_the_new_function(runne
 def test_a_task_of_a_forgotten_function_fails_saying_so_instead_of_hanging(runner):
     link = _Link()
     runner._on_tasks(link, ([], [(1, serialize.dumps_function(noop))], []))
-    runner._on_tasks(link, ([1], [], [(10, 1, worker.CALL, (), {})]))
+    runner._on_tasks(link, ([1], [], [(10, 1, worker.CALL, *protocol.pack_arguments((), {}))]))
     [(status, (pickled, _))] = link.results().values()
     assert status == worker.FAILED
     assert "function 1 was never sent on this link, or was forgotten" in str(serialize.loads(pickled))
@@ -142,7 +142,7 @@ def test_quick_functions_never_run_on_the_io_thread(runner):
     link = _Link()
     runner._on_tasks(link, ([], [(1, serialize.dumps_function(thread_name))], []))
     for task_id in range(10):
-        runner._on_tasks(link, ([], [], [(task_id, 1, worker.CALL, (), {})]))
+        runner._on_tasks(link, ([], [], [(task_id, 1, worker.CALL, *protocol.pack_arguments((), {}))]))
         assert link.results() == {task_id: (worker.OK, "grid-task-0")}
     runner._on_tasks(link, ([1], [], []))
     assert link.attachment.functions == {}

@@ -104,13 +104,23 @@ def still_works(executor):
     assert len(executor.members()) == 1
 
 
+def test_task_arguments_are_unpickled_on_a_task_thread_not_the_io_thread(one_member):
+    """Unpickling an argument runs its class's code (``__setstate__``, an import): user code,
+    which must not run on the member's IO thread, where it would hold up heartbeats."""
+    cluster, raw, executor = one_member
+    assert executor.submit(helpers.unpickled_on, helpers.ThreadProbe()).result(RESULT_TIMEOUT).startswith("grid-task")
+    threads = list(executor.map(helpers.unpickled_on, [helpers.ThreadProbe() for _ in range(5)]))
+    assert threads and all(name.startswith("grid-task") for name in threads), threads
+
+
 def test_malformed_tasks_fail_with_an_error_and_the_task_threads_live_on(one_member):
     """`("tasks", ([], [], [(i, 99, 0)] * 4))` used to raise in the task threads, killing both:
     the member stayed listed and heartbeating, and every later task hung."""
     cluster, raw, executor = one_member
     conn = raw.connect()
-    bad = [(1, 99, 0)] * 4 + [(2, 99, 42, (), {}), (3, 99, 0, None, None), (4, 99, 0, (), {1: 2}),
-                              (5, 99, 0, (), {})]
+    packed = grid.compute.protocol.pack_arguments
+    bad = [(1, 99, 0)] * 4 + [(2, 99, 42, *packed((), {})), (3, 99, 0, *packed(None, None)),
+                              (4, 99, 0, *packed((), {1: 2})), (5, 99, 0, *packed((), {}))]
     messaging.send(conn, "tasks", ([], [], bad))
     messaging.send(conn, "tasks", (["not an id", [1]], [("no id", b""), None], []))
     messaging.send(conn, "cancel", None)
@@ -141,7 +151,7 @@ def test_a_tasks_frame_that_cannot_be_answered_closes_the_link_with_a_goodbye(on
         assert conn.farewell and ("'tasks' body" in conn.farewell or "usable id" in conn.farewell), conn.farewell
     conn = raw.connect()
     messaging.send(conn, "init", None)  # the initializer "fails": this link's tasks fail saying so
-    messaging.send(conn, "tasks", ([], [], [(1, 99, 0, (), {})]))
+    messaging.send(conn, "tasks", ([], [], [(1, 99, 0, *grid.compute.protocol.pack_arguments((), {}))]))
     [(task_id, status, value, _)] = raw.results.get(timeout=RESULT_TIMEOUT)
     assert (task_id, status) == (1, grid.compute.protocol.FAILED)
     assert "initializer failed" in str(serialize.unpack_error(value))

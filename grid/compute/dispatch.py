@@ -42,7 +42,7 @@ from concurrent.futures import Future
 from ..errors import GridError, WorkerCrashed
 from ..net import messaging, serialize
 from ..net.wire import Kind
-from .protocol import CALL, CANCELLED, OK, UNSENDABLE
+from .protocol import CALL, CANCELLED, OK, UNSENDABLE, pack_arguments
 
 log = logging.getLogger("grid.executor")  # one logger for all of the executor, whichever file logs
 
@@ -416,38 +416,24 @@ class Dispatcher:
                     function.links.append(link)
                     if function.evicted:  # dropped while this task waited: the next frame forgets it again
                         link.forget.append(function.id)
-                wire_tasks.append((task.id, task.function_id, task.kind, serialize.wrap_buffers(task.args),
-                                   task.kwargs))
-            try:
-                parts = serialize.dumps_parts(("tasks", (forget, functions, wire_tasks)))
-            except Exception:
-                parts = self._drop_unpicklable(link, tasks, forget, functions)
-                if parts is None:
-                    return
+                try:
+                    wire_tasks.append((task.id, task.function_id, task.kind, *pack_arguments(task.args, task.kwargs)))
+                except Exception as exc:  # its arguments cannot travel: it fails, the others go
+                    self._fail_unsendable(link, task, exc)
+            if not (wire_tasks or forget or functions):
+                return
+            parts = serialize.dumps_parts(("tasks", (forget, functions, wire_tasks)))
             try:
                 link.conn.send_frame(Kind.MESSAGE, parts if len(parts) > 1 else parts[0])
             except GridError as exc:
                 log.debug("sending to %s failed (%s); its tasks are retried when the link closes", link.member, exc)
 
-    def _drop_unpicklable(self, link: Link, tasks, forget, functions):
-        good = []
-        for task in tasks:
-            try:
-                serialize.dumps_parts((task.args, task.kwargs))
-            except Exception as exc:
-                with self._lock:
-                    link.in_flight.pop(task.id, None)
-                    self._finish_outstanding(1)
-                if task.future.set_running_or_notify_cancel():
-                    task.future.set_exception(exc)
-            else:
-                good.append((task.id, task.function_id, task.kind, task.args, task.kwargs))
-        if not good:
-            link.sent_functions.difference_update(function_id for function_id, _ in functions)
-            if not forget:
-                return None
-            functions = []  # the frame still tells the member what to forget
-        return serialize.dumps_parts(("tasks", (forget, functions, good)))
+    def _fail_unsendable(self, link: Link, task: _Task, exc: BaseException) -> None:
+        with self._lock:
+            link.in_flight.pop(task.id, None)
+            self._finish_outstanding(1)
+        if task.future.set_running_or_notify_cancel():
+            task.future.set_exception(exc)
 
     def _cancelled(self, task: _Task) -> None:
         """A Future was cancelled: drop the task, or tell its member to skip it."""

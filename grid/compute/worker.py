@@ -32,7 +32,7 @@ import traceback
 
 from ..errors import BrokenGrid, GridError, RemoteError
 from ..net import messaging, serialize
-from .protocol import CALL, CANCELLED, CHUNK, CHUNK1, FAILED, OK, UNSENDABLE
+from .protocol import CALL, CANCELLED, CHUNK, CHUNK1, FAILED, OK, UNSENDABLE, unpack_arguments
 
 _KINDS = (CALL, CHUNK, CHUNK1)
 
@@ -287,6 +287,8 @@ class TaskRunner:
             if error is not None:
                 state.init_error = error
                 return (task_id, FAILED, error if kind == CALL else ([], error), 0.0)
+        # The child gets the task by pipe: out-of-band buffers (views of the frame) become bytes.
+        task = (*task[:4], [bytes(buffer) for buffer in task[4]]) if task[4] else task
         return process.run(function.serial, function.pickled, task)
 
     def _flush(self, conn, state: _LinkState) -> None:
@@ -324,11 +326,24 @@ def load_function(pickled):
 
 
 def run_task(fn, task) -> tuple:
-    """Run one checked task with ``fn`` (None: never sent); its ``(task id, status, value, seconds)``."""
-    task_id, function_id, kind, args, kwargs = task
-    if fn is None:
-        error = serialize.pack_error(GridError(f"function {function_id} was never sent on this link, or was forgotten "
-                                               "before this task arrived (a grid bug)"))
+    """Run one checked task with ``fn`` (None: never sent); its ``(task id, status, value, seconds)``.
+
+    Its arguments are unpickled here, on the thread that runs it, never on the IO thread.
+    """
+    task_id, function_id, kind, packed, buffers = task
+    try:
+        args, kwargs = unpack_arguments(packed, buffers)
+    except BaseException as exc:  # noqa: B036 - a class not importable here, a failing __setstate__
+        failure = RemoteError(f"the task's arguments cannot be unpickled here ({type(exc).__name__}: {exc}); "
+                              "is their class importable on every member? (grid.deploy ships it)")
+    else:
+        problem = _bad_arguments(kind, args, kwargs)
+        failure = None if problem is None else GridError(f"malformed task from the executor: {problem}")
+    if failure is None and fn is None:
+        failure = GridError(f"function {function_id} was never sent on this link, or was forgotten before this "
+                            "task arrived (a grid bug)")
+    if failure is not None:
+        error = serialize.pack_error(failure)
         return (task_id, FAILED, error if kind == CALL else ([], error), 0.0)
     started = time.perf_counter()
     if kind == CALL:
@@ -379,14 +394,22 @@ class _Unloadable:
 
 
 def _malformed(task) -> str | None:
-    """What is wrong with a task tuple an executor sent, or None if it can be run."""
+    """What is wrong with a task tuple an executor sent, or None if it can be queued (IO thread:
+    its arguments are still pickled; ``_bad_arguments`` checks them on the task thread)."""
     if type(task) not in (tuple, list) or len(task) != 5:
-        return f"a task is (task id, function id, kind, args, kwargs), not {messaging.shorten(task)}"
-    task_id, function_id, kind, args, kwargs = task
+        return f"a task is (task id, function id, kind, arguments, buffers), not {messaging.shorten(task)}"
+    task_id, function_id, kind, packed, buffers = task
     if not isinstance(task_id, int) or not isinstance(function_id, int):
         return f"task and function ids are ints, not {messaging.shorten(task_id)} and {messaging.shorten(function_id)}"
     if kind not in _KINDS or type(kind) is not int:
         return f"unknown task kind {messaging.shorten(kind)} (known: {_KINDS})"
+    if not isinstance(packed, (bytes, bytearray, memoryview)) or type(buffers) not in (tuple, list):
+        return f"a task's arguments are pickled bytes and a list of buffers, not {messaging.shorten(packed)}"
+    return None
+
+
+def _bad_arguments(kind, args, kwargs) -> str | None:
+    """What is wrong with a task's unpickled arguments, or None."""
     if type(args) not in (tuple, list):
         return f"a task's args are a tuple or list, not {type(args).__name__}"
     if kind == CALL and (type(kwargs) is not dict or not all(type(key) is str for key in kwargs)):
