@@ -335,18 +335,7 @@ def test_large_frames_among_small_ones_in_any_chunking(in_place):
                       for i, size in enumerate(sizes))
     decoder = wire.FrameDecoder()
     decoder.authenticated()
-    frames, position = [], 0
-    while position < len(stream):
-        step = rng.choice([1, 17, 4096, 70_000, 400_000])
-        target = decoder.receive_buffer() if in_place else None
-        if target is not None:
-            step = min(step, len(target), len(stream) - position)
-            target[:step] = stream[position:position + step]
-            target.release()
-            frames += decoder.received_into(step)
-        else:
-            frames += decoder.feed(stream[position:position + step])
-        position += step
+    frames = decode_in_steps(decoder, stream, rng, in_place)
     assert [f.request_id for f in frames] == list(range(60))
     assert [len(f.payload) for f in frames] == sizes
     assert all(bytes(f.payload) == bytes([f.request_id % 251]) * len(f.payload) for f in frames)
