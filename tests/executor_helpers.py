@@ -115,3 +115,24 @@ class Undecodable:
 
     def __reduce__(self):
         return (explode, ())
+
+
+class Payload:
+    """An argument or result a test holds a weak reference to (it pickles by reference to this module)."""
+
+    def __init__(self, size: int = 1000):
+        self.data = bytes(size)
+
+
+def make_payload(size: int = 1000) -> Payload:
+    return Payload(size)
+
+
+def say(text: str, stream: str = "stdout", gate: str | None = None):
+    """``print(text)`` to the member's stdout or stderr; then, if ``gate`` is given, wait for it."""
+    import sys
+
+    print(text, file=getattr(sys, stream))
+    if gate is not None:
+        gated(gate)
+    return text

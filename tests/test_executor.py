@@ -8,6 +8,7 @@ Most tests share one executor per backend (module scope) and leave it idle; the
 from __future__ import annotations
 
 import concurrent.futures
+import gc
 import itertools
 import os
 import subprocess
@@ -16,6 +17,7 @@ import textwrap
 import threading
 import time
 import uuid
+import weakref
 from concurrent.futures import FIRST_COMPLETED, BrokenExecutor, as_completed, wait
 
 import pytest
@@ -334,14 +336,53 @@ def test_cancel_queued_work_never_runs(executor, gate, tmp_path):
         last.result()
 
 
-def test_cancel_work_already_sent_to_a_member(executor, gate):
+def test_work_handed_to_a_member_is_running_and_cannot_be_cancelled(executor, gate):
     futures = [executor.submit(helpers.gated, gate.path, i) for i in range(executor.capacity())]
     assert not executor._backlog  # every task went to a member
-    assert futures[-1].cancel() is True
+    wait_for(lambda: all(f.running() for f in futures), RESULT_TIMEOUT, "the futures to be running")
+    assert futures[-1].cancel() is False  # as with ProcessPoolExecutor: running work runs to the end
+    assert not futures[-1].cancelled()
+    gate.open()
+    assert [f.result(RESULT_TIMEOUT) for f in futures] == list(range(len(futures)))
+
+
+def test_wait_and_as_completed_see_a_cancelled_future_at_once(executor, gate):
+    futures = [executor.submit(helpers.gated, gate.path, i) for i in range(saturating_count(executor))]
+    queued = futures[-1]
+    assert not queued.running()
+    waiting = threading.Thread(target=lambda: seen.append(wait([queued], timeout=RESULT_TIMEOUT)))
+    seen: list = []
+    waiting.start()  # a waiter that is already waiting when the cancel comes is woken too
+    assert queued.cancel() is True
+    waiting.join(RESULT_TIMEOUT)
+    assert seen and seen[0].done == {queued} and not seen[0].not_done
+    done, not_done = wait(futures, timeout=0.5, return_when=FIRST_COMPLETED)
+    assert done == {queued}
+    assert next(as_completed([queued], timeout=1)) is queued
     gate.open()
     assert [f.result(RESULT_TIMEOUT) for f in futures[:-1]] == list(range(len(futures) - 1))
-    assert futures[-1].cancelled()
-    # the member skips it or its result is dropped; either way the executor settles (the fixture checks)
+
+
+def test_no_reference_to_arguments_or_results_stays_once_a_future_is_done(executor):
+    argument = helpers.Payload()
+    argument_ref = weakref.ref(argument)
+    future = executor.submit(helpers.identity, argument)
+    result = future.result(RESULT_TIMEOUT)
+    assert isinstance(result, helpers.Payload) and result is not argument
+    result_ref = weakref.ref(result)
+    del argument, result
+    gc.collect()
+    assert argument_ref() is None, f"still held by {[type(r).__name__ for r in gc.get_referrers(argument_ref())]}"
+    assert future.done()
+    del future
+    gc.collect()
+    assert result_ref() is None
+
+    chunks = list(executor.map(helpers.identity, [helpers.Payload() for _ in range(20)]))
+    refs = [weakref.ref(value) for value in chunks]
+    del chunks
+    gc.collect()
+    assert all(ref() is None for ref in refs), "map keeps no result once it was consumed"
 
 
 def test_cancel_queued_work_pinned_to_a_member_never_runs(executor, gate, tmp_path):
@@ -494,16 +535,19 @@ def test_shutdown_without_wait_returns_at_once_and_work_completes(backend, gate)
         backend.close(executor)
 
 
-def test_shutdown_cancel_futures_cancels_pending_work(backend, gate, tmp_path):
+def test_shutdown_cancel_futures_cancels_only_work_not_started(backend, gate, tmp_path):
     executor = backend.new_executor()
     try:
         count = saturating_count(executor)
         futures = [executor.submit(helpers.gated, gate.path, i, str(tmp_path / f"ran-{i}")) for i in range(count)]
+        wait_for(lambda: sum(f.running() for f in futures) == count - 4, RESULT_TIMEOUT, "the work to be handed out")
         executor.shutdown(wait=False, cancel_futures=True)
         assert all(f.cancelled() for f in futures[-4:])  # the backlog, never sent
+        done, _ = wait(futures[-4:], timeout=1)  # seen as done at once
+        assert done == set(futures[-4:])
         gate.open()
         executor.shutdown(wait=True)
-        assert all(f.done() for f in futures)
+        assert [f.result() for f in futures[:-4]] == list(range(count - 4)), "running work runs to the end"
         for i in range(count - 4, count):
             assert not (tmp_path / f"ran-{i}").exists()
     finally:

@@ -37,7 +37,7 @@ import collections
 import itertools
 import logging
 import threading
-from concurrent.futures import Future
+from concurrent.futures import CancelledError, Future, InvalidStateError
 
 from ..errors import GridError, WorkerCrashed
 from ..net import messaging, serialize
@@ -96,8 +96,14 @@ class _Task:
         self.link = None
         self.deaths = ()  # (member, close reason) of each link lost while it ran there
 
+    def release(self) -> None:
+        """Its Future is done: let go of its function, arguments and everything they hold."""
+        self.fn = self.function = self.args = self.kwargs = None
+
     def describe(self) -> str:
         name = getattr(self.fn, "__qualname__", None) or repr(self.fn)
+        if self.args is None:
+            return name
         if self.kind != CALL:
             return f"{name} over a chunk of {len(self.args)} items (first: {_short(self.args[0]) if self.args else ''})"
         return f"{name}{_short(self.args)}"
@@ -114,7 +120,7 @@ class _ServiceTask(_Task):
         self.lost = None  # why the member last running it was lost, for a later error
 
     def describe(self) -> str:
-        if self.kind != CALL:
+        if self.args is not None and self.kind != CALL:
             first = _short(self.args[0]) if self.args else ""
             return f"service {self.service!r} over a chunk of {len(self.args)} items (first: {first})"
         return f"service {self.service!r}{_short(self.args)}"
@@ -216,7 +222,7 @@ class Dispatcher:
             task = _Task(next(self._ids), future, fn, function, kind, args, kwargs, pinned)
         else:
             task = _ServiceTask(next(self._ids), future, fn, function, kind, args, kwargs, pinned, service)
-        future.add_done_callback(lambda done, task=task: done.cancelled() and self._cancelled(task))
+        future.add_done_callback(lambda done, task=task: self._task_done(task))
         with self._lock:
             if self._shutdown:
                 raise RuntimeError("cannot schedule new futures after shutdown")
@@ -321,11 +327,10 @@ class Dispatcher:
             offered = sorted({offered for link in self._links.values() for offered in link.services or ()})
             for task in waiting:
                 self._finish_outstanding(1)
-                if task.future.set_running_or_notify_cancel():
-                    why = f" ({task.lost})" if task.lost else ""
-                    task.future.set_exception(WorkerCrashed(
-                        f"task {task.describe()} cannot run: no remaining member offers service {name!r}{why}; "
-                        f"the services offered now are {offered or 'none'}; start a member that offers it"))
+                why = f" ({task.lost})" if task.lost else ""
+                fail(task.future, WorkerCrashed(
+                    f"task {task.describe()} cannot run: no remaining member offers service {name!r}{why}; "
+                    f"the services offered now are {offered or 'none'}; start a member that offers it"))
 
     def _assign(self, link: Link, task: _Task) -> None:
         task.link = link
@@ -379,14 +384,11 @@ class Dispatcher:
     def _fail_starved(self, task: _Task) -> None:
         """(Under the lock) fail ``task``: no member has been reachable for failure_timeout."""
         self._finish_outstanding(1)
-        if task.future.set_running_or_notify_cancel():
-            task.future.set_exception(self._starved_error(task))
+        fail(task.future, self._starved_error(task))
 
     def _fail_pinned(self, task: _Task) -> None:
         self._finish_outstanding(1)
-        if task.future.set_running_or_notify_cancel():
-            task.future.set_exception(WorkerCrashed(
-                f"task {task.describe()} was pinned to a member that is no longer in the cluster"))
+        fail(task.future, WorkerCrashed(f"task {task.describe()} was pinned to a member that is no longer in the cluster"))
 
     # -- sending ------------------------------------------------------------------------------------------
 
@@ -407,8 +409,16 @@ class Dispatcher:
             if not tasks or link.closed:
                 return
             forget = _take_forgotten(link) if link.forget else ()  # first: a task below may send one again
-            functions, wire_tasks = [], []
+            functions, wire_tasks, dropped = [], [], 0
             for task in tasks:
+                # Running from now on, as a stdlib executor's work is once it is handed to a worker:
+                # it can no longer be cancelled. One cancelled meanwhile is dropped here.
+                if not start(task.future):
+                    with self._lock:
+                        if link.in_flight.pop(task.id, None) is not None:
+                            self._finish_outstanding(1)
+                            dropped += 1
+                    continue
                 if task.function_id not in link.sent_functions:
                     link.sent_functions.add(task.function_id)
                     function = task.function
@@ -420,6 +430,10 @@ class Dispatcher:
                     wire_tasks.append((task.id, task.function_id, task.kind, *pack_arguments(task.args, task.kwargs)))
                 except Exception as exc:  # its arguments cannot travel: it fails, the others go
                     self._fail_unsendable(link, task, exc)
+            if dropped:
+                with self._lock:
+                    if self._refill(link):  # the credit they held goes to queued work
+                        self._schedule_flush(link)
             if not (wire_tasks or forget or functions):
                 return
             parts = serialize.dumps_parts(("tasks", (forget, functions, wire_tasks)))
@@ -432,11 +446,20 @@ class Dispatcher:
         with self._lock:
             link.in_flight.pop(task.id, None)
             self._finish_outstanding(1)
-        if task.future.set_running_or_notify_cancel():
-            task.future.set_exception(exc)
+        fail(task.future, exc)
+
+    def _task_done(self, task: _Task) -> None:
+        """(A done-callback) a task's Future is done: a cancelled one leaves the queue it waits in."""
+        if task.future.cancelled():
+            self._cancelled(task)
+        task.release()  # no argument or result outlives the Future's end here
 
     def _cancelled(self, task: _Task) -> None:
-        """A Future was cancelled: drop the task, or tell its member to skip it."""
+        """A Future was cancelled, so it had not started: drop the task from where it waits, and
+        tell the Future's waiters (``wait``, ``as_completed``) at once, as the stdlib does.
+
+        A task in a link's outbox is dropped by ``_flush``, which finds it cancelled.
+        """
         with self._lock:
             link = task.link
             if link is None or task.id not in link.in_flight:
@@ -449,11 +472,7 @@ class Dispatcher:
                         break
                 if not service_waiting and task.service in self._service_backlog:  # empty: _refill would look in vain
                     del self._service_backlog[task.service]
-                return
-        try:
-            messaging.send(link.conn, "cancel", [task.id])
-        except GridError:
-            pass
+        start(task.future)  # a cancelled Future: this notifies its waiters
 
     # -- results (IO thread) ----------------------------------------------------------------------------------
 
@@ -511,12 +530,36 @@ def _take_forgotten(link: Link) -> list:
     return forget
 
 
+def start(future: Future) -> bool:
+    """Mark ``future`` running, as a stdlib executor does when it hands work to a worker.
+
+    True if it runs (or already did); False if it was cancelled (its waiters are told now)
+    or is already done.
+    """
+    if future.running():
+        return True
+    try:
+        return future.set_running_or_notify_cancel()
+    except RuntimeError:  # cancelled and notified already, or done, or started by another thread
+        return future.running()
+
+
+def fail(future: Future, error: BaseException) -> None:
+    """Fail ``future`` with ``error`` unless it was cancelled or is already done."""
+    if start(future):
+        try:
+            future.set_exception(error)
+        except InvalidStateError:  # settled by another thread meanwhile
+            pass
+
+
 def _complete(task: _Task, status, value, seconds) -> None:
     future = task.future
-    if status == CANCELLED:
-        future.cancel()
+    if status == CANCELLED:  # the member skipped it (the executor was abandoned)
+        if not future.cancel():
+            fail(future, CancelledError(f"task {task.describe()} was skipped: the executor was abandoned"))
         return
-    if not future.set_running_or_notify_cancel():
+    if not start(future) or future.done():
         return
     if task.kind != CALL:
         if status == OK:

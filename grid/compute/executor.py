@@ -52,7 +52,7 @@ from ..errors import BrokenGrid, GridError, NotConnected, ServiceNotFound, Worke
 from ..net import messaging, serialize
 from ..net.address import format_address
 from ..net.transport import Transport
-from .dispatch import Dispatcher, Link
+from .dispatch import Dispatcher, Link, fail
 from .mapping import chunk_futures, ordered_results, unordered_results
 from .protocol import CALL
 from .services import HOW_TO_OFFER, call_service
@@ -255,16 +255,15 @@ class ClusterExecutor(Dispatcher, concurrent.futures.Executor):
                 self._finish_outstanding(len(failed) + len(pinned))
             reports = {link.member.uuid: report}
             for task in failed:
-                if task.future.set_running_or_notify_cancel():
+                if not task.future.done():
                     attempts = (f"after {task.attempts} attempts (max_retries={self._max_retries})"
                                 if task.pinned is None else "(it was pinned to that member)")
-                    task.future.set_exception(WorkerCrashed(
+                    fail(task.future, WorkerCrashed(
                         f"task {task.describe()} failed {attempts}: {self._describe_deaths(task, reports)}"))
             for task in pinned:
-                if task.future.set_running_or_notify_cancel():
-                    task.future.set_exception(WorkerCrashed(
-                        f"task {task.describe()} failed (it was pinned to that member): member {link.member} "
-                        f"was lost before it ran: {cause}"))
+                fail(task.future, WorkerCrashed(
+                    f"task {task.describe()} failed (it was pinned to that member): member {link.member} "
+                    f"was lost before it ran: {cause}"))
         for other in refilled:
             self._flush(other)
         if not self._shutdown and any(m.uuid == link.member.uuid for m in self._cluster.members()):
@@ -316,8 +315,8 @@ class ClusterExecutor(Dispatcher, concurrent.futures.Executor):
                       self._cluster.config.failure_timeout, len(waiting))
         reports: dict = {}
         for task in waiting:
-            if task.future.set_running_or_notify_cancel():
-                task.future.set_exception(self._starved_error(task, reports))
+            if not task.future.done():
+                fail(task.future, self._starved_error(task, reports))
 
     def _starved_error(self, task, reports: dict | None = None) -> BrokenGrid:
         why = (f"task {task.describe()} cannot run: no member of the cluster has been reachable for "
@@ -490,7 +489,8 @@ class ClusterExecutor(Dispatcher, concurrent.futures.Executor):
         the links, the transport and (if this executor made it) the cluster.
 
         Args:
-            cancel_futures: cancel every future that has not finished.
+            cancel_futures: cancel every future that has not started running (work already
+                handed to a member runs to the end), as the stdlib's executors do.
         """
         with self._lock:
             self._shutdown = True
@@ -539,8 +539,17 @@ class ClusterExecutor(Dispatcher, concurrent.futures.Executor):
         unfinished = [task for task in tasks if not task.future.done()]
         if unfinished:
             log.warning("%s: %d unfinished tasks are cancelled", why, len(unfinished))
+        running: dict = {}
         for task in unfinished:
-            task.future.cancel()
+            if not task.future.cancel():  # it runs on a member: tell it to skip it, fail the Future
+                if task.link is not None:
+                    running.setdefault(task.link, []).append(task.id)
+                fail(task.future, BrokenGrid(f"task {task.describe()} was abandoned: {why}"))
+        for link, ids in running.items():
+            try:
+                messaging.send(link.conn, "cancel", ids)
+            except GridError:
+                pass
         self._teardown()
 
     def _teardown(self) -> None:
