@@ -136,3 +136,9 @@ def say(text: str, stream: str = "stdout", gate: str | None = None):
     if gate is not None:
         gated(gate)
     return text
+
+
+def slow_gated(gate: str, value=None, marker: str | None = None):
+    """``gated``, after 5 ms of work: a task slow enough that the executor keeps few of them in flight."""
+    simulated_work(None, 0.005)
+    return gated(gate, value, marker)

@@ -173,6 +173,7 @@ class Dispatcher:
     def __init__(self):
         self._lock = threading.RLock()
         self._shutdown = False
+        self._torn_down = False  # the links are let go: nothing can be sent any more
         self._ids = itertools.count(1)
         self._links: dict[str, Link] = {}
         self._connecting: set[str] = set()  # member uuids whose link is being made
@@ -208,13 +209,16 @@ class Dispatcher:
         """Members linked right now."""
         return len(self._links)
 
-    def submit_task(self, fn, kind, args, kwargs, pinned, function=None, service=None) -> Future:
+    def submit_task(self, fn, kind, args, kwargs, pinned, function=None, service=None, *,
+                    after_shutdown: bool = False) -> Future:
         """Place one task of ``kind`` (``protocol.CALL``, ``CHUNK``, ``CHUNK1``); returns its Future.
 
         ``pinned``: a member uuid it must run on; ``function``: ``fn`` already pickled
-        (``function_for(fn)``); ``service``: only members offering that name may run it.
+        (``function_for(fn)``); ``service``: only members offering that name may run it;
+        ``after_shutdown``: taken while shutdown waits for work (a map given its items before).
         """
-        self.check_open()
+        if not after_shutdown or self._torn_down:
+            self.check_open()
         if function is None or function.evicted:  # a map's function may have left the cache since
             function = self.function_for(fn)
         future: Future = Future()
@@ -224,7 +228,7 @@ class Dispatcher:
             task = _ServiceTask(next(self._ids), future, fn, function, kind, args, kwargs, pinned, service)
         future.add_done_callback(lambda done, task=task: self._task_done(task))
         with self._lock:
-            if self._shutdown:
+            if self._torn_down or (self._shutdown and not after_shutdown):
                 raise RuntimeError("cannot schedule new futures after shutdown")
             self._outstanding += 1
             link, send_now = self._place(task)

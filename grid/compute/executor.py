@@ -53,7 +53,7 @@ from ..net import messaging, serialize
 from ..net.address import format_address
 from ..net.transport import Transport
 from .dispatch import Dispatcher, Link, fail
-from .mapping import chunk_futures, ordered_results, unordered_results
+from .mapping import MapResults, MapRun
 from .protocol import CALL
 from .services import HOW_TO_OFFER, call_service
 
@@ -103,6 +103,8 @@ class ClusterExecutor(Dispatcher, concurrent.futures.Executor):
         self._crash_report = crash_report
         self._on_teardown = on_teardown
         self._cluster = cluster
+        self._maps: set = set()  # open maps (mapping.MapRun): shutdown waits for them
+        self._drainers: list[threading.Thread] = []  # threads running maps nobody reads to the end
         try:
             self._init = None if initializer is None else serialize.dumps((initializer, tuple(initargs)))
         except BaseException:
@@ -387,9 +389,8 @@ class ClusterExecutor(Dispatcher, concurrent.futures.Executor):
             ServiceNotFound: no member offers ``name`` (raised here, before any item is taken).
         """
         self.check_open()
-        end = None if timeout is None else time.monotonic() + timeout
         function = self._check_service(name)
-        return ordered_results(chunk_futures(self, function, iterables, chunksize, service=name), end)
+        return MapResults(MapRun(self, function, iterables, chunksize, service=name), timeout)
 
     def services(self) -> dict:
         """``{service name: [members offering it]}`` as this executor last heard from its members."""
@@ -470,12 +471,28 @@ class ClusterExecutor(Dispatcher, concurrent.futures.Executor):
         Returns:
             An iterator of results; a task's exception is raised where iteration reaches it.
         """
-        end = None if timeout is None else time.monotonic() + timeout
-        return ordered_results(chunk_futures(self, fn, iterables, chunksize), end)
+        return MapResults(MapRun(self, fn, iterables, chunksize), timeout)
 
     def map_unordered(self, fn, *iterables, chunksize=None):
         """Like ``map`` but yields results as they complete (the order is lost)."""
-        return unordered_results(self, fn, iterables, chunksize)
+        return MapResults(MapRun(self, fn, iterables, chunksize, ordered=False), None)
+
+    # Open maps (mapping.MapRun calls these): shutdown finishes them.
+
+    def map_opened(self, run: MapRun) -> None:
+        with self._lock:
+            self._maps.add(run)
+
+    def map_closed(self, run: MapRun) -> None:
+        with self._lock:
+            self._maps.discard(run)
+
+    def map_detached(self, run: MapRun) -> None:
+        """A map nobody reads any more, given items that have not run: they run in the background."""
+        drainer = threading.Thread(target=run.drain, name="grid-map")
+        with self._lock:
+            self._drainers = [thread for thread in self._drainers if thread.is_alive()] + [drainer]
+        drainer.start()
 
     def capacity(self) -> int:
         """Tasks this executor keeps in flight across all members right now."""
@@ -501,7 +518,13 @@ class ClusterExecutor(Dispatcher, concurrent.futures.Executor):
                 for link in self._links.values():
                     tasks.extend(link.in_flight.values())
                     tasks.extend(link.pinned)
+            maps = list(self._maps)
+            if not cancel_futures:
+                for run in maps:  # their items were given before the shutdown: they still run (mapping.py)
+                    run.past_shutdown()
         if cancel_futures:
+            for run in maps:
+                run.cancel_rest()
             for task in tasks:
                 task.future.cancel()
         closer = getattr(self, "_closer", None)
@@ -516,6 +539,12 @@ class ClusterExecutor(Dispatcher, concurrent.futures.Executor):
 
     def _close_when_done(self) -> None:
         try:
+            with self._lock:
+                maps, drainers = list(self._maps), list(self._drainers)
+            for run in maps:
+                run.drain()
+            for drainer in drainers:
+                drainer.join()
             with self._lock:
                 while self._outstanding > 0:
                     self._all_done.wait(0.1)
@@ -536,6 +565,9 @@ class ClusterExecutor(Dispatcher, concurrent.futures.Executor):
             for link in self._links.values():
                 tasks.extend(link.in_flight.values())
                 tasks.extend(link.pinned)
+            maps = list(self._maps)
+        for run in maps:
+            run.close()
         unfinished = [task for task in tasks if not task.future.done()]
         if unfinished:
             log.warning("%s: %d unfinished tasks are cancelled", why, len(unfinished))
@@ -554,7 +586,7 @@ class ClusterExecutor(Dispatcher, concurrent.futures.Executor):
 
     def _teardown(self) -> None:
         with self._lock:
-            if getattr(self, "_torn_down", False):
+            if self._torn_down:
                 return
             self._torn_down = True
             self._shutdown = True

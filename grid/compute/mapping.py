@@ -5,14 +5,24 @@
     items --islice--> chunk --executor.submit_task--> chunk Future --> (values, error, seconds)
       taken as results are consumed: at most        | done: _ChunkSizer learns the seconds per item
       _ChunkSizer.window() chunks ahead             v
-                                                  ordered_results / unordered_results
-                                                    yield the values, raise the error
+                                                  MapResults.__next__ yields the values, raises the error
 
 A chunk is one task of kind ``CHUNK1`` (one iterable: the items themselves) or
 ``CHUNK`` (argument tuples); its member returns ``(values, error, seconds)``. With no
 chunksize given, chunks grow from one item until each takes about ``_CHUNK_TARGET``
 seconds on a member. Items are taken only as results are consumed, so ``map`` over an
 endless iterable runs in bounded memory.
+
+Every item given to ``map`` runs, as with the stdlib's eager ``Executor.map``, though
+ours submits lazily (``MapRun``):
+
+- a map dropped or closed before its first result was asked for runs to the end in
+  the background (a "grid-map" thread), its results discarded;
+- one closed (or dropped) after that cancels what has not started, as the stdlib's does;
+- ``shutdown`` (and interpreter exit) waits for every open map to finish, submitting
+  its remaining items past the shutdown; a map still held keeps its results for the
+  caller to read afterwards (``with executor: results = executor.map(...)`` works).
+  ``shutdown(cancel_futures=True)`` cancels their chunks that have not started instead.
 """
 
 from __future__ import annotations
@@ -22,7 +32,9 @@ import concurrent.futures
 import itertools
 import math
 import operator
+import threading
 import time
+import weakref
 from concurrent.futures import Future
 
 from .dispatch import MIN_CREDIT, credit_per_worker
@@ -32,75 +44,200 @@ _CHUNK_TARGET = 0.01  # seconds a map chunk should take on a member
 _MAX_CHUNK = 65536
 
 
-def chunk_futures(executor, fn, iterables, chunksize, *, ordered=True, service=None):
-    """Submit chunks to ``executor`` as the caller consumes; yield their futures (in order, or as completed)."""
-    if chunksize is not None and chunksize < 1:
-        raise ValueError("chunksize must be >= 1.")
-    executor.check_open()
-    function = executor.function_for(fn)
-    # One iterable: chunks of the items themselves, no 1-tuples to build and pickle.
-    kind, items = (CHUNK1, iter(iterables[0])) if len(iterables) == 1 else (CHUNK, zip(*iterables))
-    sizer = _ChunkSizer(chunksize, _length_hint(iterables), executor)
-    pending: collections.deque = collections.deque()
-    exhausted = False
+class MapRun:
+    """One map's chunks: submitted a bounded window ahead of the consumer, and its state.
 
-    def top_up():
-        nonlocal exhausted
-        window = sizer.window()
-        while not exhausted and len(pending) < window:
-            chunk = list(itertools.islice(items, sizer.size()))
-            if not chunk:
-                exhausted = True
-                return
-            future = executor.submit_task(fn, kind, chunk, None, None, function, service)
-            future.items = len(chunk)
-            future.add_done_callback(sizer.observe_future)  # result: (values, error, seconds)
-            pending.append(future)
+    The executor keeps every open run (``map_opened``/``map_closed``) so that ``shutdown``
+    can finish them (``drain``). ``MapResults`` is the caller's iterator over it.
+    """
 
-    top_up()  # start at once, like the stdlib's map; the rest as results are consumed
-
-    def generate():
+    def __init__(self, executor, fn, iterables, chunksize, *, ordered: bool = True, service=None):
+        if chunksize is not None and chunksize < 1:
+            raise ValueError("chunksize must be >= 1.")
+        executor.check_open()
+        self._executor = executor
+        self._fn = fn
+        self._function = executor.function_for(fn)
+        # One iterable: chunks of the items themselves, no 1-tuples to build and pickle.
+        self._kind, self._items = (CHUNK1, iter(iterables[0])) if len(iterables) == 1 else (CHUNK, zip(*iterables))
+        self._ordered = ordered
+        self._service = service
+        self._sizer = _ChunkSizer(chunksize, _length_hint(iterables), executor)
+        self._lock = threading.RLock()  # one step at a time: the caller's next(), a drain's
+        self._pending: collections.deque = collections.deque()  # chunk Futures submitted, not yet taken
+        self._ready: collections.deque = collections.deque()  # (values, error) taken by a drain, kept
+        self._exhausted = False  # every item was submitted
+        self.started = False  # the caller asked for a result
+        self.finished = False  # closed, or every result taken
+        self.keep = True  # a drain keeps the results for the caller (False: nobody will read them)
+        self._past_shutdown = False  # shutdown began with this map open: its items still go out
+        executor.map_opened(self)
         try:
-            while pending:
-                if ordered:
-                    future = pending.popleft()
-                else:
-                    done, _ = concurrent.futures.wait(pending, return_when=concurrent.futures.FIRST_COMPLETED)
-                    future = next(f for f in pending if f in done)
-                    pending.remove(future)
-                yield future
-                top_up()
-        finally:
-            for future in pending:
-                future.cancel()
+            self._top_up()  # start at once, like the stdlib's map; the rest as results are consumed
+        except BaseException:
+            self.close()
+            raise
 
-    return generate()
+    def _top_up(self) -> None:
+        window = self._sizer.window()
+        while not self._exhausted and len(self._pending) < window:
+            chunk = list(itertools.islice(self._items, self._sizer.size()))
+            if not chunk:
+                self._exhausted = True
+                return
+            try:
+                future = self._submit(chunk)
+            except RuntimeError:
+                if not self._past_shutdown:
+                    raise
+                future = self._submit(chunk)  # shutdown began between the two: it lets this map go on
+            future.items = len(chunk)
+            future.add_done_callback(self._sizer.observe_future)  # result: (values, error, seconds)
+            self._pending.append(future)
 
+    def _submit(self, chunk) -> Future:
+        return self._executor.submit_task(self._fn, self._kind, chunk, None, None, self._function, self._service,
+                                          after_shutdown=self._past_shutdown)
 
-def ordered_results(chunks, end: float | None):
-    """The values of chunk futures, in order; each next one due by ``end`` (monotonic), if given."""
-    try:
-        for future in chunks:
-            remaining = None if end is None else end - time.monotonic()
+    def next_chunk(self, end: float | None):
+        """(Under the lock) the next chunk's ``(values, error)``, by ``end`` (monotonic) if given.
+
+        Raises:
+            StopIteration: no chunk is left.
+            TimeoutError: ``end`` passed first.
+        """
+        if self._ready:
+            return self._ready.popleft()
+        if not self._pending:
+            raise StopIteration
+        return self._take(end)
+
+    def _take(self, end: float | None):
+        """(Under the lock) the next submitted chunk's ``(values, error)``; more items go out."""
+        remaining = None if end is None else max(0.0, end - time.monotonic())
+        if self._ordered:
+            future = self._pending[0]
             values, error = future.result(remaining)[:2]
-            yield from values
-            if error is not None:
-                raise error
-    finally:
-        chunks.close()
-
-
-def unordered_results(executor, fn, iterables, chunksize):
-    """The values of ``fn`` over ``iterables`` run on ``executor``, as their chunks complete."""
-    chunks = chunk_futures(executor, fn, iterables, chunksize, ordered=False)
-    try:
-        for future in chunks:
+            self._pending.popleft()
+        else:
+            done, _ = concurrent.futures.wait(self._pending, remaining, concurrent.futures.FIRST_COMPLETED)
+            if not done:
+                raise TimeoutError()
+            future = next(f for f in self._pending if f in done)
+            self._pending.remove(future)
             values, error = future.result()[:2]
-            yield from values
-            if error is not None:
-                raise error
-    finally:
-        chunks.close()
+        self._top_up()
+        return values, error
+
+    def past_shutdown(self) -> None:
+        """Shutdown began: the items not yet submitted still are (they were given to ``map``).
+
+        Called under the executor's lock as shutdown begins, so it takes no lock of its own."""
+        self._past_shutdown = True
+
+    def drain(self) -> None:
+        """Run the map to the end without a consumer: every item is submitted, every result taken
+        (kept for the caller if ``keep``). Returns when nothing is left or the map was closed."""
+        while True:
+            with self._lock:
+                if self.finished or not self._pending:
+                    if not self.keep:
+                        self.close()
+                    return
+                waiting = [self._pending[0]] if self._ordered else list(self._pending)
+            concurrent.futures.wait(waiting, return_when=concurrent.futures.FIRST_COMPLETED)
+            with self._lock:
+                if self.finished or not self._pending or (self._ordered and self._pending[0] is not waiting[0]):
+                    continue  # the caller took it meanwhile
+                try:
+                    chunk = self._take(None)
+                except concurrent.futures.CancelledError:  # cancelled by shutdown(cancel_futures) or abandon
+                    self.close()
+                    return
+                if self.keep:
+                    self._ready.append(chunk)
+
+    def cancel_rest(self) -> None:
+        """``shutdown(cancel_futures=True)``: submit no more items and cancel the chunks that have not
+        started; the caller still reads the results of those that did, then a ``CancelledError``."""
+        with self._lock:
+            self._exhausted = True
+            pending = list(self._pending)
+        for future in pending:
+            future.cancel()
+        self._executor.map_closed(self)
+
+    def close(self) -> None:
+        """Cancel what has not started, take nothing more; the executor forgets the run."""
+        with self._lock:
+            if self.finished:
+                return
+            self.finished = True
+            pending, self._pending = self._pending, collections.deque()
+            self._ready.clear()
+        for future in pending:
+            future.cancel()
+        self._executor.map_closed(self)
+
+    def dropped(self) -> None:
+        """The caller closed its iterator, or let go of it: before any result was asked for, the
+        map runs to the end in the background (the stdlib's would have); after, the rest is cancelled."""
+        with self._lock:
+            if self.finished:
+                return
+            if self.started:
+                self.close()
+                return
+            self.keep = False
+        self._executor.map_detached(self)
+
+
+class MapResults:
+    """The iterator ``map`` returns: the values in order (or as completed), a task's error raised
+    where iteration reaches it; ``timeout`` counts from the ``map`` call."""
+
+    def __init__(self, run: MapRun, timeout: float | None):
+        self._run = run
+        self._end = None if timeout is None else time.monotonic() + timeout
+        self._values = iter(())
+        self._error = None
+        self._finalizer = weakref.finalize(self, run.dropped)
+        self._finalizer.atexit = False  # at exit, shutdown finishes the run
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        run = self._run
+        with run._lock:
+            run.started = True
+            while True:
+                for value in self._values:
+                    return value
+                if self._error is not None:
+                    error, self._error = self._error, None
+                    self._finish()
+                    raise error
+                if run.finished:
+                    raise StopIteration
+                try:
+                    values, self._error = run.next_chunk(self._end)
+                except StopIteration:
+                    self._finish()
+                    raise
+                except BaseException:  # a timeout, a cancelled chunk, Ctrl-C: the rest is cancelled
+                    self._finish()
+                    raise
+                self._values = iter(values)
+
+    def _finish(self) -> None:
+        self._finalizer.detach()
+        self._run.close()
+
+    def close(self) -> None:
+        """Stop here: see ``MapRun.dropped``."""
+        if self._finalizer.detach() is not None:
+            self._run.dropped()
 
 
 class _ChunkSizer:
