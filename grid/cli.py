@@ -1,4 +1,4 @@
-"""The command line: ``python -m grid peer|members|demo|console|exec|eval``."""
+"""The command line: ``python -m grid peer|members|demo|console|exec|eval``, and ``--version``."""
 
 from __future__ import annotations
 
@@ -11,7 +11,9 @@ import sys
 import threading
 import time
 
-from .cluster.config import load_config
+from . import __version__
+from .cluster.config import Config, load_config
+from .cluster.config_check import JOIN_METHODS
 from .errors import ConfigError, GridError, SomeMembersFailed
 from .net.address import format_address
 
@@ -33,8 +35,144 @@ def _log_level(text: str) -> str:
     raise argparse.ArgumentTypeError(f"{text!r} is not a log level; use one of {', '.join(_LOG_LEVELS)}")
 
 
+def hazelgrid_version() -> str:
+    """The installed hazelgrid's version; the package's own ``__version__`` when it is not installed."""
+    import importlib.metadata  # here: about 10 ms that every member's start would pay otherwise
+
+    try:
+        return importlib.metadata.version("hazelgrid")
+    except importlib.metadata.PackageNotFoundError:  # run from a source tree that was never installed
+        return __version__
+
+
+class _PrintVersion(argparse.Action):
+    """``--version``: print it and exit (looked up only when asked for)."""
+
+    def __init__(self, option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS, help=None):
+        super().__init__(option_strings, dest=dest, default=default, nargs=0, help=help)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(f"hazelgrid {hazelgrid_version()}")
+        parser.exit()
+
+
+# The ``peer`` flags for common config keys: (flag, argparse dest). The supervisor passes each on.
+_PEER_FLAGS = (("--id", "cluster_id"), ("--port", "port"), ("--interface", "interface"), ("--join", "join"),
+              ("--members", "members"), ("--secret-file", "secret_file"), ("--log-file", "log_file"))
+_PATH_JOINS = {"file": "a members file", "registry": "a registry folder"}  # --join METHOD:PATH
+
+
+def config_with_flags(config: Config, *, cluster_id: str | None = None, port: str | int | None = None,
+                      interface: str | None = None, join: str | None = None, members: str | None = None,
+                      secret_file: str | None = None) -> Config:
+    """``config`` with the ``peer`` flags that were given (not None) over its values.
+
+    Each flag goes through ``Config.replace``, so it meets the checks a config file's key
+    meets, and an error names the flag (as its source) and the key.
+
+    Args:
+        cluster_id: ``--id``, the ``id`` key.
+        port: ``--port``, the ``port`` key (text from the command line is turned into an int).
+        interface: ``--interface``, the ``interface`` key.
+        join: ``--join``: multicast, tcp or aws (the ``join`` key; a ``members`` path of the
+            config no longer wins over it), or ``file:PATH`` / ``registry:PATH`` (``members =
+            {path = PATH}``: a members file / a registry folder).
+        members: ``--members``: comma-separated ``host:port`` addresses (the ``members`` key);
+            without ``--join`` it means ``join = tcp``.
+        secret_file: ``--secret-file``, the ``secret_file`` key (the config's ``secret`` is
+            dropped); the file must exist, hold the secret and be the owner's only.
+
+    Returns:
+        The validated Config; its ``source`` names the flags given.
+
+    Raises:
+        ConfigError: a flag's value is not allowed.
+    """
+    steps = []  # (the flag as typed, the config changes it makes)
+    if cluster_id is not None:
+        steps.append((f"--id {cluster_id}", {"id": cluster_id}))
+    if port is not None:
+        steps.append((f"--port {port}", {"port": _integer_or_text(port)}))
+    if interface is not None:
+        steps.append((f"--interface {interface}", {"interface": interface}))
+    if join is not None:
+        steps.append((f"--join {join}", _join_changes(join, config)))
+    if members is not None:
+        if join is not None and join != "tcp":
+            raise ConfigError(f"--members lists the addresses for --join tcp, not with --join {join}; drop "
+                              "one of them", key="members", source="the command line")
+        addresses = [part.strip() for part in members.split(",") if part.strip()]
+        steps.append((f"--members {members}", {"join": "tcp", "members": addresses}))
+    if secret_file is not None:
+        path = os.path.abspath(os.path.expanduser(secret_file))
+        steps.append((f"--secret-file {secret_file}", {"secret": None, "secret_file": path}))
+    if not steps:
+        return config
+    base = config.source
+    for flag, changes in steps:
+        try:
+            config = config.replace(**changes, source=f"the flag {flag}")
+            if "secret_file" in changes:
+                config.resolved_secret(owner_only=True)
+        except ConfigError as exc:
+            if flag.startswith("--join ") and changes.get("join") not in JOIN_METHODS:
+                raise ConfigError(f"{exc}; or file:PATH ({_PATH_JOINS['file']}) or registry:PATH "
+                                  f"({_PATH_JOINS['registry']})") from exc
+            raise
+    return config.replace(source=f"{base}, with the flags {' '.join(flag for flag, _ in steps)}")
+
+
+def _integer_or_text(value):
+    """An int for an integer's text; anything else as it is, for the config check to name."""
+    try:
+        return int(value)
+    except ValueError:
+        return value
+
+
+def _join_changes(text: str, config: Config) -> dict:
+    """The config changes of ``--join TEXT``."""
+    method, colon, path = text.partition(":")
+    if method in _PATH_JOINS:
+        source = f"the flag --join {text}"
+        if not path.strip():
+            raise ConfigError(f"{method} needs the path of {_PATH_JOINS[method]}: --join {method}:PATH",
+                              key="members", source=source)
+        path = os.path.abspath(os.path.expanduser(path.strip()))
+        if method == "registry":
+            path = path.rstrip(os.sep) + os.sep  # a path ending in a separator is a registry folder
+        elif os.path.isdir(path):
+            raise ConfigError(f"{path} is a folder, and a members file is a file; for a registry folder "
+                              f"write --join registry:{path}", key="members", source=source)
+        return {"join": "tcp", "members": {"path": path}}
+    if colon:
+        return {"join": text}  # not a method: the config check says so
+    changes = {"join": text}
+    if not isinstance(config.members, list):  # a members path would win over the method asked for
+        changes["members"] = None
+    return changes
+
+
+def _open_log_file(path: str):
+    """The log file, appended and line-buffered."""
+    return open(path, "a", buffering=1, encoding="utf-8")
+
+
+def _line_buffered(*streams) -> None:
+    """Make ``streams`` flush at every newline, so a task's print() reaches a log file or pipe as it runs."""
+    for stream in streams:
+        reconfigure = getattr(stream, "reconfigure", None)
+        if reconfigure is None:
+            continue
+        try:
+            reconfigure(line_buffering=True)
+        except (ValueError, OSError):  # a closed or detached stream
+            pass
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m grid", description="grid: a pure-Python compute and data grid")
+    parser.add_argument("--version", action=_PrintVersion, help="print the version of hazelgrid and exit")
     commands = parser.add_subparsers(dest="command", required=True)
     peer = commands.add_parser("peer", help="run member processes on this machine")
     peer.add_argument("--config", help="config file (default: the lookup: ./grid.toml, ~/.grid/grid.toml, GRID)")
@@ -45,6 +183,19 @@ def main(argv=None) -> int:
                       help="leave the cluster when standard input closes (the parent that started us died)")
     peer.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE",
                       help="import MODULE before joining (e.g. one that offers services); repeatable")
+    flags = peer.add_argument_group("config keys", "each flag overrides that key of the config (file or lookup)")
+    flags.add_argument("--id", dest="cluster_id", metavar="NAME", help="the cluster's name (`id`)")
+    flags.add_argument("--port", metavar="PORT",
+                       help="the port to listen on; taken: the next free one; 0: any (`port`)")
+    flags.add_argument("--interface", metavar="HOST", help="the interface to bind (`interface`)")
+    flags.add_argument("--join", metavar="METHOD",
+                       help="multicast, tcp, aws, file:PATH (a members file) or registry:PATH (a registry "
+                            "folder) (`join`, `members = {path = ...}`)")
+    flags.add_argument("--members", metavar="HOST:PORT,...",
+                       help="comma-separated addresses of members to join through; means --join tcp (`members`)")
+    flags.add_argument("--secret-file", metavar="PATH",
+                       help="a file holding the cluster secret, readable by its owner only (`secret_file`)")
+    flags.add_argument("--log-file", metavar="PATH", help="append the log to PATH instead of writing it to stderr")
     members = commands.add_parser("members", help="print the member list of the configured cluster")
     members.add_argument("--config")
     demo = commands.add_parser("demo", help="an embedded 3-member cluster maps a lambda; who computed what")
@@ -64,15 +215,7 @@ def main(argv=None) -> int:
     evaluate.add_argument("--config")
     args = parser.parse_args(argv)
     if args.command == "peer":
-        level = int(args.log_level) if args.log_level.isdigit() else args.log_level
-        logging.basicConfig(level=level, stream=sys.stderr,
-                            format="%(asctime)s %(process)d %(name)s %(levelname)s %(message)s")
-        procs = args.procs if args.procs is not None else (os.cpu_count() or 1)
-        if procs < 1:
-            parser.error("--procs must be at least 1")
-        if procs == 1:
-            return run_member(args.config, stop_on_eof=args.stop_on_eof, imports=args.imports)
-        return supervise(procs, args.config, args.log_level, imports=args.imports)
+        return run_peer(parser, args)
     if args.command == "members":
         return print_members(args.config)
     if args.command == "console":
@@ -88,13 +231,43 @@ def main(argv=None) -> int:
     return 2
 
 
-def run_member(config_path: str | None, *, stop_on_eof: bool = False, imports=()) -> int:
+def run_peer(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    """``python -m grid peer``: one member, or ``--procs N`` of them under a supervisor."""
+    procs = args.procs if args.procs is not None else (os.cpu_count() or 1)
+    if procs < 1:
+        parser.error("--procs must be at least 1")
+    stream = sys.stderr
+    if args.log_file is not None:
+        args.log_file = os.path.abspath(os.path.expanduser(args.log_file))
+        try:
+            stream = _open_log_file(args.log_file)
+        except OSError as exc:
+            print(f"grid peer: --log-file {args.log_file}: cannot open it: {exc.strerror or exc}", file=sys.stderr)
+            return 2
+    level = int(args.log_level) if args.log_level.isdigit() else args.log_level
+    logging.basicConfig(level=level, stream=stream, format="%(asctime)s %(process)d %(name)s %(levelname)s %(message)s")
+    overrides = {dest: getattr(args, dest) for _, dest in _PEER_FLAGS if dest != "log_file"}
+    if procs == 1:
+        return run_member(args.config, stop_on_eof=args.stop_on_eof, imports=args.imports, overrides=overrides)
+    try:  # refused here once, rather than by every member process
+        config_with_flags(load_config(args.config), **overrides)
+    except GridError as exc:
+        print(f"grid peer: {exc}", file=sys.stderr)
+        return 2
+    flags = [word for flag, dest in _PEER_FLAGS if getattr(args, dest) is not None
+             for word in (flag, getattr(args, dest))]
+    return supervise(procs, args.config, args.log_level, imports=args.imports, flags=flags)
+
+
+def run_member(config_path: str | None, *, stop_on_eof: bool = False, imports=(), overrides=None) -> int:
     """Run one member until SIGTERM/SIGINT; print its ready line once it is in the cluster.
 
-    ``imports`` are modules to import before joining, after those of the config's ``imports``.
+    ``imports`` are modules to import before joining, after those of the config's ``imports``;
+    ``overrides`` are ``config_with_flags`` keywords (the ``peer`` flags) applied over the config.
     """
     from .peer import Peer
 
+    _line_buffered(sys.stdout, sys.stderr)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
@@ -104,7 +277,7 @@ def run_member(config_path: str | None, *, stop_on_eof: bool = False, imports=()
         # its lock, and the interpreter aborts when it finds it held at exit.
         threading.Thread(target=_watch_stdin, args=(stop,), name="stdin-watch", daemon=True).start()
     try:
-        config = load_config(config_path)
+        config = config_with_flags(load_config(config_path), **(overrides or {}))
         if imports:
             config = config.replace(imports=_merged_imports(config.imports, imports))
         peer = Peer(config)
@@ -145,10 +318,11 @@ def _merged_imports(configured, extra) -> list[str]:
     return list(dict.fromkeys([*configured, *extra]))
 
 
-def supervise(procs: int, config_path: str | None, log_level: str, *, imports=()) -> int:
+def supervise(procs: int, config_path: str | None, log_level: str, *, imports=(), flags=()) -> int:
     """Run ``procs`` member processes, restarting one that dies, until SIGTERM/SIGINT.
 
-    Each member imports ``imports`` (``--import``) before it joins.
+    Each member imports ``imports`` (``--import``) before it joins, and is given ``flags``
+    (the ``peer`` flags for config keys and ``--log-file``, as command-line words).
     """
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
@@ -158,6 +332,7 @@ def supervise(procs: int, config_path: str | None, log_level: str, *, imports=()
         command += ["--config", config_path]
     for module in imports:
         command += ["--import", module]
+    command += list(flags)
     children: list[subprocess.Popen] = [subprocess.Popen(command) for _ in range(procs)]
     deaths: list[float] = []
     try:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -51,6 +52,33 @@ def test_exec_defines_what_eval_then_sees_on_every_member(local_cluster, tmp_pat
     done = grid_command("eval", "(triple(14), loaded_by)", "--config", config, cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     assert lines_by_member(done.stdout) == {peer.address_text: repr((42, peer.pid)) for peer in cluster.peers}
+
+
+def readme_shell_block(containing: str) -> str:
+    """The README's ``sh`` code block that holds ``containing``."""
+    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as readme:
+        blocks = re.findall(r"^```sh\n(.*?)^```", readme.read(), re.S | re.M)
+    return next(block for block in blocks if containing in block)
+
+
+@pytest.mark.slow
+def test_the_readme_shell_example_works_as_typed(local_cluster, tmp_path):
+    cluster = local_cluster(2, join_timeout=0.3)
+    block = readme_shell_block("python -m grid exec")
+    # All but the interactive console (tests/test_console.py), run in order as a shell would.
+    script = "\n".join(line for line in block.splitlines() if not line.startswith("python -m grid console"))
+    bin_folder = tmp_path / "bin"  # `python` in the README is this interpreter
+    bin_folder.mkdir()
+    (bin_folder / "python").symlink_to(sys.executable)
+    env = environment(GRID=cluster.write_client_config(), HOME=str(tmp_path),
+                      PATH=os.pathsep.join([str(bin_folder), os.environ.get("PATH", "")]))
+    done = subprocess.run(["bash", "-e", "-c", script], capture_output=True, text=True, timeout=3 * COMMAND_WAIT,
+                          cwd=tmp_path, env=env, stdin=subprocess.DEVNULL)
+    assert done.returncode == 0, (script, done.stdout, done.stderr)
+    outputs = [line.split("\t", 1) for line in done.stdout.splitlines()]
+    addresses = {peer.address_text for peer in cluster.peers}
+    assert [dict(outputs[i:i + 2]) for i in range(0, len(outputs), 2)] == [
+        {address: value for address in addresses} for value in ("ok", "1", "1")], done.stdout
 
 
 def test_exec_and_eval_in_a_named_module(local_cluster, tmp_path):

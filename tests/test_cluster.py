@@ -107,12 +107,13 @@ def test_membership_events_arrive_in_order(local_cluster):
     events = []
     with grid.connect(cluster.config(0)) as client:
         wait_for(lambda: len(client.members()) == 2, 10, "formation")
-        client.add_membership_listener(lambda e: events.append((e.kind, e.member.uuid)))
+        client.add_membership_listener(lambda e: events.append((e.kind, e.member.uuid, e.reason)))
         added = cluster.add()
-        wait_for(lambda: ("joined", added.uuid) in events, 10, "the joined event")
+        wait_for(lambda: ("joined", added.uuid, "joined") in events, 10, "the joined event")
         cluster.stop(added.index)
-        wait_for(lambda: ("left", added.uuid) in events, 10, "the left event")
-        assert events == [("joined", added.uuid), ("left", added.uuid)], (events, cluster.log(0)[-4000:])
+        wait_for(lambda: ("left", added.uuid, "left") in events, 10, "the left event")
+        assert events == [("joined", added.uuid, "joined"), ("left", added.uuid, "left")], \
+            (events, cluster.log(0)[-4000:])
 
 
 def test_registry_entries_written_removed_and_pruned(local_cluster):

@@ -25,6 +25,7 @@ import difflib
 import json
 import logging
 import os
+import stat
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -196,12 +197,14 @@ class Config:
 
         A dict for ``multicast``, ``aws`` or ``tls`` changes only the keys it names
         (``replace(multicast={"port": 5000})`` keeps the group); ``members`` may be
-        ``{"path": P}``.
+        ``{"path": P}``. A new ``source`` (e.g. "the flag --port 99999") is what
+        errors name, as a file's path is for a file.
 
         Raises:
             ConfigError: an unknown field or an invalid value.
         """
-        label = f"Config.replace() of the config from {self.source}"
+        given_source = changes.get("source")
+        label = given_source if isinstance(given_source, str) else f"Config.replace() of the config from {self.source}"
         reject_unknown_keys(changes, _FIELD_NAMES, "", label)
         new = copy.deepcopy(self)
         for name, value in changes.items():
@@ -225,21 +228,26 @@ class Config:
 
     # -- using
 
-    def resolved_secret(self, environ: Mapping[str, str] | None = None) -> str | None:
+    def resolved_secret(self, environ: Mapping[str, str] | None = None, *, owner_only: bool = False) -> str | None:
         """The cluster secret: ``secret``, else ``secret_file``'s text, else ``GRID_SECRET``.
 
         Args:
             environ: the environment to read ``GRID_SECRET`` from (default ``os.environ``).
+            owner_only: refuse a ``secret_file`` that group or others may access, as ssh
+                refuses a loose key file (``python -m grid peer --secret-file`` asks for this).
 
         Returns:
             The secret, or None when none is configured.
 
         Raises:
-            ConfigError: ``secret_file`` cannot be read or is empty.
+            ConfigError: ``secret_file`` cannot be read or is empty (or, with ``owner_only``,
+                is open to group or others).
         """
         if self.secret:
             return self.secret
         if self.secret_file:
+            if owner_only:
+                self._check_owner_only(self.secret_file)
             try:
                 text = Path(self.secret_file).read_text(encoding="utf-8").strip()
             except (OSError, UnicodeDecodeError) as exc:
@@ -289,6 +297,20 @@ class Config:
             return os.cpu_count() or 1
 
     # -- internals
+
+    def _check_owner_only(self, path: str) -> None:
+        """Raise a ConfigError if group or others may access the file at ``path`` (a missing file is
+        left to the read that follows, which says so)."""
+        if os.name != "posix":  # no owner/group/other mode bits to go by
+            return
+        try:
+            mode = stat.S_IMODE(os.stat(path).st_mode)
+        except OSError:
+            return
+        if mode & 0o077:
+            raise ConfigError(f"the secret file {path} is open to group or others (mode {mode:04o}): whoever "
+                              "can read it can join the cluster and run code on its members; make it yours "
+                              f"only with `chmod 600 {path}`", key="secret_file", source=self._error_source())
 
     def _error_source(self) -> str:
         # A Config built in code keeps source="defaults", but its values are not the defaults.

@@ -27,7 +27,7 @@ from ..net import messaging
 from ..net.transport import Transport
 from .config import Config
 from .discovery import make_discovery
-from .members import Listeners, Member
+from .members import Departures, Listeners, Member, departures_from_wire
 from .multicast import MulticastDiscovery
 
 log = logging.getLogger("grid.client")
@@ -48,6 +48,7 @@ class ClusterLink:
         self.members: tuple[Member, ...] = ()
         self.version = 0
         self.listeners = Listeners()
+        self._departures = Departures()  # how recent members left, as the members' lists said
         self._secret = config.resolved_secret()
         self._router = messaging.Router()
         self._router.register("members", self._on_members)
@@ -96,7 +97,7 @@ class ClusterLink:
                     self._conn = conn
                     self._last_answer = time.monotonic()
                     self._lost.clear()
-                self._update(reply["version"], reply["members"])
+                self._update(reply)
                 return
             if time.monotonic() >= deadline:
                 tried = "; ".join(f"{h}:{p}: {why}" for (h, p), why in reasons.items()) or "no candidates found"
@@ -105,17 +106,22 @@ class ClusterLink:
             self._closed.wait(0.1)
 
     def _on_members(self, conn, body) -> None:
-        self._update(body["version"], body["members"])
+        self._update(body)
 
-    def _update(self, version: int, members) -> None:
-        members = tuple(Member.from_wire(m) for m in members)
+    def _update(self, body: dict) -> None:
+        """Follow a member list: a "members" push or a "client_hello" reply."""
+        version = body["version"]
+        members = tuple(Member.from_wire(m) for m in body["members"])
+        departed = departures_from_wire(body.get("departed"))  # absent from an older member: clean leaves
         with self._lock:
             same_master = bool(members) and bool(self.members) and members[0].uuid == self.members[0].uuid
             if same_master and version <= self.version:
                 return  # older news from the same master (a push can overtake the hello reply)
+            self._departures.update(departed)
+            self._departures.forget(members)
             old, self.members = self.members, members
             self.version = version
-            self.listeners.emit_changes(old, self.members, version)
+            self.listeners.emit_changes(old, self.members, version, self._departures)
 
     def _on_close(self, conn) -> None:
         if conn is self._conn:
@@ -147,7 +153,7 @@ class ClusterLink:
         reply = done.result()
         with self._lock:
             self._last_answer = time.monotonic()
-        self._update(reply["version"], reply["members"])
+        self._update(reply)
 
     def _keep_connected(self) -> None:
         while not self._closed.is_set():

@@ -1,10 +1,13 @@
 """Who a member is, and how membership changes reach listeners.
 
 ``Member`` is one member as every other member knows it (``to_wire``/``from_wire``
-for the member lists on the wire); ``MembershipEvent`` is one join or leave;
-``Listeners`` delivers events in order on one owned thread ("grid-events"), for a
-member's ``Membership`` and a client's ``Cluster`` alike. The functions at the end
-say how this process names itself and how it reaches another member.
+for the member lists on the wire); ``MembershipEvent`` is one join or leave, with how
+a member left; ``Departures`` is the master's record of how recent members left, which
+travels with every member list ("departed": {uuid: reason}; a list without it, from an
+older member, reads as clean leaves); ``Listeners`` delivers events in order on one
+owned thread ("grid-events"), for a member's ``Membership`` and a client's ``Cluster``
+alike. The functions at the end say how this process names itself and how it reaches
+another member.
 """
 
 from __future__ import annotations
@@ -46,14 +49,76 @@ class Member:
                    hostname=data.get("hostname", ""), workers=data.get("workers", 1), unix=data.get("unix", ""))
 
 
+# event.reason: how a member came or went.
+JOINED = "joined"
+LEFT = "left"  # it said goodbye (a clean leave)
+CRASHED = "crashed"  # it went without one: heartbeats stopped, its link was refused, or a new process took its address
+REMOVED = "removed"  # dropped from this member's view otherwise (it was removed, or merges into another cluster)
+DEPARTURE_REASONS = (LEFT, CRASHED, REMOVED)
+_RECENT_DEPARTURES = 32  # how many departures a member list carries the reasons of
+
+
 @dataclasses.dataclass(frozen=True)
 class MembershipEvent:
-    """``kind`` is "joined" or "left"; ``members`` is the list right after the change."""
+    """One change of the member list.
+
+    ``kind`` is "joined" or "left"; ``members`` is the list right after the change.
+    ``reason`` says how: "joined" for a join; for a departure "left" (a clean leave: it
+    said goodbye), "crashed" (it went without one: the failure detector removed it) or
+    "removed" (this member dropped it from its view for another reason: this member was
+    removed from the cluster, or its cluster merges into another, and it joins again).
+    Without one it reads as its ``kind``.
+    """
 
     kind: str
     member: Member
     members: tuple[Member, ...]
     version: int
+    reason: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.reason:
+            object.__setattr__(self, "reason", JOINED if self.kind == "joined" else LEFT)
+
+
+def departures_from_wire(value) -> dict[str, str]:
+    """The ``departed`` map of a member list off the wire; anything malformed is left out.
+
+    A reason this version does not know (a newer member's) reads as "removed".
+    """
+    if not isinstance(value, dict):
+        return {}
+    return {uuid: reason if reason in DEPARTURE_REASONS else REMOVED
+            for uuid, reason in value.items() if isinstance(uuid, str) and isinstance(reason, str)}
+
+
+class Departures:
+    """How the most recent members left (uuid -> reason), for the member lists that announce it."""
+
+    def __init__(self, limit: int = _RECENT_DEPARTURES):
+        self._limit = limit
+        self._reasons: dict[str, str] = {}
+
+    def record(self, uuid: str, reason: str) -> None:
+        self._reasons.pop(uuid, None)
+        self._reasons[uuid] = reason
+        while len(self._reasons) > self._limit:
+            del self._reasons[next(iter(self._reasons))]
+
+    def update(self, reasons: dict[str, str]) -> None:
+        for uuid, reason in reasons.items():
+            self.record(uuid, reason)
+
+    def forget(self, members) -> None:
+        """Drop the reasons of ``members`` (they are in the list again)."""
+        for member in members:
+            self._reasons.pop(member.uuid, None)
+
+    def get(self, uuid: str, default: str) -> str:
+        return self._reasons.get(uuid, default)
+
+    def to_wire(self) -> dict[str, str]:
+        return dict(self._reasons)
 
 
 class Listeners:
@@ -88,17 +153,23 @@ class Listeners:
         except ValueError:
             pass
 
-    def emit_changes(self, old, new, version: int) -> None:
-        """Queue "left" events for members gone from ``old`` and "joined" for new ones."""
+    def emit_changes(self, old, new, version: int, reasons=None, default: str = LEFT) -> None:
+        """Queue "left" events for members gone from ``old`` and "joined" for new ones.
+
+        Args:
+            reasons: how members left (``reasons.get(uuid, default)``: a dict or ``Departures``).
+            default: the reason of a departure ``reasons`` does not name.
+        """
         new = tuple(new)
         new_uuids = {m.uuid for m in new}
         old_uuids = {m.uuid for m in old}
         for member in old:
             if member.uuid not in new_uuids:
-                self._put(MembershipEvent("left", member, new, version))
+                reason = reasons.get(member.uuid, default) if reasons is not None else default
+                self._put(MembershipEvent("left", member, new, version, reason))
         for member in new:
             if member.uuid not in old_uuids:
-                self._put(MembershipEvent("joined", member, new, version))
+                self._put(MembershipEvent("joined", member, new, version, JOINED))
 
     def close(self) -> None:
         """Deliver what is queued, then stop and join the thread."""
@@ -145,4 +216,7 @@ def local_target(member: Member):
     return member.address
 
 
-__all__ = ["Listeners", "Member", "MembershipEvent", "advertised_address", "local_member", "local_target"]
+__all__ = [
+    "CRASHED", "DEPARTURE_REASONS", "JOINED", "LEFT", "REMOVED", "Departures", "Listeners", "Member", "MembershipEvent",
+    "advertised_address", "departures_from_wire", "local_member", "local_target",
+]

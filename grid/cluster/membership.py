@@ -32,7 +32,7 @@ from ..net import messaging
 from ..net.address import format_address
 from ..net.security import HandshakeFailed
 from .joining import Joiner
-from .members import Listeners, Member
+from .members import CRASHED, LEFT, REMOVED, Departures, Listeners, Member, departures_from_wire
 
 log = logging.getLogger("grid.membership")
 
@@ -93,6 +93,7 @@ class Membership(Joiner):
         self._joined = threading.Event()
         self._join_error: BaseException | None = None
         self.listeners = Listeners()
+        self._departures = Departures()  # how recent members left: sent with every member list
         self._stop = False
         self._last_tick = clock.monotonic()
         self._next_merge_check = 0.0
@@ -249,7 +250,8 @@ class Membership(Joiner):
 
     # -- the member list ---------------------------------------------------------------------
 
-    def _apply(self, version: int, members, *, force: bool = False) -> None:
+    def _apply(self, version: int, members, *, force: bool = False, departed=None) -> None:
+        """Take the list ``members`` (``departed``: how members left, as the master said)."""
         if not force and version <= self.version:
             return
         old = self._members
@@ -258,6 +260,9 @@ class Membership(Joiner):
             log.warning("the master removed this member from the cluster; rejoining")
             self._rejoin()
             return
+        if departed:
+            self._departures.update(departed)
+        self._departures.forget(members)
         self.version = version
         self._members = members
         now = self.clock.monotonic()
@@ -273,14 +278,19 @@ class Membership(Joiner):
         for uuid in list(self._links):
             if uuid not in uuids:
                 self._links.pop(uuid).close("no longer a member")
-        self.listeners.emit_changes(old, members, version)
+        self.listeners.emit_changes(old, members, version, self._departures)
         for conn in list(self._clients):
-            self._send(conn, "members", {"version": version, "members": [m.to_wire() for m in members]})
+            self._send(conn, "members", self._members_body())
+
+    def _members_body(self) -> dict:
+        """The member list as it travels: version, members, and how recent members left."""
+        return {"version": self.version, "members": [m.to_wire() for m in self._members],
+                "departed": self._departures.to_wire()}
 
     def _rejoin(self, target: tuple | None = None) -> None:
         """Leave the member list and join again; ``target``: the master of a cluster to merge into."""
         self._merge_target = target
-        self.listeners.emit_changes(self._members, [self.me], self.version)
+        self.listeners.emit_changes(self._members, [self.me], self.version, default=REMOVED)
         self._members = ()
         self.version = 0
         self._joined.clear()
@@ -294,11 +304,14 @@ class Membership(Joiner):
         self._last_reasons = {}
         self._refusals = {}
 
-    def _publish(self, members) -> None:
-        """Master only: a new list, version bumped, sent to every member."""
-        self._apply(self.version + 1, members, force=True)
+    def _publish(self, members, departed=None) -> None:
+        """Master only: a new list, version bumped, sent to every member.
+
+        ``departed``: how the members gone from it left ({uuid: LEFT or CRASHED}).
+        """
+        self._apply(self.version + 1, members, force=True, departed=departed)
         # a member still being linked gets the list on its first heartbeat exchange
-        self._send_to_others("members", {"version": self.version, "members": [m.to_wire() for m in self._members]})
+        self._send_to_others("members", self._members_body())
 
     def _send_to_others(self, message_type: str, body) -> None:
         """Send to every other member over its outbound link, where that link is open."""
@@ -307,7 +320,8 @@ class Membership(Joiner):
             if member.uuid != self.me.uuid and conn is not None and conn.is_open:
                 self._send(conn, message_type, body)
 
-    def _remove(self, uuids: set, reason: str) -> None:
+    def _remove(self, uuids: set, reason: str, *, how: str = CRASHED) -> None:
+        """Master: remove ``uuids`` (``reason`` for the log; ``how`` for listeners: CRASHED or LEFT)."""
         gone = [m for m in self._members if m.uuid in uuids]
         if not gone:
             return
@@ -320,7 +334,7 @@ class Membership(Joiner):
                 self.discovery.member_dead(member.address)
             except Exception:
                 log.exception("discovery could not prune %s", member)
-        self._publish([m for m in self._members if m.uuid not in uuids])
+        self._publish([m for m in self._members if m.uuid not in uuids], {m.uuid: how for m in gone})
 
     # -- links, heartbeats and failure detection -----------------------------------------
 
@@ -412,7 +426,7 @@ class Membership(Joiner):
                             self.discovery.member_dead(member.address)
                         except Exception:
                             log.exception("discovery could not prune %s", member)
-                self._publish(alive)
+                self._publish(alive, {uuid: CRASHED for uuid in gone})
             return
         conn = self._links.get(master.uuid) if master else None
         if conn is not None and conn.is_open:
@@ -556,7 +570,9 @@ class Membership(Joiner):
         self._set_state(State.LEAVING)
         others = [m for m in self._members if m.uuid != self.me.uuid]
         if self.is_master or not others:
-            self._send_to_others("members", {"version": self.version + 1, "members": [m.to_wire() for m in others]})
+            self._departures.record(self.me.uuid, LEFT)
+            self._send_to_others("members", {"version": self.version + 1, "members": [m.to_wire() for m in others],
+                                             "departed": self._departures.to_wire()})
             done.set_result(None)
             return
         conn = self._links.get(self.master().uuid)
@@ -606,18 +622,20 @@ class Membership(Joiner):
         members = [m for m in members if m.address != joiner.address] + [joiner]
         conn.attachment = joiner.uuid
         log.info("admitting %s (%d members)", joiner, len(members))
-        self._publish(members)
+        # The old entry's process no longer holds its address, and it never said goodbye.
+        self._publish(members, {m.uuid: CRASHED for m in replaced})
         reply.set_result({"ok": True, "version": self.version, "members": [m.to_wire() for m in self._members]})
 
     def _on_members(self, conn, body) -> None:
         members = tuple(Member.from_wire(m) for m in body["members"])
-        self._post(lambda: self._receive_members(body["version"], members))
+        departed = departures_from_wire(body.get("departed"))  # absent from an older master: clean leaves
+        self._post(lambda: self._receive_members(body["version"], members, departed))
 
-    def _receive_members(self, version: int, members) -> None:
+    def _receive_members(self, version: int, members, departed) -> None:
         if self.state is not State.MEMBER:
             return
         if version > self.version:
-            self._apply(version, members)
+            self._apply(version, members, departed=departed)
 
     def _on_heartbeat(self, conn, body) -> None:
         uuid = body["uuid"]
@@ -631,7 +649,7 @@ class Membership(Joiner):
         if all(m.uuid != uuid for m in self._members):
             self._send(conn, "removed", {"reason": "not a member of this cluster (removed earlier)"})
         elif version < self.version:
-            self._send(conn, "members", {"version": self.version, "members": [m.to_wire() for m in self._members]})
+            self._send(conn, "members", self._members_body())
 
     def _on_suspect(self, conn, body) -> None:
         self._post(lambda: self._check_suspect(body["uuid"], body.get("reason", "")))
@@ -649,7 +667,7 @@ class Membership(Joiner):
 
         def handle():
             if self.is_master:
-                self._remove({body["uuid"]}, "left the cluster")
+                self._remove({body["uuid"]}, "left the cluster", how=LEFT)
             reply.set_result(True)
 
         self._post(handle)
@@ -671,7 +689,7 @@ class Membership(Joiner):
                 reply.set_exception(GridError(f"{self.me} is not a member yet ({self.state.value})"))
                 return
             self._clients.add(conn)
-            reply.set_result({"version": self.version, "members": [m.to_wire() for m in self._members]})
+            reply.set_result(self._members_body())
 
         self._post(handle)
         return reply
