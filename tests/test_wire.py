@@ -474,4 +474,4 @@ def test_a_large_frame_buffer_grows_with_what_arrives_and_ends_exact():
         received += count
         frames = decoder.received_into(count)
     assert all(capacity <= 2 * (before + 1024 * 1024) for before, capacity in sizes)  # never far ahead
-    assert len(frames[0].payload) == length and frames[0].payload.count(7) == length
+    assert len(frames[0].payload) == length and bytes(frames[0].payload).count(7) == length

@@ -230,17 +230,23 @@ class TaskRunner:
 
     def _run(self, index: int) -> None:
         process = self._processes[index] if self._processes else None
-        get, get_nowait = self._queue.get, self._queue.get_nowait
+        get, get_nowait, empty = self._queue.get, self._queue.get_nowait, self._queue.empty
         dirty: dict[int, tuple] = {}  # links with results not yet sent, by id(state)
         while True:
-            try:
-                item = get_nowait()
-            except queue.Empty:
+            if empty():
                 for conn, state, _ in dirty.values():  # idle: send everything now
                     self._flush(conn, state)
                 dirty.clear()
+                # Nothing of the last task stays alive while this thread waits: not its arguments
+                # (views of the frame they came in, whose buffer the link reuses once free), nor
+                # its result.
+                conn = state = task = function = result = item = None
                 item = get()
             else:
+                try:
+                    item = get_nowait()
+                except queue.Empty:  # another task thread took it
+                    continue
                 for key, (conn, state, first) in dirty.items():
                     if first is not None:  # the next task may run long: the IO thread sends these in time
                         conn.driver.call_later(_RESULT_DELAY, self._flush, conn, state)

@@ -9,7 +9,8 @@
          `-- what did not fit --> conn._out --wake--> EVENT_WRITE -> _flush
     conn.request(payload) -> Future             CONNECTING -> (TLS) -> HANDSHAKE -> OPEN
          kept in _pending by request id           -> driver.connection_opened(conn)
-    conn.close() --call_soon--> abort           readable -> _read -> FrameDecoder.feed()
+    conn.close() --call_soon--> abort           readable -> _read: recv_into the connection's own buffer
+                                                  (a large frame's: its own) -> FrameDecoder
                                                   handshake frames -> security.*Handshake
                                                   RESPONSE frames  -> the request's Future
                                                   other frames     -> driver.frame_received(conn, frame)
@@ -65,7 +66,8 @@ from .wire import Flag, Kind
 
 log = logging.getLogger("grid.transport")  # one logger for the transport layer, whichever file logs
 
-_RECV_SIZE = 256 * 1024
+_RECV_SIZE = 64 * 1024  # one read at most, into the connection's own buffer (a large frame's go into its own)
+_SPARES_IDLE = 2.0  # seconds without a large frame after which the buffers kept for them are let go
 _IOV_BATCH = 512  # buffers per sendmsg(); Linux refuses more than IOV_MAX (1024) with EMSGSIZE
 _TLS_WRITE_SIZE = 256 * 1024  # bytes per SSL write; a retry after WANT_WRITE resends the same prefix
 
@@ -77,6 +79,9 @@ class State(enum.Enum):
     OPEN = "open"
     CLOSED = "closed"
 
+
+# The states as globals for the per-frame paths (looking a member up on the enum costs 10x).
+_CONNECTING, _TLS, _HANDSHAKE, _OPEN, _CLOSED = State.CONNECTING, State.TLS, State.HANDSHAKE, State.OPEN, State.CLOSED
 
 _TRANSITIONS = {
     State.CONNECTING: {State.TLS, State.HANDSHAKE, State.CLOSED},
@@ -181,6 +186,9 @@ class Connection:
         self._lock = threading.Lock()
         self._out: collections.deque = collections.deque()
         self._decoder = wire.FrameDecoder()
+        self._inbox: bytearray | None = None  # what each read fills, reused (made on the first read)
+        self._spares_timer = None  # set while the decoder keeps buffers for large frames
+        self._large_frames_seen = 0  # the decoder's count of them when that timer was set
         self._sealer: wire.FrameSealer | None = None  # set when the link opens with the frame MAC on
         self._frame_lock = threading.Lock()  # MACed links: one frame is sent whole, MAC included, at a time
         self._handshake = None
@@ -264,9 +272,10 @@ class Connection:
     def _send_buffers(self, buffers: list) -> None:
         failure = None
         with self._lock:
-            if self.state is State.CLOSED:
+            state = self.state
+            if state is _CLOSED:
                 raise ConnectionClosed(f"{self!r} is closed: {self.close_reason}", by_peer=self.closed_by_peer)
-            if self._out or self.state is not State.OPEN and self.state is not State.HANDSHAKE:
+            if self._out or state is not _OPEN and state is not _HANDSHAKE:
                 self._out.extend(memoryview(b).cast("B") for b in buffers)
                 queued_first = len(self._out) == len(buffers)
             else:
@@ -282,7 +291,7 @@ class Connection:
             # the middle of _read, and it takes self._lock, which we held just now.
             self.driver.defer(self.abort, f"write failed: {failure}", True)
             raise ConnectionClosed(f"{self!r}: write failed: {failure}", by_peer=True) from failure
-        if queued_first and self.state in (State.OPEN, State.HANDSHAKE):
+        if queued_first and self.state in (_OPEN, _HANDSHAKE):
             self.driver.call_soon(self._update_interest)
 
     def _write(self, buffers) -> int:
@@ -292,17 +301,19 @@ class Connection:
                 # An SSL write is all or nothing, and after WANT_WRITE it must be retried
                 # with the same leading bytes: always offer the first _TLS_WRITE_SIZE queued.
                 return self._sock.send(_leading_bytes(buffers, _TLS_WRITE_SIZE))
+            if type(buffers) is list and len(buffers) <= _IOV_BATCH:
+                return self._sock.sendmsg(buffers)
             return self._sock.sendmsg(list(itertools.islice(buffers, _IOV_BATCH)))
         except (BlockingIOError, ssl.SSLWantWriteError, ssl.SSLWantReadError):
             return 0
 
     def _queue_remainder(self, buffers, sent: int) -> None:
         for buffer in buffers:
-            view = memoryview(buffer).cast("B")
-            if sent >= view.nbytes:
-                sent -= view.nbytes
+            size = len(buffer) if type(buffer) is bytes else memoryview(buffer).nbytes
+            if sent >= size:
+                sent -= size
                 continue
-            self._out.append(view[sent:])
+            self._out.append(memoryview(buffer).cast("B")[sent:])
             sent = 0
 
     def _flush(self) -> None:
@@ -374,9 +385,9 @@ class Connection:
 
     def _on_event(self, mask: int) -> None:
         try:
-            if self.state is State.CONNECTING:
+            if self.state is _CONNECTING:
                 self._finish_connect()
-            elif self.state is State.TLS:
+            elif self.state is _TLS:
                 self._continue_tls()
             else:
                 if mask & selectors.EVENT_WRITE:
@@ -463,23 +474,43 @@ class Connection:
         return False
 
     def _read(self) -> None:
-        # (A view taken and not released would pin the buffer, which grows as it fills.)
-        target = None if isinstance(self._sock, ssl.SSLSocket) else self._decoder.receive_buffer()
-        if target is not None:
-            frames = self._decoder.received_into(self._receive_into(target))  # a large payload, in place
+        # Reads go into buffers that are made once and reused: a fresh one per read (what
+        # sock.recv does) costs an mmap, page faults and an munmap for every read, which is
+        # more than the rest of a small frame's trip through this side.
+        decoder = self._decoder
+        target = None if isinstance(self._sock, ssl.SSLSocket) else decoder.receive_buffer()
+        if target is not None:  # (a view taken and not released would pin the buffer, which grows as it fills)
+            frames = decoder.received_into(self._receive_into(target))  # a large payload, in place
         else:
-            data = self._receive()
-            if not data:
+            inbox = self._inbox
+            if inbox is None:
+                inbox = self._inbox = bytearray(_RECV_SIZE)
+            count = self._receive(inbox)
+            if not count:
                 return
-            frames = self._decoder.feed(data)
+            with memoryview(inbox) as view:  # the decoder copies what it keeps
+                frames = decoder.feed(view[:count])
+        if frames and decoder.large_frames != self._large_frames_seen and self._spares_timer is None:
+            self._large_frames_seen = decoder.large_frames
+            self._spares_timer = self.driver.call_later(_SPARES_IDLE, self._release_spares)
         while frames:
             for frame in frames:
-                if self.state is State.CLOSED:
+                if self.state is _CLOSED:
                     return
                 self._handle(frame)
             # During the handshake the decoder hands out one frame at a time, so that
             # what follows WELCOME is judged by the authenticated decoder: go on.
-            frames = self._decoder.feed(b"") if self._decoder.buffered and self.state is not State.CLOSED else []
+            frames = decoder.feed(b"") if decoder.buffered and self.state is not _CLOSED else []
+
+    def _release_spares(self) -> None:
+        """Let go of the buffers kept for large frames once none came for ``_SPARES_IDLE`` s."""
+        decoder = self._decoder
+        if decoder.large_frames != self._large_frames_seen and self.state is not State.CLOSED:
+            self._large_frames_seen = decoder.large_frames
+            self._spares_timer = self.driver.call_later(_SPARES_IDLE, self._release_spares)
+            return
+        self._spares_timer = None
+        decoder.release_spares()
 
     def _receive_into(self, target: memoryview) -> int:
         try:
@@ -494,55 +525,53 @@ class Connection:
             raise ConnectionClosed("closed by the peer")
         return count
 
-    def _receive(self) -> bytes:
-        """Bytes from the socket; b"" when there is nothing yet. Raises ConnectionClosed."""
+    def _receive(self, inbox: bytearray) -> int:
+        """Read into ``inbox``: how many bytes came (0: nothing yet). Raises ConnectionClosed."""
         if not isinstance(self._sock, ssl.SSLSocket):
             try:
-                data = self._sock.recv(_RECV_SIZE)
+                count = self._sock.recv_into(inbox)
             except (BlockingIOError, InterruptedError):
-                return b""
+                return 0
             except OSError as exc:
                 raise ConnectionClosed(f"connection lost: {exc}") from exc
-            if not data:
+            if not count:
                 raise ConnectionClosed("closed by the peer")
-            return data
+            return count
         # SSL_read gives one record (16 KiB) per call; read until it would block. Under
         # the lock: an SSL object must not read here while a caller thread writes to it.
-        chunks = []
         size = 0
-        with self._lock:
+        with self._lock, memoryview(inbox) as view:
             while size < _RECV_SIZE and self.state is not State.CLOSED:
                 try:
-                    chunk = self._sock.recv(_RECV_SIZE - size)
+                    count = self._sock.recv_into(view[size:])
                 except (ssl.SSLWantReadError, ssl.SSLWantWriteError, BlockingIOError):
                     break
                 except OSError as exc:
                     raise ConnectionClosed(f"connection lost: {exc}") from exc
-                if not chunk:
-                    if chunks:
+                if not count:
+                    if size:
                         break  # deliver what came first; the close is seen on the next read
                     raise ConnectionClosed("closed by the peer")
-                chunks.append(chunk)
-                size += len(chunk)
+                size += count
             if self._sock.pending() and self.state is not State.CLOSED:
                 # The rest of a record is decrypted and waiting inside OpenSSL while the kernel
                 # socket may be empty, so select() would not report it: read on after this event.
                 self.driver.defer(self._read_pending)
-        return b"".join(chunks)
+        return size
 
     def _read_pending(self) -> None:
         if self.state in (State.HANDSHAKE, State.OPEN):
             self._on_event(selectors.EVENT_READ)
 
     def _handle(self, frame: wire.Frame) -> None:
-        if self.state is State.HANDSHAKE:
+        if self.state is _HANDSHAKE:
             self._handshake_frame(frame)
-        elif frame.kind == Kind.RESPONSE:
+        elif frame.kind == _RESPONSE:
             with self._lock:
                 future = self._pending.pop(frame.request_id, None)
             if future is not None and future.set_running_or_notify_cancel():
                 future.set_result(frame)
-        elif self.state is State.OPEN:
+        elif self.state is _OPEN:
             self.driver.frame_received(self, frame)
 
     def _handshake_frame(self, frame: wire.Frame) -> None:
@@ -622,6 +651,10 @@ class Connection:
             pending, self._pending = self._pending, {}
         if self._deadline_timer is not None:
             self._deadline_timer.cancel()
+        if self._spares_timer is not None:
+            self._spares_timer.cancel()
+            self._spares_timer = None
+        self._decoder.release_spares()
         self.driver.unwatch(self._sock)
         self._sock.close()
         self.driver.forget(self)
@@ -636,6 +669,7 @@ class Connection:
 
 
 _PEER_CREDENTIALS = struct.Struct("3i")  # struct ucred: pid, uid, gid
+_RESPONSE = Kind.RESPONSE  # (looking an enum member up costs more than comparing it)
 
 
 def endpoint(address: tuple | str) -> str:

@@ -12,9 +12,10 @@ from concurrent.futures import Future
 
 from ..errors import GridError, RemoteError
 from . import serialize
-from .wire import Flag, Kind, split_parts
+from .wire import ERROR_BIT, MULTIPART_BIT, Kind, split_parts
 
 log = logging.getLogger("grid.messaging")
+_REQUEST = Kind.REQUEST  # (looking an enum member up costs more than comparing it)
 
 
 class UnknownMessage(GridError):
@@ -49,7 +50,7 @@ class Router:
         cannot be decoded at all closes the link, after a goodbye that says why.
         """
         try:
-            if frame.flags & Flag.MULTIPART:
+            if frame.flags & MULTIPART_BIT:
                 message = serialize.loads_parts(split_parts(frame))
             else:
                 message = serialize.loads(frame.payload)
@@ -70,7 +71,7 @@ class Router:
             self._refuse(conn, frame, UnknownMessage(
                 f"unknown message type {message_type!r}; this member handles: {sorted(self._handlers)}"))
             return
-        if frame.kind != Kind.REQUEST:
+        if frame.kind != _REQUEST:
             try:
                 handler(conn, body)
             except Exception as exc:  # a malformed body, most likely: nobody to answer, so say so here
@@ -90,7 +91,7 @@ class Router:
 
     def _refuse(self, conn, frame, error: GridError) -> None:
         self._warn(f"{error} (from {conn!r})")
-        if frame.kind == Kind.REQUEST:
+        if frame.kind == _REQUEST:
             _respond_error(conn, frame.request_id, error)
 
     def _failed(self, conn, message_type: str, body, exc: Exception) -> None:
@@ -173,14 +174,14 @@ def request(conn, message_type: str, body) -> Future:
             return
         frame = done.result()
         try:
-            if frame.flags & Flag.MULTIPART:
+            if frame.flags & MULTIPART_BIT:
                 value = serialize.loads_parts(split_parts(frame))
             else:
                 value = serialize.loads(frame.payload)
         except Exception as exc:
             result.set_exception(GridError(f"undecodable response to {message_type!r}: {exc}"))
             return
-        if frame.flags & Flag.ERROR:
+        if frame.flags & ERROR_BIT:
             result.set_exception(value if isinstance(value, BaseException) else RemoteError(str(value)))
         else:
             result.set_result(value)

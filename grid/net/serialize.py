@@ -23,6 +23,7 @@ from ..errors import GridError, RemoteError, RemoteTraceback
 
 PROTOCOL = 5
 OUT_OF_BAND_MIN = 64 * 1024  # smaller buffers are cheaper in-band
+_MAIN = b"__main__"
 
 try:  # optional: lambdas, closures and __main__ functions by value
     import cloudpickle as _cloudpickle
@@ -37,8 +38,8 @@ class SerializationError(GridError, TypeError):
 class _Pickler(pickle.Pickler):
     """The C pickler, noting whether anything must travel by value (it is in ``__main__``).
 
-    ``reducer_override`` is not called for plain data (ints, strings, bytes, lists, ...),
-    so noting costs nothing on the payloads that matter for speed.
+    ``reducer_override`` is not called for plain data (ints, strings, bytes, lists, ...);
+    ``dumps`` uses this pickler only for a pickle that names ``__main__``.
     """
 
     def __init__(self, file, buffer_callback=None):
@@ -58,11 +59,25 @@ def dumps(obj, buffers: list | None = None) -> bytes:
     Raises:
         SerializationError: it cannot travel (the message says why and what to do).
     """
+    # The common case in one C call. A reference to anything defined in __main__ writes that
+    # module's name into the pickle, so a pickle without it needs nothing by value; one with
+    # it (or a string that happens to say it) is made again by the pickler that looks at
+    # each function and class, to decide.
+    try:
+        data = pickle.dumps(obj, PROTOCOL, buffer_callback=None if buffers is None else buffers.append)
+    except Exception as exc:
+        if buffers is not None:
+            buffers.clear()
+        return _by_value(obj, exc, buffers)
+    if _MAIN not in data:
+        return data
+    if buffers is not None:
+        buffers.clear()
     file = io.BytesIO()
     pickler = _Pickler(file, None if buffers is None else buffers.append)
     try:
         pickler.dump(obj)
-    except Exception as exc:
+    except Exception as exc:  # it just pickled; a reducer_override that trips on an odd object
         if buffers is not None:
             buffers.clear()
         return _by_value(obj, exc, buffers)
@@ -86,6 +101,8 @@ def dumps_parts(obj) -> list:
     """
     buffers: list = []
     data = dumps(obj, buffers)
+    if not buffers:
+        return [data]
     return [data, *(buffer.raw() for buffer in buffers)]
 
 

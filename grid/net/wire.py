@@ -27,7 +27,9 @@ overlaps the transfer on both ends.
 This module imports no socket, thread or clock: the decoder is fed bytes and
 returns frames, so it can be tested one byte at a time. The length is checked
 against the limit before any of the payload is buffered, and a large frame's
-buffer grows as its bytes arrive: a header alone allocates next to nothing.
+buffer grows as its bytes arrive: a header alone allocates next to nothing. A
+large frame's buffer is reused for a later one once nothing refers to it any more
+(see ``FrameDecoder``): fresh memory costs more than the bytes' copy.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from __future__ import annotations
 import enum
 import hmac
 import struct
+import sys
 from typing import NamedTuple
 
 from ..errors import ProtocolError
@@ -52,6 +55,18 @@ _U32 = struct.Struct("!I")
 _U64 = struct.Struct("!Q")
 _READ_AHEAD = 1024 * 1024  # a large frame's buffer keeps this much room (or doubles) for the next read
 _ZEROS = memoryview(bytes(1024 * 1024))  # what a large frame's buffer grows by (calloc'd: no memory until read)
+_SPARES = 4  # buffers of finished large frames a decoder keeps for later ones, at most ...
+_SPARE_BYTES = 64 * 1024 * 1024  # ... and their total size, at most
+
+
+def _references(items: list, index: int) -> int:
+    """How many references ``items[index]`` has, as counted from here."""
+    return sys.getrefcount(items[index])
+
+
+# What _references says when nothing but the list holds the object. Without reference counts
+# (not CPython) a spare cannot be known to be free, so none is ever reused.
+_ONLY_IN_A_LIST = _references([bytearray()], 0) if hasattr(sys, "getrefcount") else None
 
 
 class Kind(enum.IntEnum):
@@ -70,13 +85,18 @@ class Kind(enum.IntEnum):
 
 
 HANDSHAKE_KINDS = frozenset({Kind.HELLO, Kind.CHALLENGE, Kind.PROOF, Kind.WELCOME, Kind.REFUSE})
-_KNOWN_KINDS = frozenset(int(kind) for kind in Kind)
+_KIND_OF = {int(kind): kind for kind in Kind}  # (a dict lookup: calling Kind(n) costs 15x more)
 
 
 class Flag(enum.IntFlag):
     NONE = 0
     MULTIPART = 1  # payload is a part table followed by the parts (out-of-band buffers)
     ERROR = 2  # a RESPONSE that carries an error instead of a result
+
+
+# As plain ints for the per-frame paths: ``flags & Flag.MULTIPART`` builds a Flag, 50x the cost of ``&``.
+MULTIPART_BIT = int(Flag.MULTIPART)
+ERROR_BIT = int(Flag.ERROR)
 
 
 class Frame(NamedTuple):
@@ -97,9 +117,9 @@ def encode_frame(kind: Kind, payload=b"", *, request_id: int = 0, flags: int = 0
         parts = [memoryview(part).cast("B") for part in payload]
         table = _U32.pack(len(parts)) + b"".join(_U64.pack(part.nbytes) for part in parts)
         length = len(table) + sum(part.nbytes for part in parts) + trailer
-        header = HEADER.pack(MAGIC, VERSION, kind, flags | Flag.MULTIPART, request_id, length)
+        header = HEADER.pack(MAGIC, VERSION, kind, flags | MULTIPART_BIT, request_id, length)
         return [header, table, *parts]
-    length = memoryview(payload).nbytes + trailer
+    length = (len(payload) if type(payload) is bytes else memoryview(payload).nbytes) + trailer
     return [HEADER.pack(MAGIC, VERSION, kind, flags, request_id, length), payload]
 
 
@@ -145,7 +165,7 @@ def frame_bytes(kind: Kind, payload=b"", *, request_id: int = 0, flags: int = 0)
 def split_parts(frame: Frame) -> list[memoryview]:
     """The parts of a multipart frame, as zero-copy views of its payload."""
     view = memoryview(frame.payload)
-    if not frame.flags & Flag.MULTIPART:
+    if not frame.flags & MULTIPART_BIT:
         return [view]
     try:
         (count,) = _U32.unpack_from(view, 0)
@@ -180,22 +200,30 @@ class FrameDecoder:
     With a ``mac_key`` given to ``authenticated()``, every later frame must end in
     its MAC (see the module docstring); a frame whose MAC does not match raises
     ``ProtocolError`` and is never returned.
+
+    ``feed`` keeps nothing of the bytes it is given (what it keeps, it copies), so the
+    caller may read into one buffer over and over. A small frame's payload is ``bytes``;
+    a large one's (``LARGE_FRAME`` and more) is a memoryview of a buffer of its own,
+    which the decoder reuses for a later large frame once nothing refers to it any more.
     """
 
     def __init__(self, max_payload: int = HANDSHAKE_LIMIT, *, handshake: bool = True):
         self.max_payload = max_payload
         self.handshake = handshake
-        self._buffer = bytearray()
+        self._buffer = bytearray()  # the start of a frame that has not fully arrived
         self._start = 0
         self._header: tuple | None = None
-        self._large: bytearray | None = None  # the payload of a large frame, filled in place, grown as it fills
+        self._large: bytearray | None = None  # the buffer a large frame is filling, grown as it fills
         self._length = 0  # the large frame's length (payload and trailer)
         self._filled = 0
+        self._spares: list[bytearray] = []  # buffers of earlier large frames, reused once nothing holds them
+        self.large_frames = 0  # large frames decoded so far
         self._mac = None  # the HMAC of the link's incoming direction (before any data), or None
         self._trailer = 0  # MAC_SIZE on a MACed link
         self._sequence = 0  # the number of the next frame expected
         self._large_mac = None  # the large frame's MAC state, updated as its bytes arrive
         self._hashed = 0  # how many of the large frame's payload bytes are in _large_mac
+        self._broken: ProtocolError | None = None  # the error that ended the stream: it cannot resynchronise
 
     def authenticated(self, max_payload: int = DEFAULT_MAX_PAYLOAD, *, mac_key: bytes | None = None) -> None:
         """Leave the handshake: accept every kind and payloads up to ``max_payload``.
@@ -221,53 +249,85 @@ class FrameDecoder:
                 over the limit, or a frame that fails its MAC. The stream cannot be
                 resynchronised after it.
         """
+        if self._broken is not None:
+            raise ProtocolError(f"the stream broke earlier and cannot be resynchronised: {self._broken}")
+        try:
+            return self._feed(data)
+        except ProtocolError as exc:
+            self._broken = exc
+            raise
+
+    def _feed(self, data) -> list[Frame]:
+        frames = []
         if self._large is not None:
             data = self._fill_large(data)
             if self._filled < self._length:
-                return []
-            frames = [self._finish_large()]
+                return frames
+            frames.append(self._finish_large())
             if self.handshake:
                 self._buffer += data
                 return frames
-        else:
-            frames = []
-        self._buffer += data
+        if self._start < len(self._buffer):  # a frame's start is buffered: the rest goes after it
+            self._buffer += data
+            with memoryview(self._buffer) as view:
+                self._start = self._decode(view, self._start, frames)
+            if self._start == len(self._buffer) or self._start > 65536:
+                del self._buffer[: self._start]
+                self._start = 0
+        else:  # the usual case: frames straight from ``data``, and only an unfinished one's start kept
+            view = memoryview(data)
+            used = self._decode(view, 0, frames)
+            if used < view.nbytes:
+                self._buffer[:] = view[used:]
+                self._start = 0
+            elif self._buffer:
+                self._buffer.clear()
+                self._start = 0
+        return frames
+
+    def _decode(self, view: memoryview, offset: int, frames: list) -> int:
+        """Append the frames complete in ``view`` from ``offset``; return where the undecoded rest starts."""
+        size = view.nbytes
         while True:
             if self._header is None:
-                if len(self._buffer) - self._start < HEADER_SIZE:
-                    break
-                self._header = self._parse_header()
+                if size - offset < HEADER_SIZE:
+                    return offset
+                self._header = self._parse_header(view, offset)
+                offset += HEADER_SIZE
             kind, flags, request_id, length, header = self._header
-            end = self._start + length
-            if len(self._buffer) < end:
+            end = offset + length
+            if size < end:
                 if length >= LARGE_FRAME and not self.handshake:
-                    self._begin_large(length)
-                break
-            with memoryview(self._buffer) as view:
-                if self._mac is None:
-                    payload = bytes(view[self._start : end])
-                else:
-                    body_end = end - MAC_SIZE
-                    state = self._mac.copy()
-                    state.update(header)
-                    state.update(view[self._start : body_end])
-                    self._check_mac(state, view[body_end:end], kind)
-                    payload = bytes(view[self._start : body_end])
-            self._start = end
+                    self._begin_large(length, view[offset:])
+                    return size
+                return offset
+            if self._mac is None:
+                payload = bytes(view[offset:end])
+            else:
+                body_end = end - MAC_SIZE
+                state = self._mac.copy()
+                state.update(header)
+                state.update(view[offset:body_end])
+                self._check_mac(state, view[body_end:end], kind)
+                payload = bytes(view[offset:body_end])
+            offset = end
             self._header = None
             frames.append(Frame(kind, flags, request_id, payload))
             if self.handshake:
-                break
-        if self._start and (self._start == len(self._buffer) or self._start > 65536):
-            del self._buffer[: self._start]
-            self._start = 0
-        return frames
+                return offset
 
     # A large frame's payload goes straight into its own buffer, which the transport
     # may fill with recv_into (``receive_buffer``): one copy from the kernel, none after.
-    # The buffer starts at 64 KiB (or 4x the bytes that came with the header) and grows as it
-    # fills (doubling, or 1 MiB of room for the next read), so it is never much more than what
-    # arrived: a header that announces 512 MB costs 64 KiB until the bytes come.
+    # A new buffer starts at 64 KiB (or 4x the bytes that came with the header) and grows as
+    # it fills (doubling, or 1 MiB of room for the next read), so it is never much more than
+    # what arrived: a header that announces 512 MB costs 64 KiB until the bytes come.
+    #
+    # Fresh memory is costly: the page faults of a new megabyte (and its zeroing) cost more
+    # than its copy, and giving it back costs a TLB shootdown on every core running one of
+    # our threads. So a finished frame's buffer is kept as a spare, and a later large frame
+    # takes a spare that nothing refers to any more: neither the frame's payload, nor a view
+    # of it, nor an object unpickled from it (a memoryview result, a NumPy array on an
+    # out-of-band buffer). Its reference count says so; nothing else can reach it then.
 
     def receive_buffer(self) -> memoryview | None:
         """Where the next bytes belong, if a large frame is being filled; else None."""
@@ -275,7 +335,7 @@ class FrameDecoder:
             return None
         if len(self._large) - self._filled < _READ_AHEAD and len(self._large) < self._length:
             self._grow(self._filled + _READ_AHEAD)  # room for what one read may bring: fewer, larger reads
-        return memoryview(self._large)[self._filled :]
+        return memoryview(self._large)[self._filled : self._length]
 
     def received_into(self, count: int) -> list[Frame]:
         """``count`` bytes were written into ``receive_buffer()``; return the finished frame, if any."""
@@ -283,24 +343,52 @@ class FrameDecoder:
         self._hash_filled()
         if self._filled < self._length:
             return []
-        return [self._finish_large()]
+        try:
+            return [self._finish_large()]
+        except ProtocolError as exc:
+            self._broken = exc
+            raise
 
-    def _begin_large(self, length: int) -> None:
+    def release_spares(self) -> None:
+        """Let go of the buffers kept for later large frames (the link went quiet)."""
+        self._spares.clear()
+
+    @property
+    def spare_bytes(self) -> int:
+        """The size of the buffers kept for later large frames (some may still be in use)."""
+        return sum(len(spare) for spare in self._spares)
+
+    def _begin_large(self, length: int, arrived: memoryview) -> None:
         self._length = length
-        self._large = bytearray()
+        self._large = self._spare_for(length)
         if self._mac is not None:
             self._large_mac = self._mac.copy()
             self._large_mac.update(self._header[4])
             self._hashed = 0
-        with memoryview(self._buffer) as view:
-            arrived = view[self._start :]
-            # Bytes that came with the header promise more: room for 4x them at once (a 1 MB
-            # frame usually gets its whole buffer here, no regrowth), but never for a bare header.
-            self._grow(min(length, 4 * arrived.nbytes))
-            self._fill_large(arrived)
-            arrived.release()
-        del self._buffer[:]
-        self._start = 0
+        # Bytes that came with the header promise more: room for 4x them at once (a 1 MB
+        # frame usually gets its whole buffer here, no regrowth), but never for a bare header.
+        self._grow(min(length, 4 * arrived.nbytes))
+        self._fill_large(arrived)
+
+    def _spare_for(self, length: int) -> bytearray:
+        """A spare nothing else refers to, at most twice ``length`` (a view kept of the frame
+        should not hold much more), the largest such; else a new, empty buffer."""
+        spares = self._spares
+        best, best_size = None, -1
+        for index in range(len(spares) if _ONLY_IN_A_LIST is not None else 0):
+            if _references(spares, index) == _ONLY_IN_A_LIST:
+                size = len(spares[index])
+                if best_size < size <= 2 * length:
+                    best, best_size = index, size
+        return bytearray() if best is None else spares[best]
+
+    def _keep_spare(self, buffer: bytearray) -> None:
+        spares = self._spares
+        if any(spare is buffer for spare in spares) or len(buffer) > _SPARE_BYTES:
+            return
+        spares.append(buffer)
+        while len(spares) > _SPARES or sum(len(spare) for spare in spares) > _SPARE_BYTES:
+            del spares[0]  # the oldest: if something still holds it, it is freed when that lets go
 
     def _grow(self, needed: int) -> None:
         """Make room for at least ``needed`` bytes, doubling (never past the frame's length)."""
@@ -335,13 +423,16 @@ class FrameDecoder:
 
     def _finish_large(self) -> Frame:
         kind, flags, request_id, _, _ = self._header
-        payload, self._large, self._filled, self._header = self._large, None, 0, None
+        buffer, length = self._large, self._length
+        self._large, self._filled, self._header = None, 0, None
+        end = length
         if self._large_mac is not None:
             state, self._large_mac = self._large_mac, None
-            body_end = self._length - MAC_SIZE
-            self._check_mac(state, bytes(payload[body_end:]), kind)
-            del payload[body_end:]  # shrinking at the end: no copy
-        return Frame(kind, flags, request_id, payload)
+            end = length - MAC_SIZE
+            self._check_mac(state, bytes(buffer[end:length]), kind)
+        self.large_frames += 1
+        self._keep_spare(buffer)
+        return Frame(kind, flags, request_id, memoryview(buffer)[:end])
 
     def _check_mac(self, state, received, kind: Kind) -> None:
         state.update(_U64.pack(self._sequence))
@@ -351,15 +442,16 @@ class FrameDecoder:
                 "or reordered on the way (or the peer's session key differs); closing the link")
         self._sequence += 1
 
-    def _parse_header(self) -> tuple:
-        magic, version, kind, flags, request_id, length = HEADER.unpack_from(self._buffer, self._start)
+    def _parse_header(self, view: memoryview, offset: int) -> tuple:
+        magic, version, kind, flags, request_id, length = HEADER.unpack_from(view, offset)
         if magic != MAGIC:
             raise ProtocolError(f"bad magic {bytes(magic)!r}: not a grid peer (expected {MAGIC!r})")
         if version != VERSION:
             raise ProtocolError(f"protocol version {version} is not supported (this member speaks {VERSION})")
-        if kind not in _KNOWN_KINDS:
+        known = _KIND_OF.get(kind)
+        if known is None:
             raise ProtocolError(f"unknown frame kind {kind}")
-        kind = Kind(kind)
+        kind = known
         if self.handshake and kind not in HANDSHAKE_KINDS:
             raise ProtocolError(f"{kind.name} frame before authentication; only the handshake may be spoken")
         if self.handshake and length > self.max_payload:
@@ -374,6 +466,5 @@ class FrameDecoder:
                                 "MAC: the peer does not MAC its frames")
         header = None
         if self._mac is not None:
-            header = bytes(self._buffer[self._start : self._start + HEADER_SIZE])
-        self._start += HEADER_SIZE
+            header = bytes(view[offset : offset + HEADER_SIZE])
         return kind, flags, request_id, length, header
