@@ -13,6 +13,7 @@ from .client import (
                      GridExecutor,
                      cluster,
                      connect,
+                     default_executor,
                      deploy,
                      eval_all,
                      exec_all,
@@ -40,6 +41,7 @@ from .peer import Peer
 __all__ = [
     "BrokenGrid", "Cluster", "CodeNotAllowed", "Config", "GridError", "GridExecutor", "Member", "MembershipEvent",
     "Patch", "Peer", "RemoteError", "ServiceNotFound", "SomeMembersFailed", "WorkerCrashed", "cluster", "connect",
-    "current_member", "deploy", "eval_all", "exec_all", "fmap", "load_all", "load_config", "run_all", "service", "ufmap",
+    "current_member", "default_executor", "deploy", "eval_all", "exec_all", "fmap", "load_all", "load_config",
+    "run_all", "service", "ufmap",
 ]
 __version__ = "0.1.0"

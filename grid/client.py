@@ -65,7 +65,9 @@ class Cluster:
         """Call ``listener(event)`` for each member that joins or leaves, in order.
 
         ``event.kind`` is "joined" or "left", ``event.member`` the member and
-        ``event.members`` the list after the change.
+        ``event.members`` the list after the change. ``event.reason`` says how: "joined";
+        or "left" (a clean leave), "crashed" (the failure detector removed it) or "removed"
+        (this member dropped it from its view as it rejoins: it was removed, or is merging).
         """
         self._check_open()
         if self._peer:
@@ -282,12 +284,22 @@ def _close_all_at_exit() -> None:
 
 
 def cluster() -> Cluster:
-    """The process-wide default connection, made on first use from the config lookup."""
+    """The default cluster: the one the config lookup names (``GRID``, ./grid.toml,
+    ~/.grid/grid.toml), connected on first use; with nothing configured, the private
+    embedded cluster of ``default_executor()``, started on first use.
+
+    ``fmap``, ``run_all``, ``exec_all`` and the rest of the module-level functions run
+    on this same cluster.
+    """
     global _default
     with _default_lock:
-        if _default is None or _default._closed:
-            _default = connect()
-        return _default
+        if _default is not None and not _default._closed:
+            return _default
+        config = load_config()
+        if config.source != "defaults":
+            _default = connect(config)
+            return _default
+    return default_executor().cluster
 
 
 # -- the executor --------------------------------------------------------------------------------------
@@ -378,7 +390,8 @@ _default_executor_lock = threading.Lock()
 
 
 def default_executor() -> GridExecutor:
-    """The executor of the default connection: the configured cluster, or an embedded one."""
+    """The executor of the default cluster (see ``cluster()``): the configured cluster, or, with
+    nothing configured, a private embedded one (``max_workers``: the core count)."""
     global _default_executor
     with _default_executor_lock:
         if _default_executor is None or _default_executor.is_shutdown:

@@ -364,25 +364,27 @@ def test_wait_and_as_completed_see_a_cancelled_future_at_once(executor, gate):
 
 
 def test_no_reference_to_arguments_or_results_stays_once_a_future_is_done(executor):
-    argument = helpers.Payload()
-    argument_ref = weakref.ref(argument)
-    future = executor.submit(helpers.identity, argument)
-    result = future.result(RESULT_TIMEOUT)
-    assert isinstance(result, helpers.Payload) and result is not argument
-    result_ref = weakref.ref(result)
-    del argument, result
-    gc.collect()
-    assert argument_ref() is None, f"still held by {[type(r).__name__ for r in gc.get_referrers(argument_ref())]}"
-    assert future.done()
-    del future
-    gc.collect()
-    assert result_ref() is None
+    # Freed by reference counting alone, with no cycle for the cyclic collector to find later:
+    # map over an endless iterable would otherwise grow until it runs.
+    gc.disable()
+    try:
+        argument = helpers.Payload()
+        argument_ref = weakref.ref(argument)
+        future = executor.submit(helpers.identity, argument)
+        result = future.result(RESULT_TIMEOUT)
+        assert isinstance(result, helpers.Payload) and result is not argument
+        result_ref = weakref.ref(result)
+        del argument, result
+        assert argument_ref() is None, "a done task still holds its argument"
+        del future
+        assert result_ref() is None, "something besides the Future holds its result"
 
-    chunks = list(executor.map(helpers.identity, [helpers.Payload() for _ in range(20)]))
-    refs = [weakref.ref(value) for value in chunks]
-    del chunks
-    gc.collect()
-    assert all(ref() is None for ref in refs), "map keeps no result once it was consumed"
+        chunks = list(executor.map(helpers.identity, [helpers.Payload() for _ in range(20)]))
+        refs = [weakref.ref(value) for value in chunks]
+        del chunks
+        assert all(ref() is None for ref in refs), "map keeps no result once it was consumed"
+    finally:
+        gc.enable()
 
 
 def test_cancel_queued_work_pinned_to_a_member_never_runs(executor, gate, tmp_path):
@@ -663,6 +665,34 @@ def test_map_survives_a_member_killed_midway(local_cluster):
         Backend.close(executor)
 
 
+# -- task output ------------------------------------------------------------------------------------------------------
+
+
+def test_what_a_task_prints_reaches_the_callers_streams_line_by_line(tmp_path, gate, capsys):
+    backend = Backend("embedded", tmp_path)
+    executor = backend.new_executor()
+    try:
+        seen = {"out": [], "err": []}
+
+        def printed(text, stream):
+            captured = capsys.readouterr()
+            seen["out"].append(captured.out)
+            seen["err"].append(captured.err)
+            return text in "".join(seen[stream])
+
+        for stream, name in (("out", "stdout"), ("err", "stderr")):
+            marker = f"printed by a task to {name} {uuid.uuid4().hex}"
+            future = executor.submit(helpers.say, marker, name, gate.path)
+            wait_for(lambda: printed(marker, stream), RESULT_TIMEOUT, f"the task's line on the caller's {name}")
+            assert not future.done()  # the line came while the task still ran
+            gate.open()
+            assert future.result(RESULT_TIMEOUT) == marker
+            assert "".join(seen[stream]).count(marker) == 1
+            os.remove(gate.path)
+    finally:
+        backend.close(executor)
+
+
 # -- fmap / ufmap on the default executor -----------------------------------------------------------------------------
 
 
@@ -682,6 +712,24 @@ def test_fmap_and_ufmap_on_the_default_executor(tmp_path):
     lines = completed.stdout.splitlines()
     expected = [x * x + 1 for x in range(50)]
     assert lines == [str(expected), str(expected), str([10, 12, 14])]
+
+
+def test_with_nothing_configured_the_default_cluster_is_the_embedded_one_fmap_uses(tmp_path):
+    script = textwrap.dedent("""
+        import grid
+        cluster = grid.cluster()
+        print(len(cluster.members()))
+        print(cluster is grid.default_executor().cluster is grid.cluster())
+        print(sorted(grid.run_all(lambda: 7).values()))
+        print(list(grid.fmap(lambda x: -x, range(3))))
+    """)
+    environment = {k: v for k, v in os.environ.items() if k not in ("GRID", "GRID_SECRET")}
+    environment["HOME"] = str(tmp_path)  # no ~/.grid/grid.toml: nothing configured
+    completed = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=environment,
+                               capture_output=True, text=True, timeout=60)
+    assert completed.returncode == 0, completed.stderr
+    cores = os.cpu_count() or 1
+    assert completed.stdout.splitlines() == [str(cores), "True", str([7] * cores), "[0, -1, -2]"]
 
 
 def test_an_argument_that_cannot_be_unpickled_fails_instead_of_hanging(backend):

@@ -37,6 +37,7 @@ import collections
 import itertools
 import logging
 import threading
+import weakref
 from concurrent.futures import CancelledError, Future, InvalidStateError
 
 from ..errors import GridError, WorkerCrashed
@@ -79,7 +80,7 @@ class _PickledFunction:
 
 class _Task:
     __slots__ = ("id", "future", "fn", "function_id", "function", "kind", "args", "kwargs", "attempts", "pinned",
-                 "link", "deaths")
+                 "link", "deaths", "__weakref__")
     service = None  # a class attribute: an ordinary task pays nothing for services (see _ServiceTask)
 
     def __init__(self, task_id, future, fn, function, kind, args, kwargs, pinned=None):
@@ -226,7 +227,10 @@ class Dispatcher:
             task = _Task(next(self._ids), future, fn, function, kind, args, kwargs, pinned)
         else:
             task = _ServiceTask(next(self._ids), future, fn, function, kind, args, kwargs, pinned, service)
-        future.add_done_callback(lambda done, task=task: self._task_done(task))
+        # Weakly: a callback holding the task would make a cycle (Future -> callback -> task ->
+        # Future) that keeps a done task's result alive until the cyclic collector runs.
+        task_ref = weakref.ref(task)
+        future.add_done_callback(lambda done: self._task_done(task_ref))
         with self._lock:
             if self._torn_down or (self._shutdown and not after_shutdown):
                 raise RuntimeError("cannot schedule new futures after shutdown")
@@ -452,8 +456,13 @@ class Dispatcher:
             self._finish_outstanding(1)
         fail(task.future, exc)
 
-    def _task_done(self, task: _Task) -> None:
-        """(A done-callback) a task's Future is done: a cancelled one leaves the queue it waits in."""
+    def _task_done(self, task_ref) -> None:
+        """(A done-callback) a task's Future is done: a cancelled one leaves the queue it waits in.
+
+        A task no queue holds any more is gone already: nothing to do."""
+        task = task_ref()
+        if task is None:
+            return
         if task.future.cancelled():
             self._cancelled(task)
         task.release()  # no argument or result outlives the Future's end here

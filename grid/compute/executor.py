@@ -53,7 +53,7 @@ from ..net import messaging, serialize
 from ..net.address import format_address
 from ..net.transport import Transport
 from .dispatch import Dispatcher, Link, fail
-from .mapping import MapResults, MapRun
+from .mapping import MapRun, map_results
 from .protocol import CALL
 from .services import HOW_TO_OFFER, call_service
 
@@ -390,7 +390,7 @@ class ClusterExecutor(Dispatcher, concurrent.futures.Executor):
         """
         self.check_open()
         function = self._check_service(name)
-        return MapResults(MapRun(self, function, iterables, chunksize, service=name), timeout)
+        return map_results(MapRun(self, function, iterables, chunksize, service=name), timeout)
 
     def services(self) -> dict:
         """``{service name: [members offering it]}`` as this executor last heard from its members."""
@@ -471,11 +471,11 @@ class ClusterExecutor(Dispatcher, concurrent.futures.Executor):
         Returns:
             An iterator of results; a task's exception is raised where iteration reaches it.
         """
-        return MapResults(MapRun(self, fn, iterables, chunksize), timeout)
+        return map_results(MapRun(self, fn, iterables, chunksize), timeout)
 
     def map_unordered(self, fn, *iterables, chunksize=None):
         """Like ``map`` but yields results as they complete (the order is lost)."""
-        return MapResults(MapRun(self, fn, iterables, chunksize, ordered=False), None)
+        return map_results(MapRun(self, fn, iterables, chunksize, ordered=False), None)
 
     # Open maps (mapping.MapRun calls these): shutdown finishes them.
 

@@ -5,7 +5,7 @@
     items --islice--> chunk --executor.submit_task--> chunk Future --> (values, error, seconds)
       taken as results are consumed: at most        | done: _ChunkSizer learns the seconds per item
       _ChunkSizer.window() chunks ahead             v
-                                                  MapResults.__next__ yields the values, raises the error
+                                                  map_results yields the values, raises the error
 
 A chunk is one task of kind ``CHUNK1`` (one iterable: the items themselves) or
 ``CHUNK`` (argument tuples); its member returns ``(values, error, seconds)``. With no
@@ -48,7 +48,7 @@ class MapRun:
     """One map's chunks: submitted a bounded window ahead of the consumer, and its state.
 
     The executor keeps every open run (``map_opened``/``map_closed``) so that ``shutdown``
-    can finish them (``drain``). ``MapResults`` is the caller's iterator over it.
+    can finish them (``drain``). ``map_results`` makes the caller's iterator over it.
     """
 
     def __init__(self, executor, fn, iterables, chunksize, *, ordered: bool = True, service=None):
@@ -63,7 +63,7 @@ class MapRun:
         self._ordered = ordered
         self._service = service
         self._sizer = _ChunkSizer(chunksize, _length_hint(iterables), executor)
-        self._lock = threading.RLock()  # one step at a time: the caller's next(), a drain's
+        self.lock = threading.RLock()  # one step at a time: the caller's next(), a drain's
         self._pending: collections.deque = collections.deque()  # chunk Futures submitted, not yet taken
         self._ready: collections.deque = collections.deque()  # (values, error) taken by a drain, kept
         self._exhausted = False  # every item was submitted
@@ -71,6 +71,7 @@ class MapRun:
         self.finished = False  # closed, or every result taken
         self.keep = True  # a drain keeps the results for the caller (False: nobody will read them)
         self._past_shutdown = False  # shutdown began with this map open: its items still go out
+        self.finalizer = None  # set by map_results: calls dropped() when the caller lets go
         executor.map_opened(self)
         try:
             self._top_up()  # start at once, like the stdlib's map; the rest as results are consumed
@@ -139,14 +140,14 @@ class MapRun:
         """Run the map to the end without a consumer: every item is submitted, every result taken
         (kept for the caller if ``keep``). Returns when nothing is left or the map was closed."""
         while True:
-            with self._lock:
+            with self.lock:
                 if self.finished or not self._pending:
                     if not self.keep:
                         self.close()
                     return
                 waiting = [self._pending[0]] if self._ordered else list(self._pending)
             concurrent.futures.wait(waiting, return_when=concurrent.futures.FIRST_COMPLETED)
-            with self._lock:
+            with self.lock:
                 if self.finished or not self._pending or (self._ordered and self._pending[0] is not waiting[0]):
                     continue  # the caller took it meanwhile
                 try:
@@ -160,7 +161,7 @@ class MapRun:
     def cancel_rest(self) -> None:
         """``shutdown(cancel_futures=True)``: submit no more items and cancel the chunks that have not
         started; the caller still reads the results of those that did, then a ``CancelledError``."""
-        with self._lock:
+        with self.lock:
             self._exhausted = True
             pending = list(self._pending)
         for future in pending:
@@ -169,7 +170,7 @@ class MapRun:
 
     def close(self) -> None:
         """Cancel what has not started, take nothing more; the executor forgets the run."""
-        with self._lock:
+        with self.lock:
             if self.finished:
                 return
             self.finished = True
@@ -182,7 +183,7 @@ class MapRun:
     def dropped(self) -> None:
         """The caller closed its iterator, or let go of it: before any result was asked for, the
         map runs to the end in the background (the stdlib's would have); after, the rest is cancelled."""
-        with self._lock:
+        with self.lock:
             if self.finished:
                 return
             if self.started:
@@ -192,52 +193,38 @@ class MapRun:
         self._executor.map_detached(self)
 
 
-class MapResults:
-    """The iterator ``map`` returns: the values in order (or as completed), a task's error raised
-    where iteration reaches it; ``timeout`` counts from the ``map`` call."""
+def map_results(run: MapRun, timeout: float | None):
+    """The iterator ``map`` returns, over ``run``: a generator, like the stdlib's, yielding the
+    values in order (or as completed) at the speed of ``yield from``, and raising a task's error
+    where iteration reaches it; ``timeout`` counts from this call.
 
-    def __init__(self, run: MapRun, timeout: float | None):
-        self._run = run
-        self._end = None if timeout is None else time.monotonic() + timeout
-        self._values = iter(())
-        self._error = None
-        self._finalizer = weakref.finalize(self, run.dropped)
-        self._finalizer.atexit = False  # at exit, shutdown finishes the run
+    Dropped or closed before it was started, it leaves the run to finish in the background
+    (``MapRun.dropped``); after, its ``finally`` cancels what has not started.
+    """
+    end = None if timeout is None else time.monotonic() + timeout
+    results = _results(run, end)
+    run.finalizer = weakref.finalize(results, run.dropped)
+    run.finalizer.atexit = False  # at exit, shutdown finishes the run
+    return results
 
-    def __iter__(self):
-        return self
 
-    def __next__(self):
-        run = self._run
-        with run._lock:
-            run.started = True
-            while True:
-                for value in self._values:
-                    return value
-                if self._error is not None:
-                    error, self._error = self._error, None
-                    self._finish()
-                    raise error
+def _results(run: MapRun, end: float | None):
+    run.started = True  # the first next(): the body starts
+    try:
+        while True:
+            with run.lock:
                 if run.finished:
-                    raise StopIteration
+                    return
                 try:
-                    values, self._error = run.next_chunk(self._end)
+                    values, error = run.next_chunk(end)
                 except StopIteration:
-                    self._finish()
-                    raise
-                except BaseException:  # a timeout, a cancelled chunk, Ctrl-C: the rest is cancelled
-                    self._finish()
-                    raise
-                self._values = iter(values)
-
-    def _finish(self) -> None:
-        self._finalizer.detach()
-        self._run.close()
-
-    def close(self) -> None:
-        """Stop here: see ``MapRun.dropped``."""
-        if self._finalizer.detach() is not None:
-            self._run.dropped()
+                    return
+            yield from values
+            if error is not None:
+                raise error
+    finally:  # exhausted, failed, timed out, or closed (by the caller, or as it was dropped)
+        run.finalizer.detach()
+        run.close()
 
 
 class _ChunkSizer:
