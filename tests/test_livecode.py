@@ -191,6 +191,11 @@ CLIENT_WITHOUT_CLOUDPICKLE = textwrap.dedent("""
         import user  # exec_all ran here too, and registered the module
 
         executor = cluster.executor()
+        # Every member linked first: on a loaded machine a first link attempt may fail and be made again.
+        import time
+        deadline = time.monotonic() + 20
+        while executor.link_count() < len(cluster.members()) and time.monotonic() < deadline:
+            time.sleep(0.01)
         results = list(executor.map(user.worker, range(60), chunksize=1))
         try:
             serialize.dumps_function(lambda x: x)
