@@ -118,8 +118,12 @@ class MapRun:
         remaining = None if end is None else max(0.0, end - time.monotonic())
         if self._ordered:
             future = self._pending[0]
-            values, error = future.result(remaining)[:2]
-            self._pending.popleft()
+            if not future.done():
+                concurrent.futures.wait([future], remaining)
+                if not future.done():
+                    raise TimeoutError()
+            self._pending.popleft()  # taken, even if it failed: the next call goes on with the next one
+            values, error = future.result()[:2]
         else:
             done, _ = concurrent.futures.wait(self._pending, remaining, concurrent.futures.FIRST_COMPLETED)
             if not done:
@@ -155,6 +159,9 @@ class MapRun:
                 except concurrent.futures.CancelledError:  # cancelled by shutdown(cancel_futures) or abandon
                     self.close()
                     return
+                except Exception as exc:  # the chunk failed (its members died, its result was unreadable)
+                    chunk = ([], exc)  # the caller meets it where it reads; the other items still run
+                    self._top_up()
                 if self.keep:
                     self._ready.append(chunk)
 
