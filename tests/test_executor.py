@@ -598,7 +598,9 @@ def test_work_given_before_the_program_ends_runs_to_the_end(tmp_path, ending):
     script = textwrap.dedent(f"""
         import os, sys, time, grid
         def work(i, folder):
-            time.sleep(0.01)
+            end = time.perf_counter() + 0.01  # a little work, so that some is still queued at the end
+            while time.perf_counter() < end:
+                pass
             open(os.path.join(folder, f"ran-{{i}}"), "w").close()
         executor = grid.GridExecutor(2)
         futures = [executor.submit(work, i, sys.argv[1]) for i in range(10)]

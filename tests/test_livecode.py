@@ -191,11 +191,10 @@ CLIENT_WITHOUT_CLOUDPICKLE = textwrap.dedent("""
         import user  # exec_all ran here too, and registered the module
 
         executor = cluster.executor()
-        # Every member linked first: on a loaded machine a first link attempt may fail and be made again.
-        import time
-        deadline = time.monotonic() + 20
-        while executor.link_count() < len(cluster.members()) and time.monotonic() < deadline:
-            time.sleep(0.01)
+        # Every member linked first: on a loaded machine a first link attempt may fail and be made
+        # again. A task pinned to each member waits for (or makes) that member's link.
+        for future in executor.submit_to_all(int).values():
+            future.result(20)
         results = list(executor.map(user.worker, range(60), chunksize=1))
         try:
             serialize.dumps_function(lambda x: x)
