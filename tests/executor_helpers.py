@@ -117,6 +117,11 @@ class Undecodable:
         return (explode, ())
 
 
+def make_undecodable(value=None):
+    """``value``, or (None) a result that pickles on the member and cannot be unpickled by the caller."""
+    return Undecodable() if value is None else value
+
+
 class Payload:
     """An argument or result a test holds a weak reference to (it pickles by reference to this module)."""
 

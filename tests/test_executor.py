@@ -746,6 +746,52 @@ def test_an_argument_that_cannot_be_unpickled_fails_instead_of_hanging(backend):
         backend.close(executor)
 
 
+def test_a_result_the_caller_cannot_unpickle_fails_only_its_own_task(backend):
+    """It used to make the whole "results" frame undecodable: the link closed, the task ran again on
+    every link, and the caller hung."""
+    executor = backend.new_executor(max_retries=1)
+    try:
+        futures = [executor.submit(helpers.make_undecodable, value) for value in (1, None, 3)]
+        with pytest.raises(grid.RemoteError, match="result of task .* cannot be unpickled here.*cannot be unpickled"):
+            futures[1].result(timeout=RESULT_TIMEOUT)
+        assert [futures[0].result(RESULT_TIMEOUT), futures[2].result(RESULT_TIMEOUT)] == [1, 3]
+        results = executor.map(helpers.make_undecodable, [5, None, 7], chunksize=1)
+        assert next(results) == 5
+        with pytest.raises(grid.RemoteError, match="cannot be unpickled here"):
+            next(results)
+        assert list(executor.map(helpers.identity, range(50))) == list(range(50)), "the links stayed up"
+    finally:
+        backend.close(executor)
+
+
+def test_done_callbacks_never_run_on_the_io_thread_and_may_wait_for_other_results(executor, gate):
+    """A callback ran on the executor's IO thread: a slow one held up every other result, and one
+    that waited for another result deadlocked it."""
+    release = threading.Event()
+    ran_on, inner = [], []
+
+    def callback(done):
+        ran_on.append(threading.current_thread().name)
+        inner.append(executor.submit(helpers.identity, 7).result(timeout=RESULT_TIMEOUT))
+        release.wait(RESULT_TIMEOUT)
+
+    first = executor.submit(helpers.gated, gate.path, "first")
+    first.add_done_callback(callback)
+    gate.open()
+    try:
+        wait_for(lambda: inner, RESULT_TIMEOUT, "the callback's own result")
+        assert not ran_on[0].startswith("grid-io"), ran_on
+        assert inner == [7]
+        # The callback still blocks: other results, waited for by any means, still come.
+        assert executor.submit(helpers.square, 4).result(timeout=RESULT_TIMEOUT) == 16
+        later = [executor.submit(helpers.square, x) for x in range(5)]
+        done, _ = wait(later, timeout=RESULT_TIMEOUT)
+        assert len(done) == 5 and sorted(f.result() for f in later) == [0, 1, 4, 9, 16]
+    finally:
+        release.set()
+    assert first.result(RESULT_TIMEOUT) == "first"
+
+
 def test_embedded_members_leave_when_their_parent_dies(tmp_path):
     script = (
         "import os, grid\n"

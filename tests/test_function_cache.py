@@ -71,7 +71,8 @@ class _Link:
         parts = self.sent.get(timeout=RESULT_TIMEOUT)
         message_type, results = serialize.loads_parts(parts if isinstance(parts, list) else [parts])
         assert message_type == "results"
-        return {task_id: (status, value) for task_id, status, value, _ in results}
+        return {task_id: (status, protocol.unpack_value(value) if status == worker.OK else value)
+                for task_id, status, value, _ in results}
 
 
 @pytest.fixture

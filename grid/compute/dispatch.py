@@ -40,10 +40,11 @@ import threading
 import weakref
 from concurrent.futures import CancelledError, Future, InvalidStateError
 
-from ..errors import GridError, WorkerCrashed
+from ..errors import GridError, RemoteError, WorkerCrashed
 from ..net import messaging, serialize
 from ..net.wire import Kind
-from .protocol import CALL, CANCELLED, OK, UNSENDABLE, pack_arguments
+from .completions import Completions, future_class, plain, wait_any
+from .protocol import CALL, CANCELLED, OK, UNSENDABLE, pack_arguments, unpack_value
 
 log = logging.getLogger("grid.executor")  # one logger for all of the executor, whichever file logs
 
@@ -186,6 +187,9 @@ class Dispatcher:
         self._outstanding = 0
         self._starved = False  # no link for failure_timeout: tasks fail at once instead of waiting
         self._starve_timer = None  # set while no link is open: when it fires, waiting tasks fail
+        # Results are handled there, never on the IO thread: completing a Future runs user code.
+        self._completions = Completions()
+        self._future_class = future_class(self._completions)
 
     # -- submitting ---------------------------------------------------------------------------------------
 
@@ -210,6 +214,11 @@ class Dispatcher:
         """Members linked right now."""
         return len(self._links)
 
+    def wait_any(self, futures, timeout: float | None) -> None:
+        """Return once one of ``futures`` (this executor's) is done or ``timeout`` passed; meanwhile this
+        thread completes the executor's Futures whose results came (``completions.py``)."""
+        wait_any(self._completions, futures, timeout)
+
     def submit_task(self, fn, kind, args, kwargs, pinned, function=None, service=None, *,
                     after_shutdown: bool = False) -> Future:
         """Place one task of ``kind`` (``protocol.CALL``, ``CHUNK``, ``CHUNK1``); returns its Future.
@@ -222,7 +231,7 @@ class Dispatcher:
             self.check_open()
         if function is None or function.evicted:  # a map's function may have left the cache since
             function = self.function_for(fn)
-        future: Future = Future()
+        future: Future = self._future_class()
         if service is None:
             task = _Task(next(self._ids), future, fn, function, kind, args, kwargs, pinned)
         else:
@@ -230,7 +239,7 @@ class Dispatcher:
         # Weakly: a callback holding the task would make a cycle (Future -> callback -> task ->
         # Future) that keeps a done task's result alive until the cyclic collector runs.
         task_ref = weakref.ref(task)
-        future.add_done_callback(lambda done: self._task_done(task_ref))
+        future.add_grid_callback(lambda done: self._task_done(task_ref))
         with self._lock:
             if self._torn_down or (self._shutdown and not after_shutdown):
                 raise RuntimeError("cannot schedule new futures after shutdown")
@@ -303,9 +312,12 @@ class Dispatcher:
         """The link with the least work in flight per task thread, among those with credit."""
         best, best_load = None, None
         for link in self._links.values():
-            if link.spare() <= 0:
+            in_flight = len(link.in_flight)
+            if not in_flight:
+                return link  # idle (and a link's credit is at least 2): none is less loaded
+            if in_flight >= link.credit:
                 continue
-            load = len(link.in_flight) / max(1, link.member.workers)
+            load = in_flight / max(1, link.member.workers)
             if best_load is None or load < best_load:
                 best, best_load = link, load
         return best
@@ -487,7 +499,7 @@ class Dispatcher:
                     del self._service_backlog[task.service]
         start(task.future)  # a cancelled Future: this notifies its waiters
 
-    # -- results (IO thread) ----------------------------------------------------------------------------------
+    # -- results (off the IO thread: completions.py) ----------------------------------------------------------------------------------
 
     def _on_results(self, conn, results) -> None:
         link = conn.attachment
@@ -508,7 +520,8 @@ class Dispatcher:
             else:
                 malformed = None
                 self._finish_outstanding(len(finished))
-                more = self._refill(link)
+                # (Nothing waits, the usual case for a lone caller: no need to look.)
+                more = bool(self._backlog or link.pinned or self._service_backlog) and self._refill(link)
         if malformed is not None:
             log.warning("closing the link: %s", malformed)
             messaging.close_with_goodbye(conn, malformed)
@@ -516,11 +529,13 @@ class Dispatcher:
         for task, status, value, seconds in finished:
             try:
                 _complete(task, status, value, seconds)
-            except Exception as exc:
+            except Exception as exc:  # noqa: B036 - a class not importable here, a failing __setstate__
                 if not task.future.done():
-                    task.future.set_exception(GridError(
-                        f"member {link.member} sent a result for task {task.describe()} that cannot be read "
-                        f"({type(exc).__name__}: {exc}); a grid bug, or a member of another grid version"))
+                    task.future.set_exception(RemoteError(
+                        f"the result of task {task.describe()} (run on member {link.member}) cannot be "
+                        f"unpickled here ({type(exc).__name__}: {exc}); is its class importable where the "
+                        "executor runs? (a member of another grid version sends results this side cannot "
+                        "read, too)"))
         if more:
             self._flush(link)
 
@@ -567,24 +582,30 @@ def fail(future: Future, error: BaseException) -> None:
 
 
 def _complete(task: _Task, status, value, seconds) -> None:
+    """Resolve ``task``'s Future from its result; the value is unpickled here, never on the IO thread.
+
+    Raises:
+        Exception: the result cannot be unpickled here (the caller fails the task, saying why).
+    """
     future = task.future
     if status == CANCELLED:  # the member skipped it (the executor was abandoned)
         if not future.cancel():
             fail(future, CancelledError(f"task {task.describe()} was skipped: the executor was abandoned"))
         return
-    if not start(future) or future.done():
+    if not future.running() and (not start(future) or future.done()):  # (running: not done, one look)
         return
     if task.kind != CALL:
         if status == OK:
-            future.set_result((value, None, seconds))
+            future.set_result((unpack_value(value), None, seconds))
         elif status == UNSENDABLE:
             future.set_result(([], serialize.unpack_error(value), seconds))
         else:
             values, packed = value
-            future.set_result((values, serialize.unpack_error(packed), seconds))
+            error = serialize.unpack_error(packed)
+            future.set_result((unpack_value(values), error, seconds))
         return
     if status == OK:
-        future.set_result(value)
+        future.set_result(unpack_value(value))
     else:
         future.set_exception(serialize.unpack_error(value))
 

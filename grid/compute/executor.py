@@ -54,7 +54,8 @@ from ..net.address import format_address
 from ..net.transport import Transport
 from .dispatch import Dispatcher, Link, fail
 from .mapping import MapRun, map_results
-from .protocol import CALL
+from .completions import plain
+from .protocol import CALL, FAILED, OK
 from .services import HOW_TO_OFFER, call_service
 
 log = logging.getLogger("grid.executor")
@@ -112,11 +113,11 @@ class ClusterExecutor(Dispatcher, concurrent.futures.Executor):
             raise
         config = cluster.config
         self._router = messaging.Router()
-        self._router.register("results", self._on_results)
+        self._router.register("results", self._results_arrived)
         try:
             self._transport = Transport(
                 cluster_id=config.id, secret=config.resolved_secret(), info={"role": "executor"},
-                on_frame=self._router.on_frame, on_close=self._on_link_closed,
+                on_frame=self._router.on_frame, on_close=self._link_closed,
                 handshake_timeout=config.handshake_timeout, tls=config.tls, name="grid-io-executor",
                 max_payload=config.max_frame_bytes)
         except BaseException:
@@ -151,7 +152,8 @@ class ClusterExecutor(Dispatcher, concurrent.futures.Executor):
                 return
             self._connecting.add(member.uuid)
         future = self._transport.connect(local_target(member))
-        future.add_done_callback(lambda done: self._link_opened(member, done))
+        # Handled off the IO thread, as results are: failing a pinned task runs its callbacks.
+        future.add_done_callback(lambda done: self._completions.put(self._link_opened, member, done))
 
     def _link_opened(self, member, done: Future) -> None:
         # The member stays in _connecting until its link is in _links: a task pinned to it
@@ -208,6 +210,19 @@ class ClusterExecutor(Dispatcher, concurrent.futures.Executor):
             link = self._links.get(event.member.uuid)
         if link is not None:
             link.conn.close(f"member {event.member} left the cluster")
+
+    def _results_arrived(self, conn, results) -> None:
+        """(IO thread) a member's results: completed here if that runs no user code (plain values,
+        Futures without user callbacks), else queued for a waiting caller or the results thread."""
+        link = conn.attachment
+        if type(results) is list and isinstance(link, Link) and all(_plain_result(link, r) for r in results):
+            self._on_results(conn, results)
+        else:
+            self._completions.put(self._on_results, conn, _detached(results))
+
+    def _link_closed(self, conn) -> None:
+        """(IO thread) after the results that came before it, the link's tasks are taken care of."""
+        self._completions.put(self._on_link_closed, conn)
 
     def _on_link_closed(self, conn) -> None:
         """A link closed: its tasks in flight run elsewhere (up to ``max_retries`` times) or fail."""
@@ -297,7 +312,8 @@ class ClusterExecutor(Dispatcher, concurrent.futures.Executor):
         """(Under self._lock) with no link left, waiting tasks fail after failure_timeout unless one opens."""
         if self._links or self._shutdown or self._starve_timer is not None:
             return
-        self._starve_timer = self._transport.call_later(self._cluster.config.failure_timeout, self._starve)
+        self._starve_timer = self._transport.call_later(self._cluster.config.failure_timeout,
+                                                        self._completions.put, self._starve)
 
     def _starve(self) -> None:
         """No link for failure_timeout: fail what waits (and, until a link opens, what is submitted)."""
@@ -426,7 +442,7 @@ class ClusterExecutor(Dispatcher, concurrent.futures.Executor):
             asked = messaging.request(link.conn, "services", None)
         except GridError:
             return None  # the link is closing: _on_link_closed takes care of its tasks
-        asked.add_done_callback(lambda done: self._services_answered(link, done))
+        asked.add_done_callback(lambda done: self._completions.put(self._services_answered, link, done))
         return asked
 
     def _services_answered(self, link: Link, done: Future) -> None:
@@ -545,9 +561,9 @@ class ClusterExecutor(Dispatcher, concurrent.futures.Executor):
                 run.drain()
             for drainer in drainers:
                 drainer.join()
-            with self._lock:
-                while self._outstanding > 0:
-                    self._all_done.wait(0.1)
+            # Helping: a waiter completes what came, and one on the results thread (shutdown from
+            # a done-callback) must, since nothing else would.
+            self._completions.wait(None, lambda: self._outstanding <= 0, None)
         except BaseException:  # Ctrl-C while waiting: stop now, so one Ctrl-C ends the program
             self.abandon("shutdown was interrupted")
             raise
@@ -598,6 +614,7 @@ class ClusterExecutor(Dispatcher, concurrent.futures.Executor):
         self._release()
 
     def _release(self) -> None:
+        self._completions.close()  # what came before the transport closed is completed first
         on_teardown, self._on_teardown = self._on_teardown, None
         if on_teardown is not None:
             on_teardown()
@@ -605,3 +622,42 @@ class ClusterExecutor(Dispatcher, concurrent.futures.Executor):
     def __exit__(self, *exc_info):
         self.shutdown(wait=True)
         return False
+
+
+def _plain_result(link: Link, result) -> bool:
+    """Whether completing ``result`` runs no user code: a plain value for a Future without user callbacks."""
+    try:
+        task_id, status, (pickled, buffers), _ = result
+    except (TypeError, ValueError):
+        return False  # failures (user exceptions to unpickle), malformed ones: off the IO thread
+    task = link.in_flight.get(task_id)
+    if task is None:
+        return True  # not waited for (cancelled, or retried elsewhere): nothing to complete
+    return (status == OK and not buffers and type(pickled) is bytes and not task.future.user_callbacks
+            and plain(pickled))
+
+
+def _detached(results):
+    """``results`` with their out-of-band buffers copied out of the frame, now.
+
+    They are views of the link's receive buffer, which the next large frame reuses once
+    nothing refers to it: a result waiting in the queue would make it allocate fresh memory.
+    The copy is the one unpickling would make (a ``bytes`` buffer is then taken as it is).
+    """
+    if type(results) is not list:
+        return results
+    detached = []
+    for result in results:
+        try:
+            task_id, status, value, seconds = result
+            values = value[0] if status == FAILED else value
+            pickled, buffers = values
+        except (TypeError, ValueError):
+            detached.append(result)
+            continue
+        if not buffers or type(buffers) is not list:
+            detached.append(result)
+            continue
+        values = (pickled, [bytes(buffer) for buffer in buffers])
+        detached.append((task_id, status, (values, value[1]) if status == FAILED else values, seconds))
+    return detached

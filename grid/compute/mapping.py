@@ -93,7 +93,7 @@ class MapRun:
                     raise
                 future = self._submit(chunk)  # shutdown began between the two: it lets this map go on
             future.items = len(chunk)
-            future.add_done_callback(self._sizer.observe_future)  # result: (values, error, seconds)
+            future.add_grid_callback(self._sizer.observe_future)  # result: (values, error, seconds)
             self._pending.append(future)
 
     def _submit(self, chunk) -> Future:
@@ -119,16 +119,16 @@ class MapRun:
         if self._ordered:
             future = self._pending[0]
             if not future.done():
-                concurrent.futures.wait([future], remaining)
+                self._executor.wait_any((future,), remaining)
                 if not future.done():
                     raise TimeoutError()
             self._pending.popleft()  # taken, even if it failed: the next call goes on with the next one
             values, error = future.result()[:2]
         else:
-            done, _ = concurrent.futures.wait(self._pending, remaining, concurrent.futures.FIRST_COMPLETED)
-            if not done:
+            self._executor.wait_any(self._pending, remaining)
+            future = next((f for f in self._pending if f.done()), None)
+            if future is None:
                 raise TimeoutError()
-            future = next(f for f in self._pending if f in done)
             self._pending.remove(future)
             values, error = future.result()[:2]
         self._top_up()
@@ -150,7 +150,7 @@ class MapRun:
                         self.close()
                     return
                 waiting = [self._pending[0]] if self._ordered else list(self._pending)
-            concurrent.futures.wait(waiting, return_when=concurrent.futures.FIRST_COMPLETED)
+            self._executor.wait_any(waiting, None)
             with self.lock:
                 if self.finished or not self._pending or (self._ordered and self._pending[0] is not waiting[0]):
                     continue  # the caller took it meanwhile

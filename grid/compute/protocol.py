@@ -12,14 +12,19 @@ Both sides import it; neither imports the other. Messages (``messaging`` typed f
     member -> executor   "results"  [(task id, status, value, seconds)]
 
 A task's ``kind`` says how its function is called; a result's ``status`` what came of it.
-A failed task's value is ``serialize.pack_error(exc)``; a chunk's is ``(values so far,
-packed error)``.
+A call's value is ``pack_value(result)``, a chunk's ``pack_value(values)``; a failed
+task's is ``serialize.pack_error(exc)``, a failed chunk's ``(pack_value(values so far),
+packed error)``; an UNSENDABLE one's is the packed error saying why.
 
 A task's ``(args, kwargs)`` travel pickled apart (``pack_arguments``), with their large
 buffers out-of-band in the frame: the member's IO thread unpickles the frame, which holds
 only bytes, and a task thread unpickles the arguments (``unpack_arguments``). Unpickling
 arguments can import modules and run their classes' code: that is user code, and the IO
 thread never runs user code.
+
+Results travel the same way, each pickled apart (``pack_value``): the executor's IO thread
+only queues them, and each is unpickled where its Future is completed. So a result the
+caller cannot unpickle fails its own task, saying why, and nothing else.
 """
 
 from ..net import serialize
@@ -41,3 +46,23 @@ def pack_arguments(args, kwargs) -> tuple:
 def unpack_arguments(packed, buffers) -> tuple:
     """``(args, kwargs)`` of a task, on the thread that runs it."""
     return serialize.loads(packed, buffers)
+
+
+def pack_value(value) -> tuple:
+    """``(pickled value, [out-of-band buffers])`` for a result on the wire; large buffers in it
+    (marked by ``serialize.wrap_buffers``) travel out-of-band.
+
+    Raises:
+        SerializationError: it cannot travel.
+    """
+    buffers: list = []
+    return serialize.dumps(value, buffers), buffers
+
+
+def unpack_value(packed):
+    """A result from ``pack_value``'s pair, where its Future is completed."""
+    pickled, buffers = packed
+    return serialize.loads(pickled, buffers)
+
+
+NO_VALUES = pack_value([])  # a chunk that failed before any of its items ran

@@ -38,7 +38,7 @@ from ..cluster.members import Member
 from ..errors import WorkerCrashed
 from ..net import serialize
 from . import worker
-from .protocol import CALL, FAILED
+from .protocol import CALL, FAILED, NO_VALUES
 
 log = logging.getLogger("grid.worker")
 
@@ -112,7 +112,7 @@ class TaskProcess:
         except _Died as exc:
             died = exc
         error = serialize.pack_error(WorkerCrashed(f"the task killed the process running it: {died.report}"))
-        return (task[0], FAILED, error if task[2] == CALL else ([], error), 0.0)
+        return (task[0], FAILED, error if task[2] == CALL else (NO_VALUES, error), 0.0)
 
     def _call(self, message):
         try:

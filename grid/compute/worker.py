@@ -32,7 +32,7 @@ import traceback
 
 from ..errors import BrokenGrid, GridError, RemoteError
 from ..net import messaging, serialize
-from .protocol import CALL, CANCELLED, CHUNK, CHUNK1, FAILED, OK, UNSENDABLE, unpack_arguments
+from .protocol import CALL, CANCELLED, CHUNK, CHUNK1, FAILED, NO_VALUES, OK, UNSENDABLE, pack_value, unpack_arguments
 
 _KINDS = (CALL, CHUNK, CHUNK1)
 
@@ -186,7 +186,7 @@ class TaskRunner:
             elif type(task) in (tuple, list) and task and isinstance(task[0], int):
                 error = serialize.pack_error(GridError(f"malformed task from the executor: {problem}"))
                 chunk = len(task) > 2 and task[2] in (CHUNK, CHUNK1)  # a chunk's failure carries its values too
-                failed.append((task[0], FAILED, ([], error) if chunk else error, 0.0))
+                failed.append((task[0], FAILED, (NO_VALUES, error) if chunk else error, 0.0))
             else:
                 self._refuse(conn, f"a task without a usable id: {problem}")
                 return
@@ -285,14 +285,14 @@ class TaskRunner:
             state.cancelled.discard(task_id)
             return (task_id, CANCELLED, None, 0.0)
         if state.init_error is not None:
-            return (task_id, FAILED, state.init_error if kind == CALL else ([], state.init_error), 0.0)
+            return (task_id, FAILED, state.init_error if kind == CALL else (NO_VALUES, state.init_error), 0.0)
         if function is None or process is None:
             return run_task(None if function is None else function.load(), task)
         if state.init_pickled is not None and not process.initialized(state.serial):
             error = process.initialize(state.serial, state.init_pickled)
             if error is not None:
                 state.init_error = error
-                return (task_id, FAILED, error if kind == CALL else ([], error), 0.0)
+                return (task_id, FAILED, error if kind == CALL else (NO_VALUES, error), 0.0)
         # The child gets the task by pipe: out-of-band buffers (views of the frame) become bytes.
         task = (*task[:4], [bytes(buffer) for buffer in task[4]]) if task[4] else task
         return process.run(function.serial, function.pickled, task)
@@ -350,7 +350,7 @@ def run_task(fn, task) -> tuple:
                             "task arrived (a grid bug)")
     if failure is not None:
         error = serialize.pack_error(failure)
-        return (task_id, FAILED, error if kind == CALL else ([], error), 0.0)
+        return (task_id, FAILED, error if kind == CALL else (NO_VALUES, error), 0.0)
     started = time.perf_counter()
     if kind == CALL:
         try:
@@ -360,14 +360,31 @@ def run_task(fn, task) -> tuple:
                 exc = RemoteError(f"task raised {type(exc).__name__}: {exc}")
             return (task_id, FAILED, serialize.pack_error(exc), time.perf_counter() - started)
         seconds = time.perf_counter() - started
-        return (task_id, OK, serialize.wrap_buffers((value,))[0], seconds)
+        try:
+            return (task_id, OK, pack_value(serialize.wrap_buffers((value,))[0]), seconds)
+        except Exception as exc:
+            return (task_id, UNSENDABLE, _unsendable(value, exc), seconds)
     values = []
     try:  # list.extend keeps what it appended before an exception: the results up to the failure
         values.extend(map(fn, args) if kind == CHUNK1 else itertools.starmap(fn, args))
     except BaseException as exc:  # noqa: B036
-        return (task_id, FAILED, (values, serialize.pack_error(exc)), time.perf_counter() - started)
+        error = serialize.pack_error(exc)
+        seconds = time.perf_counter() - started
+        try:
+            return (task_id, FAILED, (pack_value(serialize.wrap_buffers(values)), error), seconds)
+        except Exception:  # what came before the failure cannot travel: the failure still does
+            return (task_id, UNSENDABLE, error, seconds)
     seconds = time.perf_counter() - started
-    return (task_id, OK, serialize.wrap_buffers(values), seconds)
+    try:
+        return (task_id, OK, pack_value(serialize.wrap_buffers(values)), seconds)
+    except Exception as exc:
+        return (task_id, UNSENDABLE, _unsendable(values, exc), seconds)
+
+
+def _unsendable(value, exc: BaseException) -> tuple:
+    return serialize.pack_error(RemoteError(
+        f"the task's result ({type(value).__name__}) cannot be pickled: {exc}; "
+        "return plain data (or objects that pickle) from tasks"))
 
 
 def run_initializer(pickled):
@@ -424,14 +441,12 @@ def _bad_arguments(kind, args, kwargs) -> str | None:
 
 
 def sendable(result: tuple) -> tuple:
-    """``result``, or if its value cannot be pickled, an UNSENDABLE result with an error that says so."""
+    """``result``, or if it cannot be pickled (a packed error whose pieces do not), an UNSENDABLE
+    result with an error that says so. Values are pickled apart already (``run_task``)."""
     task_id, status, value, seconds = result
     try:
         serialize.dumps(value)
         return result
     except Exception as exc:
-        if status == FAILED and isinstance(value[0], list):  # a chunk's values before its failure
-            return (task_id, UNSENDABLE, value[1], seconds)
-        error = RemoteError(f"the task's result ({type(value).__name__}) cannot be pickled: {exc}; "
-                            "return plain data (or objects that pickle) from tasks")
+        error = RemoteError(f"the task's outcome cannot be pickled: {exc}")
         return (task_id, UNSENDABLE, serialize.pack_error(error), seconds)
