@@ -50,12 +50,16 @@ Measures (--quick uses smaller counts):
 
 Every executor maps the module-level `add_one` (ProcessPoolExecutor cannot pickle a
 lambda), grid included, so the rows compare the same work. --repeat N takes the best of N
-for throughputs and the median of N for latencies.
+for throughputs and the median of N for latencies. --rounds R runs every contender R times,
+interleaved (grid, PPE, ..., grid, PPE, ...), and takes the best (throughputs) or the median
+(latencies, memory) of the rounds: this machine's speed drifts by 30% within a minute, so
+contenders measured one after the other once can differ by the drift alone.
 
 Usage:
     python scripts/bench.py                      # everything installed, full counts
     python scripts/bench.py --quick              # smaller counts, a quick look
     python scripts/bench.py --only grid --only ppe --repeat 3
+    python scripts/bench.py --quick --only grid --only ppe --rounds 3   # interleaved, for ratios
     pip install loky 'dask[distributed]' ray     # the peers (the library does not need them)
 """
 
@@ -759,6 +763,41 @@ class Outcome:
         self.notes: list[str] = []
 
 
+def merge_rounds(rounds: list[Outcome]) -> Outcome:
+    """One Outcome from a contender's rounds: per key, the best throughput or the median latency.
+
+    Keys that are no row of the report (a map's item count, the chunksize that won) come with
+    the value they describe: from the round whose row value was taken, else from the first.
+    """
+    if len(rounds) == 1:
+        return rounds[0]
+    merged = Outcome(rounds[0].name)
+    merged.skipped = rounds[0].skipped
+    higher = {key: better for key, _, _, better in ROWS}
+    companions = {"map_best": ("map_best_chunksize",), "map_default": ("map_default_items",)}
+    for outcome in rounds:
+        merged.failures.update(outcome.failures)
+        merged.notes.extend(note for note in outcome.notes if note not in merged.notes)
+        for key, value in outcome.values.items():
+            merged.values.setdefault(key, value)
+    for key, better in higher.items():
+        having = [outcome for outcome in rounds if key in outcome.values]
+        if not having:
+            continue
+        if better:
+            chosen = max(having, key=lambda outcome: outcome.values[key])
+        else:
+            chosen = sorted(having, key=lambda outcome: outcome.values[key])[(len(having) - 1) // 2]
+        merged.values[key] = chosen.values[key]
+        for companion in companions.get(key, ()):
+            if companion in chosen.values:
+                merged.values[companion] = chosen.values[companion]
+    if len(rounds) > 1:
+        merged.failures = {measure: why for measure, why in merged.failures.items()
+                           if all(measure in outcome.failures for outcome in rounds)}
+    return merged
+
+
 def run_contender(name: str, args, counts, log_dir: str) -> Outcome:
     outcome = Outcome(name)
     contender_class = CONTENDERS[name]
@@ -1118,6 +1157,8 @@ def parse_args(argv=None):
     parser.add_argument("--quick", action="store_true", help="smaller counts")
     parser.add_argument("--repeat", type=int, default=1, metavar="N",
                         help="best of N for throughput, median of N for latency (default 1)")
+    parser.add_argument("--rounds", type=int, default=1, metavar="R",
+                        help="run all contenders R times, interleaved; best (throughput) or median of the rounds")
     parser.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
                         help="seconds one repetition of a measure may take before it is failed (default: per measure)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
@@ -1126,6 +1167,8 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     if args.repeat < 1:
         parser.error("--repeat must be 1 or more")
+    if args.rounds < 1:
+        parser.error("--rounds must be 1 or more")
     return args
 
 
@@ -1137,12 +1180,16 @@ def main(argv=None) -> int:
     names = [name for name in CONTENDERS if not args.only or name in args.only]
     print_environment(names, args, counts)
     log_dir = tempfile.mkdtemp(prefix="grid-bench-")
-    outcomes = {}
+    rounds: dict[str, list[Outcome]] = {}
     try:
-        for name in names:
-            outcomes[name] = run_contender(name, args, counts, log_dir)
+        for number in range(args.rounds):
+            if args.rounds > 1:
+                print(f"round {number + 1} of {args.rounds}")
+            for name in names:
+                rounds.setdefault(name, []).append(run_contender(name, args, counts, log_dir))
     except KeyboardInterrupt:
         print("\ninterrupted; the figures so far:")
+    outcomes = {name: merge_rounds(done) for name, done in rounds.items()}
     print_report(outcomes, counts)
     print_targets(outcomes)
     failed = any(o.failures or o.notes for o in outcomes.values())

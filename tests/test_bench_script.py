@@ -191,3 +191,20 @@ def test_the_memory_measure_stops_an_endless_map(bench):
     finally:
         contender.close()
     assert next(taken) == TINY["memory_items"][1]  # not one item more than the second checkpoint
+
+
+def test_rounds_merge_to_the_best_throughput_and_the_median_latency(bench):
+    rounds = []
+    for rate, latency, chunksize in ((3.0, 300.0, 1000), (5.0, 100.0, 10000), (4.0, 200.0, 1000)):
+        outcome = bench.Outcome("grid")
+        outcome.values.update(map_best=rate, map_best_chunksize=chunksize, rt_median_us=latency)
+        rounds.append(outcome)
+    rounds[0].failures["cpu"] = "timed out"
+    merged = bench.merge_rounds(rounds)
+    assert merged.values["map_best"] == 5.0 and merged.values["map_best_chunksize"] == 10000, \
+        "the chunksize that won comes with its rate"
+    assert merged.values["rt_median_us"] == 200.0
+    assert merged.failures == {}, "a measure that succeeded in another round did not fail"
+    rounds[1].failures["cpu"] = rounds[2].failures["cpu"] = "timed out"
+    assert bench.merge_rounds(rounds).failures == {"cpu": "timed out"}
+    assert bench.parse_args(["--rounds", "3"]).rounds == 3
