@@ -222,7 +222,7 @@ def validate_config(config: Any, source: str) -> None:
     check.integer(config.max_frame_bytes, "max_frame_bytes", MIN_FRAME_LIMIT, MAX_FRAME_LIMIT,
                   f"an integer number of bytes from {MIN_FRAME_LIMIT} to {MAX_FRAME_LIMIT} (default "
                   f"{DEFAULT_MAX_PAYLOAD}, 512 MiB): the largest frame a link accepts after the handshake")
-    check.integer(config.backup_count, "backup_count", 0, None, "an integer >= 0")
+    check.integer(config.backup_count, "backup_count", 0, 6, "an integer from 0 to 6 (backups per partition)")
     check.integer(config.partitions, "partitions", 1, None, "an integer >= 1")
     if config.workers is not None:
         check.integer(config.workers, "workers", 1, None, "an integer >= 1, or leave it out for one per CPU")
