@@ -24,6 +24,7 @@ from .client import (
 )
 from .cluster.config import Config, load_config
 from .cluster.members import Member, MembershipEvent
+from .cluster.partitions import PartitionTable, partition_of
 from .code.patches import Patch
 from .compute.services import service
 from .compute.worker import current_member
@@ -40,8 +41,8 @@ from .peer import Peer
 
 __all__ = [
     "BrokenGrid", "Cluster", "CodeNotAllowed", "Config", "GridError", "GridExecutor", "Member", "MembershipEvent",
-    "Patch", "Peer", "RemoteError", "ServiceNotFound", "SomeMembersFailed", "WorkerCrashed", "cluster", "connect",
+    "PartitionTable", "Patch", "Peer", "RemoteError", "ServiceNotFound", "SomeMembersFailed", "WorkerCrashed", "cluster", "connect",
     "current_member", "default_executor", "deploy", "eval_all", "exec_all", "fmap", "load_all", "load_config",
-    "run_all", "service", "ufmap",
+    "partition_of", "run_all", "service", "ufmap",
 ]
 __version__ = "0.1.0"

@@ -21,6 +21,7 @@ import time
 from .cluster.config import Config, load_config
 from .cluster.link import ClusterLink
 from .cluster.members import Member
+from .cluster.partitions import PartitionTable, partition_of
 from .code import livecode, patches
 from .compute.executor import ClusterExecutor
 from .compute.services import ServiceProxy
@@ -60,6 +61,17 @@ class Cluster:
     def master(self) -> Member | None:
         members = self.members()
         return members[0] if members else None
+
+    def partitions(self) -> PartitionTable:
+        """The partition table, as the master last pushed it: ``table.owner(p)`` and ``table.backups(p)``
+        name each partition's members by uuid, ``table.version`` grows with every change, and
+        ``partition_of(key)`` says which partition a key is in."""
+        self._check_open()
+        return self._peer.partitions() if self._peer else self._link.partition_table
+
+    def partition_of(self, key) -> int:
+        """The partition ``key`` is in, in this cluster (``partitions`` of its config)."""
+        return partition_of(key, self.config.partitions)
 
     def add_membership_listener(self, listener) -> None:
         """Call ``listener(event)`` for each member that joins or leaves, in order.

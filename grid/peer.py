@@ -79,14 +79,15 @@ class Peer:
                     self._remove_socket_dir()
                     self._socket_dir = None
             task_threads = self.config.task_processes or self.config.effective_workers()
-            self.me = local_member(self.address, self.uuid, task_threads, unix)
+            self.me = local_member(self.address, self.uuid, task_threads, unix, data=self.config.data)
             self.discovery = make_discovery(self.config, secret=self.secret, cluster_id=self.config.id,
                                             member_uuid=self.uuid, clock=clock)
             required = parse_address(self.config.required, key="required") if self.config.required else None
             self.membership = Membership(
                 me=self.me, transport=self.transport, router=self.router, discovery=self.discovery,
                 heartbeat_interval=self.config.heartbeat_interval, failure_timeout=self.config.failure_timeout,
-                required=required, clock=clock)
+                required=required, clock=clock, partitions=self.config.partitions,
+                backup_count=self.config.backup_count)
             # Tasks wait until the patch log is replayed (CodeService calls on_ready).
             self.tasks = TaskRunner(self.router, workers=task_threads, hold=True, processes=[
                 TaskProcess(self.me.to_wire(), self.config.imports) for _ in range(self.config.task_processes)])
@@ -150,6 +151,9 @@ class Peer:
 
     def master(self):
         return self.membership.master()
+
+    def partitions(self):
+        return self.membership.partitions()
 
     def close(self, clean: bool = True) -> None:
         """Leave the cluster (cleanly: the others remove us at once) and stop every thread."""

@@ -138,7 +138,9 @@ def test_a_table_survives_the_wire_and_a_malformed_one_is_refused():
     with pytest.raises(ValueError, match="malformed"):
         PartitionTable.from_wire({"version": 1})
     with pytest.raises(ValueError, match="7 partitions with 1 rows"):
-        PartitionTable.from_wire({**table.to_wire(), "replicas": [["m00"]]})
+        PartitionTable.from_wire({**table.to_wire(), "replicas": [[0]]})
+    with pytest.raises(ValueError, match="malformed"):
+        PartitionTable.from_wire({**table.to_wire(), "replicas": [[9]] * 7})
 
 
 @settings(max_examples=int(os.environ.get("GRID_HYPOTHESIS_EXAMPLES", "60")), deadline=None)
@@ -166,3 +168,12 @@ def test_any_sequence_of_joins_and_leaves_keeps_the_table_sound(steps, backup_co
                 assert new[0] in survivors, "a partition's data holder owns it: no acknowledged write is lost"
         table = plan(table, present)  # migration done
         check(table, present, backup_count)
+
+
+def test_a_malformed_table_in_a_member_list_is_ignored_and_logged(caplog):
+    assert partitions.received_table(None) is None, "a list from an older master carries none"
+    with caplog.at_level("WARNING", logger="grid.membership"):
+        assert partitions.received_table({"version": "one"}) is None
+    assert "ignoring a partition table" in caplog.text
+    table = plan(empty_table(partitions=5), members(2))
+    assert partitions.received_table(table.to_wire()) == table

@@ -153,7 +153,7 @@ class Joiner:
         master = members[0]
         self._links[master.uuid] = conn
         self._close_probes(keep=conn)
-        self._enter_cluster(reply["version"], members)
+        self._enter_cluster(reply["version"], members, reply.get("partitions"))
 
     def _become_first_member(self) -> None:
         log.info("no cluster found: %s starts a new one as its master", self.me)

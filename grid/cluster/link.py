@@ -29,6 +29,7 @@ from .config import Config
 from .discovery import make_discovery
 from .members import Departures, Listeners, Member, departures_from_wire
 from .multicast import MulticastDiscovery
+from .partitions import PartitionTable, empty_table, received_table
 
 log = logging.getLogger("grid.client")
 
@@ -47,6 +48,7 @@ class ClusterLink:
         self.config = config
         self.members: tuple[Member, ...] = ()
         self.version = 0
+        self.partition_table: PartitionTable = empty_table(config.partitions, config.backup_count)
         self.listeners = Listeners()
         self._departures = Departures()  # how recent members left, as the members' lists said
         self._secret = config.resolved_secret()
@@ -121,7 +123,14 @@ class ClusterLink:
             self._departures.forget(members)
             old, self.members = self.members, members
             self.version = version
+            self._take_table(body.get("partitions"), same_master)
             self.listeners.emit_changes(old, self.members, version, self._departures)
+
+    def _take_table(self, wire, same_master: bool) -> None:
+        """(Under the lock) the list's partition table: newer from the same master, any from a new one."""
+        table = received_table(wire)
+        if table is not None and (table.version > self.partition_table.version or not same_master):
+            self.partition_table = table
 
     def _on_close(self, conn) -> None:
         if conn is self._conn:

@@ -34,19 +34,26 @@ class Member:
     hostname: str = ""
     workers: int = 1  # task threads: how much work the executor keeps in flight here
     unix: str = ""  # a Unix socket path for processes on the same host ("" if none)
+    data: bool = True  # holds partitions of the data (False: a lite member, which only computes)
 
     def __str__(self) -> str:
         return format_address(self.address)
 
     def to_wire(self) -> dict:
         return {"uuid": self.uuid, "address": list(self.address), "pid": self.pid, "hostname": self.hostname,
-                "workers": self.workers, "unix": self.unix}
+                "workers": self.workers, "unix": self.unix, "data": self.data}
 
     @classmethod
     def from_wire(cls, data: dict) -> Member:
         host, port = data["address"]
         return cls(uuid=data["uuid"], address=(host, int(port)), pid=data.get("pid", 0),
-                   hostname=data.get("hostname", ""), workers=data.get("workers", 1), unix=data.get("unix", ""))
+                   hostname=data.get("hostname", ""), workers=data.get("workers", 1), unix=data.get("unix", ""),
+                   data=bool(data.get("data", True)))
+
+    @property
+    def host(self) -> str:
+        """The host it runs on, as the partition table keeps replicas apart: its hostname, else its IP."""
+        return self.hostname or self.address[0]
 
 
 # event.reason: how a member came or went.
@@ -204,9 +211,9 @@ def advertised_address(host: str, port: int) -> tuple[str, int]:
     return (host, port)
 
 
-def local_member(address: tuple[str, int], uuid: str, workers: int = 1, unix: str = "") -> Member:
+def local_member(address: tuple[str, int], uuid: str, workers: int = 1, unix: str = "", data: bool = True) -> Member:
     return Member(uuid=uuid, address=address, pid=os.getpid(), hostname=socket.gethostname(), workers=workers,
-                  unix=unix)
+                  unix=unix, data=data)
 
 
 def local_target(member: Member):

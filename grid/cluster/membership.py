@@ -19,6 +19,7 @@ thread (``Listeners``) are in ``members.py``.
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import logging
 import queue
@@ -33,6 +34,7 @@ from ..net.address import format_address
 from ..net.security import HandshakeFailed
 from .joining import Joiner
 from .members import CRASHED, LEFT, REMOVED, Departures, Listeners, Member, departures_from_wire
+from .partitions import PartitionTable, empty_table, plan, received_table
 
 log = logging.getLogger("grid.membership")
 
@@ -69,11 +71,15 @@ class Membership(Joiner):
         heartbeat_interval, failure_timeout: seconds.
         required: an address that must be in the cluster (no cluster forms without it).
         clock: an object with ``monotonic()``.
+        partitions, backup_count: the partition table's shape (the master plans it; see partitions.py).
     """
 
     def __init__(self, *, me: Member, transport, router, discovery, heartbeat_interval: float = 1.0,
-                 failure_timeout: float = 10.0, required: tuple[str, int] | None = None, clock=time):
+                 failure_timeout: float = 10.0, required: tuple[str, int] | None = None, clock=time,
+                 partitions: int = 271, backup_count: int = 1):
         self.me = me
+        self._shape = (partitions, backup_count)
+        self.partition_table: PartitionTable = empty_table(partitions, backup_count)
         self.transport = transport
         self.discovery = discovery
         self.heartbeat_interval = heartbeat_interval
@@ -122,6 +128,10 @@ class Membership(Joiner):
     def master(self) -> Member | None:
         members = self._members
         return members[0] if members else None
+
+    def partitions(self) -> PartitionTable:
+        """The partition table as the master last sent it (planned here, on the master)."""
+        return self.partition_table
 
     @property
     def is_master(self) -> bool:
@@ -238,9 +248,10 @@ class Membership(Joiner):
         self._last_reasons: dict = {}
         self._refusals = {}
 
-    def _enter_cluster(self, version: int, members) -> None:
+    def _enter_cluster(self, version: int, members, table=None) -> None:
         self._set_state(State.MEMBER)
         self._suspected.clear()
+        self._take_table(table)  # (the master's join reply carries it)
         self._apply(version, members, force=True)
         self._join_error = None
         self._merge_target = None
@@ -265,6 +276,8 @@ class Membership(Joiner):
         self._departures.forget(members)
         self.version = version
         self._members = members
+        if self.state is State.MEMBER and self.is_master:
+            self._replan()
         now = self.clock.monotonic()
         uuids = {m.uuid for m in members}
         for member in members:
@@ -283,9 +296,29 @@ class Membership(Joiner):
             self._send(conn, "members", self._members_body())
 
     def _members_body(self) -> dict:
-        """The member list as it travels: version, members, and how recent members left."""
+        """The member list as it travels: version, members, how recent members left, and the
+        partition table."""
         return {"version": self.version, "members": [m.to_wire() for m in self._members],
-                "departed": self._departures.to_wire()}
+                "departed": self._departures.to_wire(), "partitions": self.partition_table.to_wire()}
+
+    def _replan(self) -> None:
+        """Master: the partition table for this member list (the data members, kept on distinct hosts).
+
+        Until the data layer holds partitions, a replica has nothing to copy, so the table is
+        settled at once: planned twice, the second time with the first's new replicas holding
+        the data (the data layer will settle it once its migrations are done).
+        """
+        data = [(m.uuid, m.host) for m in self._members if m.data]
+        first = plan(self.partition_table, data)
+        settled = plan(first, data)
+        if settled is not self.partition_table:
+            self.partition_table = dataclasses.replace(settled, version=self.partition_table.version + 1)
+
+    def _take_table(self, wire) -> None:
+        """A member list's partition table, if newer than the one held."""
+        table = received_table(wire)
+        if table is not None and table.version > self.partition_table.version:
+            self.partition_table = table
 
     def _rejoin(self, target: tuple | None = None) -> None:
         """Leave the member list and join again; ``target``: the master of a cluster to merge into."""
@@ -293,6 +326,7 @@ class Membership(Joiner):
         self.listeners.emit_changes(self._members, [self.me], self.version, default=REMOVED)
         self._members = ()
         self.version = 0
+        self.partition_table = empty_table(*self._shape)  # the cluster it joins has its own
         self._joined.clear()
         self._last_heard.clear()
         self._suspected.clear()
@@ -614,7 +648,8 @@ class Membership(Joiner):
             return
         members = list(self._members)
         if any(m.uuid == joiner.uuid for m in members):
-            reply.set_result({"ok": True, "version": self.version, "members": [m.to_wire() for m in members]})
+            reply.set_result({"ok": True, "version": self.version, "members": [m.to_wire() for m in members],
+                              "partitions": self.partition_table.to_wire()})
             return
         replaced = [m for m in members if m.address == joiner.address]
         if replaced:
@@ -624,16 +659,20 @@ class Membership(Joiner):
         log.info("admitting %s (%d members)", joiner, len(members))
         # The old entry's process no longer holds its address, and it never said goodbye.
         self._publish(members, {m.uuid: CRASHED for m in replaced})
-        reply.set_result({"ok": True, "version": self.version, "members": [m.to_wire() for m in self._members]})
+        reply.set_result({"ok": True, "version": self.version, "members": [m.to_wire() for m in self._members],
+                          "partitions": self.partition_table.to_wire()})
 
     def _on_members(self, conn, body) -> None:
         members = tuple(Member.from_wire(m) for m in body["members"])
         departed = departures_from_wire(body.get("departed"))  # absent from an older master: clean leaves
-        self._post(lambda: self._receive_members(body["version"], members, departed))
+        table = body.get("partitions")  # absent from an older master
+        self._post(lambda: self._receive_members(body["version"], members, departed, table))
 
-    def _receive_members(self, version: int, members, departed) -> None:
+    def _receive_members(self, version: int, members, departed, table=None) -> None:
         if self.state is not State.MEMBER:
             return
+        if not self.is_master:  # first: the list's push to this member's clients carries it
+            self._take_table(table)
         if version > self.version:
             self._apply(version, members, departed=departed)
 

@@ -31,9 +31,12 @@ import collections
 import dataclasses
 import io
 import itertools
+import logging
 import pickle
 import zlib
 from collections.abc import Iterable, Sequence
+
+log = logging.getLogger("grid.membership")
 
 DEFAULT_PARTITIONS = 271
 MAX_BACKUPS = 6
@@ -113,20 +116,35 @@ class PartitionTable:
         return {uuid for row in self.replicas for uuid in row}
 
     def to_wire(self) -> dict:
+        """The table as it travels: each member's uuid once, and the rows as indexes into them."""
+        uuids = sorted(self.members())
+        index = {uuid: number for number, uuid in enumerate(uuids)}
         return {"version": self.version, "partitions": self.partitions, "backup_count": self.backup_count,
-                "replicas": [list(row) for row in self.replicas]}
+                "members": uuids, "replicas": [[index[uuid] for uuid in row] for row in self.replicas]}
 
     @classmethod
     def from_wire(cls, data: dict) -> PartitionTable:
         """The table another member sent (raises ValueError if it is malformed)."""
         try:
             version, count, backups = int(data["version"]), int(data["partitions"]), int(data["backup_count"])
-            replicas = tuple(tuple(str(uuid) for uuid in row) for row in data["replicas"])
-        except (KeyError, TypeError, ValueError) as exc:
-            raise ValueError(f"a malformed partition table: {exc}") from exc
+            uuids = [str(uuid) for uuid in data["members"]]
+            replicas = tuple(tuple(uuids[number] for number in row) for row in data["replicas"])
+        except (KeyError, TypeError, ValueError, IndexError) as exc:
+            raise ValueError(f"a malformed partition table: {type(exc).__name__}: {exc}") from exc
         if replicas and len(replicas) != count:
             raise ValueError(f"a partition table of {count} partitions with {len(replicas)} rows")
         return cls(version, count, backups, replicas)
+
+
+def received_table(wire) -> PartitionTable | None:
+    """The table a member list carried (None if it carried none, or one that is malformed: logged)."""
+    if wire is None:
+        return None
+    try:
+        return PartitionTable.from_wire(wire)
+    except ValueError as exc:
+        log.warning("ignoring a partition table: %s", exc)
+        return None
 
 
 def empty_table(partitions: int = DEFAULT_PARTITIONS, backup_count: int = 1) -> PartitionTable:

@@ -1,0 +1,59 @@
+"""The master's partition table reaches every member and client, and follows joins and deaths."""
+
+from __future__ import annotations
+
+import collections
+
+import pytest
+
+import grid
+from tests.conftest import wait_for
+from tests.test_cluster import FAST, views
+
+pytestmark = pytest.mark.slow
+
+TIMEOUT = 30
+
+
+def tables(clients) -> list:
+    return [client.partitions() for client in clients.values()]
+
+
+def settled(clients, data_uuids: set, backup_count: int = 1):
+    """The one table every view holds, once it covers exactly ``data_uuids``; else None."""
+    seen = tables(clients)
+    first = seen[0]
+    if any(table != first for table in seen) or not first.replicas:
+        return None
+    if first.members() != data_uuids:
+        return None
+    width = min(backup_count + 1, len(data_uuids))
+    return first if all(len(row) == width for row in first.replicas) else None
+
+
+def test_every_member_and_client_holds_the_masters_table_through_a_join_and_a_kill(local_cluster):
+    cluster = local_cluster(3, **FAST)
+    lite = cluster.add(data=False)  # a lite member computes but holds no partitions
+    uuids = {peer.uuid for peer in cluster.peers}
+    data_uuids = uuids - {lite.uuid}
+    with views(cluster) as clients:
+        table = wait_for(lambda: settled(clients, data_uuids), TIMEOUT, "one table on 3 data members everywhere")
+        assert table.partitions == 271 and table.backup_count == 1
+        owners = collections.Counter(row[0] for row in table.replicas)
+        assert sorted(owners.values()) == [90, 90, 91], owners
+        assert not table.owned_by(lite.uuid) and not table.backed_up_by(lite.uuid)
+        key = ("user", 42)
+        client = next(iter(clients.values()))
+        assert client.partition_of(key) == grid.partition_of(key) and table.owner(client.partition_of(key)) in data_uuids
+
+        victim = next(peer for peer in cluster.peers if peer.uuid == table.owner(0) and peer.index != 0)
+        cluster.kill(victim.index)
+        survivors = {index: client for index, client in clients.items() if index != victim.index}
+        remaining = data_uuids - {victim.uuid}
+        after = wait_for(lambda: settled(survivors, remaining), TIMEOUT, "a table without the killed member")
+        assert after.version > table.version
+        for before_row, after_row in zip(table.replicas, after.replicas):
+            if before_row[0] == victim.uuid:
+                assert after_row[0] == before_row[1], "its backup owns its partitions now"
+        owners = collections.Counter(row[0] for row in after.replicas)
+        assert sorted(owners.values()) == [135, 136], owners
