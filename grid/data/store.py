@@ -1,0 +1,371 @@
+"""One member's share of the distributed data, as a state machine without IO: its partition replicas.
+
+::
+
+    owner:   Replica.execute(op) --> Outcome(result, record)    record: what the backups apply
+               reads give no record; a write's record holds its effects and its result
+             the caller acknowledges the write once every backup applied the record
+    backup:  Replica.replicate(record)   in sequence order; refused (Fenced) from an older table
+    retry:   an op with a call id already applied answers with the stored result, applying nothing,
+             on the owner and on a backup promoted since (the record carried the call id there)
+    migrate: Replica.snapshot() --> Replica.restore(snapshot) on the new replica, then the records
+             made meanwhile (replicate skips those the snapshot holds)
+
+Keys and values are bytes: a map's keys in their canonical form (``partitions.key_bytes``) and
+values pickled by the caller. Nothing here unpickles anything, so any thread may run it; the
+layer above serializes calls per replica. A structure lives in the partitions its keys hash to
+(a map), or wholly in the partition of its name (a queue, a counter).
+
+Records replicate effects, not operations: ``("set", key, value)`` rather than "put_if_absent",
+so a backup never decides anything and cannot diverge from its owner.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+from typing import Any
+
+MAP, QUEUE, COUNTER = "map", "queue", "counter"
+KINDS = (MAP, QUEUE, COUNTER)
+_CALL_IDS = 4096  # call ids (and their results) a replica remembers, the newest
+
+
+class StoreError(Exception):
+    """An operation this replica refuses (the message says why)."""
+
+
+class Fenced(StoreError):
+    """A record or op from a partition table older than the one this replica follows: its sender is
+    no longer the owner (a paused or partitioned ex-owner), so it must not be applied or acknowledged."""
+
+
+class OutOfOrder(StoreError):
+    """A record skipped some before it: the backup needs the ones between (or a snapshot)."""
+
+    def __init__(self, message: str, expected: int):
+        super().__init__(message)
+        self.expected = expected
+
+
+@dataclasses.dataclass(frozen=True)
+class Op:
+    """One operation on a structure in a partition. ``args`` are bytes and ints."""
+
+    kind: str
+    name: str
+    action: str
+    args: tuple = ()
+    call_id: str | None = None  # for writes: a retried call carries the same one
+    table_version: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class Record:
+    """A write as its owner applied it: what a backup applies, in ``seq`` order."""
+
+    partition: int
+    seq: int
+    table_version: int
+    call_id: str | None
+    result: Any
+    effects: tuple  # ((kind, name, effect, args), ...)
+
+
+@dataclasses.dataclass(frozen=True)
+class Outcome:
+    result: Any
+    record: Record | None  # None for a read, or a write that changed nothing and needs no backup
+
+
+_READS = {
+    MAP: {"get", "contains", "size", "keys", "entries", "get_all"},
+    QUEUE: {"size", "peek", "unfinished"},
+    COUNTER: {"get"},
+}
+_WRITES = {
+    MAP: {"put", "set", "put_if_absent", "replace", "replace_if_same", "remove", "remove_if_same", "delete",
+          "put_all", "clear"},
+    QUEUE: {"offer", "offer_all", "poll", "task_done", "clear"},
+    COUNTER: {"set", "add_and_get", "get_and_add", "compare_and_set"},
+}
+
+
+class Replica:
+    """One partition's data on this member: its structures, how far its records go, recent call ids."""
+
+    def __init__(self, partition: int):
+        self.partition = partition
+        self.seq = 0  # records applied (as owner, or replicated)
+        self.table_version = 0  # the newest table this replica knows of: older senders are fenced
+        self._structures: dict[tuple[str, str], Any] = {}
+        self._calls: collections.OrderedDict[str, Any] = collections.OrderedDict()
+
+    # -- the table ---------------------------------------------------------------------------------
+
+    def follow(self, table_version: int) -> None:
+        """A newer partition table arrived: from now on, ops and records of older ones are fenced."""
+        self.table_version = max(self.table_version, table_version)
+
+    # -- owner ---------------------------------------------------------------------------------------
+
+    def execute(self, op: Op) -> Outcome:
+        """Run ``op`` as the owner. A write's record must reach every backup before it is acknowledged.
+
+        Raises:
+            Fenced: ``op`` names an older partition table than this replica follows.
+            StoreError: an unknown action or kind, or bad arguments.
+        """
+        if op.table_version < self.table_version:
+            raise Fenced(f"partition {self.partition}: the op was routed by table version {op.table_version}, "
+                         f"and this replica follows version {self.table_version}")
+        if op.kind not in KINDS:
+            raise StoreError(f"unknown structure kind {op.kind!r} (known: {', '.join(KINDS)})")
+        if op.action in _READS[op.kind]:
+            return Outcome(self._read(op), None)
+        if op.action not in _WRITES[op.kind]:
+            known = sorted(_READS[op.kind] | _WRITES[op.kind])
+            raise StoreError(f"a {op.kind} has no operation {op.action!r} (it has: {', '.join(known)})")
+        if op.call_id is not None and op.call_id in self._calls:
+            return Outcome(self._calls[op.call_id], None)  # a retry: applied once already
+        result, effects = getattr(self, f"_{op.kind}_{op.action}")(op.name, *op.args)
+        if not effects and op.call_id is None:
+            return Outcome(result, None)
+        self.seq += 1
+        record = Record(self.partition, self.seq, max(op.table_version, self.table_version), op.call_id,
+                        result, tuple(effects))
+        self._apply(record)
+        return Outcome(result, record)
+
+    # -- backup --------------------------------------------------------------------------------------
+
+    def replicate(self, record: Record) -> None:
+        """Apply the owner's ``record``; one applied already (or in a restored snapshot) is skipped.
+
+        Raises:
+            Fenced: the record comes from an older table than this replica follows.
+            OutOfOrder: records before it are missing (``exc.expected`` is the next one wanted).
+        """
+        if record.table_version < self.table_version:
+            raise Fenced(f"partition {self.partition}: a record of table version {record.table_version}, and "
+                         f"this replica follows version {self.table_version}: its sender no longer owns it")
+        if record.seq <= self.seq:
+            return
+        if record.seq != self.seq + 1:
+            raise OutOfOrder(f"partition {self.partition}: record {record.seq} after {self.seq}", self.seq + 1)
+        self.seq = record.seq
+        self._apply(record)
+
+    def _apply(self, record: Record) -> None:
+        for kind, name, effect, args in record.effects:
+            _EFFECTS[effect](self, kind, name, *args)
+        if record.call_id is not None:
+            self._calls[record.call_id] = record.result
+            while len(self._calls) > _CALL_IDS:
+                self._calls.popitem(last=False)
+
+    # -- migration -----------------------------------------------------------------------------------
+
+    def snapshot(self) -> dict:
+        """Everything this replica holds, for a new replica (plain data: bytes, ints, lists, dicts)."""
+        structures = []
+        for (kind, name), value in self._structures.items():
+            if kind == MAP:
+                structures.append((kind, name, dict(value)))
+            elif kind == QUEUE:
+                structures.append((kind, name, {"items": list(value["items"]), "unfinished": value["unfinished"]}))
+            else:
+                structures.append((kind, name, value))
+        return {"partition": self.partition, "seq": self.seq, "table_version": self.table_version,
+                "structures": structures, "calls": list(self._calls.items())}
+
+    @classmethod
+    def restore(cls, snapshot: dict) -> Replica:
+        replica = cls(snapshot["partition"])
+        replica.seq = snapshot["seq"]
+        replica.table_version = snapshot["table_version"]
+        for kind, name, value in snapshot["structures"]:
+            if kind == MAP:
+                replica._structures[kind, name] = dict(value)
+            elif kind == QUEUE:
+                replica._structures[kind, name] = {"items": collections.deque(value["items"]),
+                                                   "unfinished": value["unfinished"]}
+            else:
+                replica._structures[kind, name] = value
+        replica._calls.update(snapshot["calls"])
+        return replica
+
+    def structures(self) -> list[tuple[str, str, int]]:
+        """``(kind, name, size)`` of each structure here (a counter's size is 1)."""
+        return [(kind, name, len(value) if kind == MAP else len(value["items"]) if kind == QUEUE else 1)
+                for (kind, name), value in self._structures.items()]
+
+    def destroy(self, kind: str, name: str) -> bool:
+        """Drop a structure's part here (not replicated: ``destroy`` runs on every replica)."""
+        return self._structures.pop((kind, name), None) is not None
+
+    # -- reads ---------------------------------------------------------------------------------------
+
+    def _read(self, op: Op):
+        value = self._structures.get((op.kind, op.name))
+        action, args = op.action, op.args
+        if op.kind == MAP:
+            entries = value or {}
+            if action == "get":
+                return entries.get(args[0])
+            if action == "contains":
+                return args[0] in entries
+            if action == "size":
+                return len(entries)
+            if action == "keys":
+                return list(entries)
+            if action == "entries":
+                return list(entries.items())
+            return {key: entries[key] for key in args[0] if key in entries}  # get_all
+        if op.kind == QUEUE:
+            queue = value or {"items": (), "unfinished": 0}
+            if action == "size":
+                return len(queue["items"])
+            if action == "peek":
+                return queue["items"][0] if queue["items"] else None
+            return queue["unfinished"]
+        return value or 0  # a counter's get
+
+    # -- map writes: (result, effects) -----------------------------------------------------------------
+
+    def _entries(self, name: str) -> dict:
+        return self._structures.get((MAP, name)) or {}
+
+    def _map_put(self, name, key, value):
+        return self._entries(name).get(key), [(MAP, name, "set", (key, value))]
+
+    def _map_set(self, name, key, value):
+        return None, [(MAP, name, "set", (key, value))]
+
+    def _map_put_if_absent(self, name, key, value):
+        old = self._entries(name).get(key)
+        return old, ([] if old is not None else [(MAP, name, "set", (key, value))])
+
+    def _map_replace(self, name, key, value):
+        old = self._entries(name).get(key)
+        return old, ([] if old is None else [(MAP, name, "set", (key, value))])
+
+    def _map_replace_if_same(self, name, key, expected, value):
+        same = self._entries(name).get(key) == expected
+        return same, ([(MAP, name, "set", (key, value))] if same else [])
+
+    def _map_remove(self, name, key):
+        old = self._entries(name).get(key)
+        return old, ([] if old is None else [(MAP, name, "del", (key,))])
+
+    def _map_remove_if_same(self, name, key, expected):
+        same = key in self._entries(name) and self._entries(name)[key] == expected
+        return same, ([(MAP, name, "del", (key,))] if same else [])
+
+    def _map_delete(self, name, key):
+        present = key in self._entries(name)
+        return present, ([(MAP, name, "del", (key,))] if present else [])
+
+    def _map_put_all(self, name, pairs):
+        return None, [(MAP, name, "set", (key, value)) for key, value in pairs]
+
+    def _map_clear(self, name):
+        count = len(self._entries(name))
+        return count, ([(MAP, name, "clear", ())] if count else [])
+
+    # -- queue writes ------------------------------------------------------------------------------------
+
+    def _queue(self, name: str) -> dict:
+        return self._structures.get((QUEUE, name)) or {"items": (), "unfinished": 0}
+
+    def _queue_offer(self, name, item, maxsize=0):
+        if 0 < maxsize <= len(self._queue(name)["items"]):
+            return False, []
+        return True, [(QUEUE, name, "push", ((item,),))]
+
+    def _queue_offer_all(self, name, items, maxsize=0):
+        room = len(items) if maxsize <= 0 else max(0, maxsize - len(self._queue(name)["items"]))
+        taken = tuple(items[:room])
+        return len(taken), ([(QUEUE, name, "push", (taken,))] if taken else [])
+
+    def _queue_poll(self, name, max_items=1):
+        items = self._queue(name)["items"]
+        taken = [items[index] for index in range(min(max_items, len(items)))]
+        return taken, ([(QUEUE, name, "pop", (len(taken),))] if taken else [])
+
+    def _queue_task_done(self, name):
+        unfinished = self._queue(name)["unfinished"]
+        if unfinished <= 0:
+            raise StoreError("task_done() called too many times")
+        return None, [(QUEUE, name, "unfinished", (unfinished - 1,))]
+
+    def _queue_clear(self, name):
+        count = len(self._queue(name)["items"])
+        return count, ([(QUEUE, name, "pop", (count,))] if count else [])
+
+    # -- counter writes ----------------------------------------------------------------------------------
+
+    def _count(self, name: str) -> int:
+        return self._structures.get((COUNTER, name), 0)
+
+    def _counter_set(self, name, value):
+        return None, [(COUNTER, name, "value", (value,))]
+
+    def _counter_add_and_get(self, name, delta):
+        new = self._count(name) + delta
+        return new, [(COUNTER, name, "value", (new,))]
+
+    def _counter_get_and_add(self, name, delta):
+        old = self._count(name)
+        return old, [(COUNTER, name, "value", (old + delta,))]
+
+    def _counter_compare_and_set(self, name, expected, value):
+        same = self._count(name) == expected
+        return same, ([(COUNTER, name, "value", (value,))] if same else [])
+
+
+# -- effects: what a record does to a replica (owner and backups alike) -----------------------------------
+
+
+def _effect_set(replica: Replica, kind, name, key, value) -> None:
+    replica._structures.setdefault((kind, name), {})[key] = value
+
+
+def _effect_del(replica: Replica, kind, name, key) -> None:
+    entries = replica._structures.get((kind, name))
+    if entries is not None:
+        entries.pop(key, None)
+        if not entries:
+            del replica._structures[kind, name]
+
+
+def _effect_clear(replica: Replica, kind, name) -> None:
+    replica._structures.pop((kind, name), None)
+
+
+def _queue_state(replica: Replica, name) -> dict:
+    return replica._structures.setdefault((QUEUE, name), {"items": collections.deque(), "unfinished": 0})
+
+
+def _effect_push(replica: Replica, kind, name, items) -> None:
+    queue = _queue_state(replica, name)
+    queue["items"].extend(items)
+    queue["unfinished"] += len(items)
+
+
+def _effect_pop(replica: Replica, kind, name, count) -> None:
+    items = _queue_state(replica, name)["items"]
+    for _ in range(count):
+        items.popleft()
+
+
+def _effect_unfinished(replica: Replica, kind, name, value) -> None:
+    _queue_state(replica, name)["unfinished"] = value
+
+
+def _effect_value(replica: Replica, kind, name, value) -> None:
+    replica._structures[kind, name] = value
+
+
+_EFFECTS = {"set": _effect_set, "del": _effect_del, "clear": _effect_clear, "push": _effect_push,
+            "pop": _effect_pop, "unfinished": _effect_unfinished, "value": _effect_value}
