@@ -113,7 +113,7 @@ def config_with_flags(config: Config, *, cluster_id: str | None = None, port: st
         try:
             config = config.replace(**changes, source=f"the flag {flag}")
             if "secret_file" in changes:
-                config.resolved_secret(owner_only=True)
+                config.resolved_secret()
         except ConfigError as exc:
             if flag.startswith("--join ") and changes.get("join") not in JOIN_METHODS:
                 raise ConfigError(f"{exc}; or file:PATH ({_PATH_JOINS['file']}) or registry:PATH "

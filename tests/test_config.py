@@ -30,6 +30,7 @@ def config_error(data, source=SOURCE) -> ConfigError:
 def write(path: Path, text: str) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text, encoding="utf-8")
+    path.chmod(0o600)  # secret files must be the owner's alone; the other files do not care
     return path
 
 
@@ -41,7 +42,7 @@ def write(path: Path, text: str) -> Path:
     ("10.0.0.8:5702", ("10.0.0.8", 5702)),
     ("host.example:80", ("host.example", 80)),
     ("localhost", ("localhost", 5701)),
-    ("my_host-1.lan.:0", ("my_host-1.lan.", 0)),
+    ("my_host-1.lan.:1", ("my_host-1.lan.", 1)),
     ("127.0.0.1:65535", ("127.0.0.1", 65535)),
     ("[::1]:5701", ("::1", 5701)),
     ("[fe80::1%eth0]:9", ("fe80::1%eth0", 9)),
@@ -65,6 +66,8 @@ def test_parse_address_uses_the_given_default_port():
     ("10.0.0.3:-1", "not a whole number"),
     ("10.0.0.3:+1", "not a whole number"),
     ("10.0.0.3:65536", "out of range"),
+    ("10.0.0.3:0", "port 0 cannot be connected to"),
+    ("[::1]:0", "port 0 cannot be connected to"),
     ("10.0.0.3:", "port after ':' is missing"),
     (":5701", "host is missing"),
     ("10.0.0.3 :5701", "whitespace"),
@@ -624,6 +627,19 @@ def test_resolved_secret_order(tmp_path):
     assert Config().resolved_secret(environ) == "from-env"
     assert Config().resolved_secret({}) is None
     assert Config().resolved_secret({"GRID_SECRET": ""}) is None
+
+
+def test_a_secret_file_named_in_a_config_file_that_others_can_read_is_refused(tmp_path):
+    """Only the --secret-file flag checked this; a config file's secret_file was read whatever its mode."""
+    loose = write(tmp_path / "secret.txt", "s3cret\n")
+    loose.chmod(0o644)
+    config = Config.from_mapping({"secret_file": str(loose)}, "grid.toml")
+    with pytest.raises(ConfigError, match=r"open to group or others \(mode 0644\).*chmod 600") as info:
+        config.resolved_secret({})
+    assert info.value.key == "secret_file" and "grid.toml" in str(info.value)
+    assert config.resolved_secret({}, owner_only=False) == "s3cret"
+    loose.chmod(0o600)
+    assert config.resolved_secret({}) == "s3cret"
 
 
 def test_resolved_secret_file_errors_name_the_key_and_source(tmp_path):

@@ -46,7 +46,7 @@ def test_every_member_and_client_holds_the_masters_table_through_a_join_and_a_ki
         client = next(iter(clients.values()))
         assert client.partition_of(key) == grid.partition_of(key) and table.owner(client.partition_of(key)) in data_uuids
 
-        victim = next(peer for peer in cluster.peers if peer.uuid == table.owner(0) and peer.index != 0)
+        victim = next(peer for peer in cluster.peers if peer.uuid in data_uuids and peer.index != 0)
         cluster.kill(victim.index)
         survivors = {index: client for index, client in clients.items() if index != victim.index}
         remaining = data_uuids - {victim.uuid}

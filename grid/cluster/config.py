@@ -229,13 +229,14 @@ class Config:
 
     # -- using
 
-    def resolved_secret(self, environ: Mapping[str, str] | None = None, *, owner_only: bool = False) -> str | None:
+    def resolved_secret(self, environ: Mapping[str, str] | None = None, *, owner_only: bool = True) -> str | None:
         """The cluster secret: ``secret``, else ``secret_file``'s text, else ``GRID_SECRET``.
 
         Args:
             environ: the environment to read ``GRID_SECRET`` from (default ``os.environ``).
             owner_only: refuse a ``secret_file`` that group or others may access, as ssh
-                refuses a loose key file (``python -m grid peer --secret-file`` asks for this).
+                refuses a loose key file: whether it is named in a config file, by a flag or
+                in code (False only to read one regardless, e.g. to say what it holds).
 
         Returns:
             The secret, or None when none is configured.

@@ -160,6 +160,9 @@ def _parse_port(text: str, fail) -> int:
     port = int(text)
     if port > 65535:
         raise fail(f"the port {port} is out of range")
+    if port == 0:  # the OS picks a free port when binding; nothing can be reached at port 0
+        raise fail("port 0 cannot be connected to (it means 'any free port' when listening, which is "
+                   "`port = 0`); give the member's real port, 1 to 65535")
     return port
 
 
