@@ -1,0 +1,219 @@
+"""DMap: a ``collections.abc.MutableMapping`` whose entries live in partitions, dict-like wherever a
+mapping stored elsewhere can be.
+
+::
+
+    DMap[key] = value --key_bytes(key), dumps(value)--> Op(MAP, name, "set", ...) --> backend.execute(p, op)
+    backend: anything with ``partitions`` and ``execute(partition, op)``; ``LocalBackend`` runs the
+             replicas in this process (tests, one-process use); the cluster's routes to owners
+
+Keys travel in their canonical form (``partitions.key_bytes``): they must be hashable, as a
+dict's are, and compare by that form, so ``1`` and ``1.0`` are two keys (as in Hazelcast), unlike
+in a dict. Values are pickled here and unpickled here; members keep the bytes. Every write carries
+a call id, so a retry after a failover applies once. What dict raises, a DMap raises: KeyError for a
+missing key (``del``, ``pop``, ``popitem`` on an empty map), TypeError for an unhashable key.
+"""
+
+from __future__ import annotations
+
+import itertools
+import pickle
+import uuid as uuid_module
+from collections.abc import ItemsView, Iterable, Mapping, MutableMapping, ValuesView
+
+from ..cluster.partitions import DEFAULT_PARTITIONS, key_bytes, partition_of_bytes
+from ..net import serialize
+from .store import MAP, Op, Replica
+
+_MISSING = object()
+
+
+class LocalBackend:
+    """Every partition's replica in this process: a DMap's backend for tests and one-process use."""
+
+    def __init__(self, partitions: int = DEFAULT_PARTITIONS):
+        self.partitions = partitions
+        self._replicas: dict[int, Replica] = {}
+
+    def execute(self, partition: int, op: Op):
+        replica = self._replicas.get(partition)
+        if replica is None:
+            replica = self._replicas[partition] = Replica(partition)
+        return replica.execute(op).result
+
+
+class DMap(MutableMapping):
+    """A distributed map named ``name``; make one with ``cluster.get_map(name)``."""
+
+    def __init__(self, name: str, backend):
+        if not isinstance(name, str) or not name:
+            raise TypeError(f"a map's name is a non-empty str, not {name!r}")
+        self.name = name
+        self._backend = backend
+        self._calls = itertools.count(1)
+        self._caller = uuid_module.uuid4().hex[:12]  # with the counter: call ids unique across processes
+
+    def __repr__(self) -> str:
+        return f"<DMap {self.name!r}>"
+
+    # -- plumbing ------------------------------------------------------------------------------------
+
+    def _key(self, key) -> bytes:
+        hash(key)  # dict's rule: a mutable key raises TypeError ("unhashable type: 'list'")
+        return key_bytes(key)
+
+    def _run(self, key_data: bytes, action: str, *args, write: bool = False):
+        return self._at(partition_of_bytes(key_data, self._backend.partitions), action, (key_data, *args), write)
+
+    def _at(self, partition: int, action: str, args: tuple, write: bool):
+        call_id = f"{self._caller}:{next(self._calls)}" if write else None
+        return self._backend.execute(partition, Op(MAP, self.name, action, args, call_id))
+
+    def _everywhere(self, action: str, write: bool = False) -> list:
+        return [self._at(partition, action, (), write) for partition in range(self._backend.partitions)]
+
+    @staticmethod
+    def _value(data):
+        return None if data is None else pickle.loads(data)
+
+    @staticmethod
+    def _dumps(value) -> bytes:
+        return serialize.dumps(value)
+
+    # -- the Mapping protocol ----------------------------------------------------------------------
+
+    def __getitem__(self, key):
+        data = self._run(self._key(key), "get")
+        if data is None:
+            raise KeyError(key)
+        return pickle.loads(data)
+
+    def __setitem__(self, key, value) -> None:
+        self._run(self._key(key), "set", self._dumps(value), write=True)
+
+    def __delitem__(self, key) -> None:
+        if not self._run(self._key(key), "delete", write=True):
+            raise KeyError(key)
+
+    def __contains__(self, key) -> bool:
+        return self._run(self._key(key), "contains")
+
+    def __len__(self) -> int:
+        return sum(self._everywhere("size"))
+
+    def __iter__(self):
+        for keys in self._everywhere("keys"):
+            for data in keys:
+                yield pickle.loads(data)
+
+    def __eq__(self, other) -> bool:
+        if isinstance(other, DMap) and other.name == self.name and other._backend is self._backend:
+            return True
+        if not isinstance(other, Mapping):
+            return NotImplemented
+        return dict(self.items()) == dict(other.items())
+
+    __hash__ = None  # as dict's: mutable, so unhashable
+
+    def items(self):
+        """A view of the entries, as dict's (iterating it reads each partition once)."""
+        return _ItemsView(self)
+
+    def values(self):
+        """A view of the values, as dict's (iterating it reads each partition once)."""
+        return _ValuesView(self)
+
+    def _entries(self):
+        for entries in self._everywhere("entries"):
+            for key, value in entries:
+                yield pickle.loads(key), pickle.loads(value)
+
+    def get(self, key, default=None):
+        data = self._run(self._key(key), "get")
+        return default if data is None else pickle.loads(data)
+
+    def pop(self, key, default=_MISSING):
+        data = self._run(self._key(key), "remove", write=True)
+        if data is None:
+            if default is _MISSING:
+                raise KeyError(key)
+            return default
+        return pickle.loads(data)
+
+    def popitem(self):
+        """Remove and return some ``(key, value)``; KeyError when the map is empty (as dict's)."""
+        for partition in range(self._backend.partitions):
+            for data in self._at(partition, "keys", (), False):
+                value = self._at(partition, "remove", (data,), True)
+                if value is not None:  # another client may have taken it meanwhile: try the next
+                    return pickle.loads(data), pickle.loads(value)
+        raise KeyError("popitem(): dictionary is empty")
+
+    def setdefault(self, key, default=None):
+        """``self[key]`` if present, else sets it to ``default`` and returns that, atomically."""
+        old = self._run(self._key(key), "put_if_absent", self._dumps(default), write=True)
+        return default if old is None else pickle.loads(old)
+
+    def clear(self) -> None:
+        self._everywhere("clear", write=True)
+
+    # -- beyond dict -----------------------------------------------------------------------------------
+
+    def put(self, key, value):
+        """Set ``key`` to ``value``; returns the old value (None if there was none)."""
+        return self._value(self._run(self._key(key), "put", self._dumps(value), write=True))
+
+    def set(self, key, value) -> None:
+        """Set ``key`` to ``value``, returning nothing (cheaper than ``put``: the old value stays there)."""
+        self[key] = value
+
+    def put_if_absent(self, key, value):
+        """Set ``key`` only if absent; returns the value already there, or None if it was set."""
+        return self._value(self._run(self._key(key), "put_if_absent", self._dumps(value), write=True))
+
+    def replace(self, key, value):
+        """Set ``key`` only if present; returns the old value, or None (nothing set)."""
+        return self._value(self._run(self._key(key), "replace", self._dumps(value), write=True))
+
+    def replace_if_same(self, key, old, new) -> bool:
+        """Set ``key`` to ``new`` only if its value is ``old`` (compared pickled); True if it was set."""
+        return self._run(self._key(key), "replace_if_same", self._dumps(old), self._dumps(new), write=True)
+
+    def remove_if_same(self, key, value) -> bool:
+        """Remove ``key`` only if its value is ``value`` (compared pickled); True if it was removed."""
+        return self._run(self._key(key), "remove_if_same", self._dumps(value), write=True)
+
+    def put_all(self, mapping: Mapping | Iterable) -> None:
+        """Set many entries: one operation per partition they fall in."""
+        pairs = mapping.items() if isinstance(mapping, Mapping) else mapping
+        by_partition: dict[int, list] = {}
+        for key, value in pairs:
+            data = self._key(key)
+            by_partition.setdefault(partition_of_bytes(data, self._backend.partitions), []).append(
+                (data, self._dumps(value)))
+        for partition, entries in by_partition.items():
+            self._at(partition, "put_all", (entries,), True)
+
+    def get_all(self, keys: Iterable) -> dict:
+        """The entries for ``keys`` that exist, as a dict: one operation per partition they fall in."""
+        by_partition: dict[int, list] = {}
+        originals = {}
+        for key in keys:
+            data = self._key(key)
+            originals[data] = key
+            by_partition.setdefault(partition_of_bytes(data, self._backend.partitions), []).append(data)
+        found = {}
+        for partition, datas in by_partition.items():
+            for data, value in self._at(partition, "get_all", (datas,), False).items():
+                found[originals[data]] = pickle.loads(value)
+        return found
+
+
+class _ItemsView(ItemsView):
+    def __iter__(self):
+        return self._mapping._entries()
+
+
+class _ValuesView(ValuesView):
+    def __iter__(self):
+        return (value for _, value in self._mapping._entries())
