@@ -8,7 +8,7 @@ import threading
 
 import pytest
 
-from grid.compute import completions
+from grid.compute import completions, dispatch
 from grid.compute.completions import Completions, future_class
 
 from .conftest import wait_for
@@ -105,3 +105,27 @@ def test_close_runs_what_is_queued(queue):
     release.set()
     queue.close()
     assert future.done() and future.result(0) == 3
+
+
+def test_shutdowns_wait_ends_when_the_last_outstanding_task_ends_without_a_future():
+    """A cancelled task dropped from a link's outbox ends no Future: the count alone reaching 0 must wake
+    shutdown, which waits (helping) for it. It hung a full run once in three."""
+    dispatcher = dispatch.Dispatcher()
+    try:
+        with dispatcher._lock:
+            dispatcher._outstanding = 1
+        ended = threading.Event()
+
+        def shutdown_wait():
+            dispatcher._completions.wait(None, lambda: dispatcher._outstanding <= 0, None)
+            ended.set()
+
+        waiter = threading.Thread(target=shutdown_wait)
+        waiter.start()
+        wait_for(lambda: dispatcher._completions._waiters, TIMEOUT, "the waiter")
+        with dispatcher._lock:
+            dispatcher._finish_outstanding(1)
+        assert ended.wait(TIMEOUT), "the count reaching 0 woke it"
+        waiter.join(TIMEOUT)
+    finally:
+        dispatcher._completions.close()

@@ -78,6 +78,14 @@ class Completions:
         if woken is not None:  # after the lock: it wakes to take the lock, which is free now
             woken.signal.release()
 
+    def wake_all(self) -> None:
+        """Wake the waiters that wait for any Future (``futures=None``): what they wait for may hold now."""
+        if self._waiters:
+            with self._lock:
+                woken = [waiter for waiter in self._waiters if waiter.futures is None and waiter.wake()]
+            for waiter in woken:
+                waiter.signal.release()
+
     def completed(self, future) -> None:
         """``future`` is done (its done-callback says so): wake whoever waits here for it."""
         if self._waiters:  # (read without the lock: a waiter is listed before it looks at done())

@@ -544,6 +544,7 @@ class Dispatcher:
             self._outstanding -= count
             if self._outstanding == 0:
                 self._all_done.notify_all()
+                self._completions.wake_all()  # shutdown waits there (a cancelled task ends no Future)
 
 
 def _take_forgotten(link: Link) -> list:

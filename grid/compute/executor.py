@@ -563,7 +563,8 @@ class ClusterExecutor(Dispatcher, concurrent.futures.Executor):
                 drainer.join()
             # Helping: a waiter completes what came, and one on the results thread (shutdown from
             # a done-callback) must, since nothing else would.
-            self._completions.wait(None, lambda: self._outstanding <= 0, None)
+            while not self._completions.wait(None, lambda: self._outstanding <= 0, 0.1):
+                pass  # (woken when the count reaches 0; the timeout is a backstop, as before)
         except BaseException:  # Ctrl-C while waiting: stop now, so one Ctrl-C ends the program
             self.abandon("shutdown was interrupted")
             raise
