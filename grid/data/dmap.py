@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import itertools
 import pickle
+import threading
 import uuid as uuid_module
 from collections.abc import ItemsView, Iterable, Mapping, MutableMapping, ValuesView
 
@@ -29,17 +30,20 @@ _MISSING = object()
 
 
 class LocalBackend:
-    """Every partition's replica in this process: a DMap's backend for tests and one-process use."""
+    """Every partition's replica in this process, one op at a time: the structures' backend for tests
+    and one-process use (any thread may use it)."""
 
     def __init__(self, partitions: int = DEFAULT_PARTITIONS):
         self.partitions = partitions
         self._replicas: dict[int, Replica] = {}
+        self._lock = threading.Lock()
 
     def execute(self, partition: int, op: Op):
-        replica = self._replicas.get(partition)
-        if replica is None:
-            replica = self._replicas[partition] = Replica(partition)
-        return replica.execute(op).result
+        with self._lock:
+            replica = self._replicas.get(partition)
+            if replica is None:
+                replica = self._replicas[partition] = Replica(partition)
+            return replica.execute(op).result
 
 
 class DMap(MutableMapping):

@@ -1,0 +1,62 @@
+"""Counter: a cluster-wide integer, kept in the partition of its name, each change applied once.
+
+::
+
+    counter.add_and_get(5) --> Op(COUNTER, name, "add_and_get", (5,), call id) --> backend.execute(p, op)
+
+Every change carries a call id, so a retry after a failover applies once (``store.Replica``
+remembers it on the backups too): the value equals the acknowledged changes.
+"""
+
+from __future__ import annotations
+
+import itertools
+import uuid as uuid_module
+
+from ..cluster.partitions import partition_of
+from .store import COUNTER, Op
+
+
+class Counter:
+    """A distributed counter named ``name``; make one with ``cluster.get_counter(name)``."""
+
+    def __init__(self, name: str, backend):
+        if not isinstance(name, str) or not name:
+            raise TypeError(f"a counter's name is a non-empty str, not {name!r}")
+        self.name = name
+        self._backend = backend
+        self._partition = partition_of(name, backend.partitions)
+        self._calls = itertools.count(1)
+        self._caller = uuid_module.uuid4().hex[:12]
+
+    def __repr__(self) -> str:
+        return f"<Counter {self.name!r}>"
+
+    def _run(self, action: str, *args, write: bool = True):
+        for value in args:
+            if type(value) is not int:  # bool is an int, and no count
+                raise TypeError(f"a counter takes ints, not {type(value).__name__} ({value!r})")
+        call_id = f"{self._caller}:{next(self._calls)}" if write else None
+        return self._backend.execute(self._partition, Op(COUNTER, self.name, action, args, call_id))
+
+    def get(self) -> int:
+        return self._run("get", write=False)
+
+    def set(self, value: int) -> None:
+        self._run("set", value)
+
+    def add_and_get(self, delta: int) -> int:
+        return self._run("add_and_get", delta)
+
+    def get_and_add(self, delta: int) -> int:
+        return self._run("get_and_add", delta)
+
+    def increment_and_get(self) -> int:
+        return self._run("add_and_get", 1)
+
+    def decrement_and_get(self) -> int:
+        return self._run("add_and_get", -1)
+
+    def compare_and_set(self, expected: int, new: int) -> bool:
+        """Set it to ``new`` only if it is ``expected``; True if it was set."""
+        return self._run("compare_and_set", expected, new)
