@@ -70,8 +70,9 @@ class Cluster:
         return self._peer.partitions() if self._peer else self._link.partition_table
 
     def partition_of(self, key) -> int:
-        """The partition ``key`` is in, in this cluster (``partitions`` of its config)."""
-        return partition_of(key, self.config.partitions)
+        """The partition ``key`` is in, in this cluster (its table's count, which the master's config set)."""
+        table = self.partitions()
+        return partition_of(key, table.partitions if table.replicas else self.config.partitions)
 
     def add_membership_listener(self, listener) -> None:
         """Call ``listener(event)`` for each member that joins or leaves, in order.
