@@ -8,8 +8,7 @@ import pytest
 
 from grid.cluster.partitions import partition_of
 from grid.data.counter import Counter
-from grid.data.dmap import LocalBackend
-from grid.data.store import COUNTER, Op
+from grid.data.store import COUNTER, LocalBackend, Op
 
 
 def test_a_counter_counts_and_compares_and_sets():
@@ -57,4 +56,4 @@ def test_a_counter_takes_ints_only(bad):
     with pytest.raises(TypeError, match="takes ints"):
         counter.add_and_get(bad)
     with pytest.raises(TypeError, match="non-empty str"):
-        Counter(5, LocalBackend())
+        Counter(5, LocalBackend(partitions=3))

@@ -9,7 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from grid.data.dmap import DMap, LocalBackend
+from grid.data.dmap import DMap
+from grid.data.store import LocalBackend
 from grid.net.serialize import SerializationError
 
 EXAMPLES = int(os.environ.get("GRID_HYPOTHESIS_EXAMPLES", "150"))
@@ -131,7 +132,7 @@ def test_dict_errors_and_views():
     with pytest.raises(TypeError, match="unhashable"):
         hash(dmap)
     with pytest.raises(TypeError, match="non-empty str"):
-        DMap("", LocalBackend())
+        DMap("", LocalBackend(partitions=3))
 
 
 def test_keys_compare_by_serialized_form_unlike_a_dict():

@@ -2,7 +2,7 @@
 
 ::
 
-    caller thread: submit_task(fn, kind, ...)        IO thread
+    caller thread: submit_task(fn, kind, ...)        IO thread, or where completions.py runs it
       under the lock, _place the task:               "results" from a member: _on_results
         pinned  -> its member's link                   pops the tasks from in_flight (credit
         service -> the least-loaded link offering it     freed), _refill hands the link queued
@@ -187,7 +187,7 @@ class Dispatcher:
         self._outstanding = 0
         self._starved = False  # no link for failure_timeout: tasks fail at once instead of waiting
         self._starve_timer = None  # set while no link is open: when it fires, waiting tasks fail
-        # Results are handled there, never on the IO thread: completing a Future runs user code.
+        # Results are completed there, unless that surely runs no user code (executor._results_arrived).
         self._completions = Completions()
         self._future_class = future_class(self._completions)
 
@@ -499,7 +499,7 @@ class Dispatcher:
                     del self._service_backlog[task.service]
         start(task.future)  # a cancelled Future: this notifies its waiters
 
-    # -- results (off the IO thread: completions.py) ----------------------------------------------------------------------------------
+    # -- results (completions.py, or the IO thread for plain values) ----------------------------------------
 
     def _on_results(self, conn, results) -> None:
         link = conn.attachment
@@ -583,7 +583,7 @@ def fail(future: Future, error: BaseException) -> None:
 
 
 def _complete(task: _Task, status, value, seconds) -> None:
-    """Resolve ``task``'s Future from its result; the value is unpickled here, never on the IO thread.
+    """Resolve ``task``'s Future from its result; the value is unpickled here (on the IO thread only if plain).
 
     Raises:
         Exception: the result cannot be unpickled here (the caller fails the task, saying why).

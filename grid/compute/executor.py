@@ -2,8 +2,8 @@
 
 ::
 
-    caller threads                                   IO thread (the executor's own "grid-io")
-    --------------                                   -----------------------------------------
+    caller threads                                   IO thread ("grid-io-executor"), queueing for
+    --------------                                   completions.py (a waiting caller, or "grid-results")
     submit(fn, *args) -> Future                      "results" from a member:
       pick the least-loaded link with credit           futures resolved, credit freed,
       idle link: send now, from this thread            backlog handed to the freed link
@@ -144,7 +144,7 @@ class ClusterExecutor(Dispatcher, concurrent.futures.Executor):
         raise NotConnected("the executor could not link to any member of the cluster; "
                            "check that members are running (`python -m grid members`)")
 
-    # -- links to members, as members come and go (callbacks on the IO thread) -------------------------
+    # -- links to members, as members come and go (handled where results are: completions.py) ----------
 
     def _open_link(self, member) -> None:
         with self._lock:
@@ -437,7 +437,7 @@ class ClusterExecutor(Dispatcher, concurrent.futures.Executor):
             return any(link.services is not None and name in link.services for link in self._links.values())
 
     def _ask_services(self, link: Link) -> Future | None:
-        """Ask ``link``'s member which services it offers; the answer is learnt on the IO thread."""
+        """Ask ``link``'s member which services it offers; the answer is learnt where results are."""
         try:
             asked = messaging.request(link.conn, "services", None)
         except GridError:
@@ -467,8 +467,6 @@ class ClusterExecutor(Dispatcher, concurrent.futures.Executor):
             links = [link for link in self._links.values() if not link.closed]
         asked = [(link, self._ask_services(link)) for link in links]
         asked = [(link, request) for link, request in asked if request is not None]
-        if threading.current_thread() is self._transport._thread:
-            return  # called from a callback on the IO thread: waiting here would block the answers
         concurrent.futures.wait([request for _, request in asked], timeout=self._cluster.config.handshake_timeout)
         for link, request in asked:  # learnt here too: a Future wakes its waiters before its callbacks run
             if request.done() and not request.cancelled() and request.exception() is None:

@@ -10,11 +10,8 @@ remembers it on the backups too): the value equals the acknowledged changes.
 
 from __future__ import annotations
 
-import itertools
-import uuid as uuid_module
-
 from ..cluster.partitions import partition_of
-from .store import COUNTER, Op
+from .store import COUNTER, CallIds, Op
 
 
 class Counter:
@@ -26,8 +23,7 @@ class Counter:
         self.name = name
         self._backend = backend
         self._partition = partition_of(name, backend.partitions)
-        self._calls = itertools.count(1)
-        self._caller = uuid_module.uuid4().hex[:12]
+        self._calls = CallIds()
 
     def __repr__(self) -> str:
         return f"<Counter {self.name!r}>"
@@ -36,7 +32,7 @@ class Counter:
         for value in args:
             if type(value) is not int:  # bool is an int, and no count
                 raise TypeError(f"a counter takes ints, not {type(value).__name__} ({value!r})")
-        call_id = f"{self._caller}:{next(self._calls)}" if write else None
+        call_id = self._calls.next() if write else None
         return self._backend.execute(self._partition, Op(COUNTER, self.name, action, args, call_id))
 
     def get(self) -> int:

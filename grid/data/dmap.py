@@ -4,8 +4,8 @@ mapping stored elsewhere can be.
 ::
 
     DMap[key] = value --key_bytes(key), dumps(value)--> Op(MAP, name, "set", ...) --> backend.execute(p, op)
-    backend: anything with ``partitions`` and ``execute(partition, op)``; ``LocalBackend`` runs the
-             replicas in this process (tests, one-process use); the cluster's routes to owners
+    backend: anything with ``partitions`` and ``execute(partition, op)``; ``store.LocalBackend`` runs
+             the replicas in this process (tests, one-process use); the cluster's routes to owners
 
 Keys travel in their canonical form (``partitions.key_bytes``): they must be hashable, as a
 dict's are, and compare by that form, so ``1`` and ``1.0`` are two keys (as in Hazelcast), unlike
@@ -16,34 +16,14 @@ missing key (``del``, ``pop``, ``popitem`` on an empty map), TypeError for an un
 
 from __future__ import annotations
 
-import itertools
 import pickle
-import threading
-import uuid as uuid_module
 from collections.abc import ItemsView, Iterable, Mapping, MutableMapping, ValuesView
 
-from ..cluster.partitions import DEFAULT_PARTITIONS, key_bytes, partition_of_bytes
+from ..cluster.partitions import key_bytes, partition_of_bytes
 from ..net import serialize
-from .store import MAP, Op, Replica
+from .store import MAP, CallIds, Op
 
 _MISSING = object()
-
-
-class LocalBackend:
-    """Every partition's replica in this process, one op at a time: the structures' backend for tests
-    and one-process use (any thread may use it)."""
-
-    def __init__(self, partitions: int = DEFAULT_PARTITIONS):
-        self.partitions = partitions
-        self._replicas: dict[int, Replica] = {}
-        self._lock = threading.Lock()
-
-    def execute(self, partition: int, op: Op):
-        with self._lock:
-            replica = self._replicas.get(partition)
-            if replica is None:
-                replica = self._replicas[partition] = Replica(partition)
-            return replica.execute(op).result
 
 
 class DMap(MutableMapping):
@@ -54,8 +34,7 @@ class DMap(MutableMapping):
             raise TypeError(f"a map's name is a non-empty str, not {name!r}")
         self.name = name
         self._backend = backend
-        self._calls = itertools.count(1)
-        self._caller = uuid_module.uuid4().hex[:12]  # with the counter: call ids unique across processes
+        self._calls = CallIds()
 
     def __repr__(self) -> str:
         return f"<DMap {self.name!r}>"
@@ -70,7 +49,7 @@ class DMap(MutableMapping):
         return self._at(partition_of_bytes(key_data, self._backend.partitions), action, (key_data, *args), write)
 
     def _at(self, partition: int, action: str, args: tuple, write: bool):
-        call_id = f"{self._caller}:{next(self._calls)}" if write else None
+        call_id = self._calls.next() if write else None
         return self._backend.execute(partition, Op(MAP, self.name, action, args, call_id))
 
     def _everywhere(self, action: str, write: bool = False) -> list:

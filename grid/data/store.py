@@ -16,6 +16,9 @@ values pickled by the caller. Nothing here unpickles anything, so any thread may
 layer above serializes calls per replica. A structure lives in the partitions its keys hash to
 (a map), or wholly in the partition of its name (a queue, a counter).
 
+``CallIds`` makes a client handle's call ids; ``LocalBackend`` runs every partition's replica in
+one process (for tests and one-process use), one op at a time.
+
 Records replicate effects, not operations: ``("set", key, value)`` rather than "put_if_absent",
 so a backup never decides anything and cannot diverge from its owner.
 """
@@ -24,6 +27,9 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import itertools
+import threading
+import uuid as uuid_module
 from typing import Any
 
 MAP, QUEUE, COUNTER = "map", "queue", "counter"
@@ -89,6 +95,35 @@ _WRITES = {
     QUEUE: {"offer", "offer_all", "poll", "task_done", "clear"},
     COUNTER: {"set", "add_and_get", "get_and_add", "compare_and_set"},
 }
+
+
+class CallIds:
+    """Call ids for one client handle's writes: ``caller:n``, unique across processes, so a retried
+    write (same id) applies once."""
+
+    def __init__(self):
+        self._caller = uuid_module.uuid4().hex[:12]
+        self._numbers = itertools.count(1)
+
+    def next(self) -> str:
+        return f"{self._caller}:{next(self._numbers)}"
+
+
+class LocalBackend:
+    """Every partition's replica in this process, one op at a time: the structures' backend for tests
+    and one-process use (any thread may use it); the cluster's backend routes ops to owners."""
+
+    def __init__(self, partitions: int):
+        self.partitions = partitions
+        self._replicas: dict[int, Replica] = {}
+        self._lock = threading.Lock()
+
+    def execute(self, partition: int, op: Op):
+        with self._lock:
+            replica = self._replicas.get(partition)
+            if replica is None:
+                replica = self._replicas[partition] = Replica(partition)
+            return replica.execute(op).result
 
 
 class Replica:
