@@ -48,7 +48,7 @@ def noop():
 
 
 class _Router:
-    def register(self, message_type, handler):
+    def register(self, message_type, handler, any_thread=False):
         pass
 
 
@@ -62,6 +62,9 @@ class _Link:
 
     def send_frame(self, kind, parts):
         self.sent.put(parts)
+
+    def lend_reading(self):  # no socket: frames are fed in by the test, as by the IO thread
+        return False
 
     def call_later(self, delay, callback, *args):
         callback(*args)
@@ -144,7 +147,8 @@ def test_quick_functions_never_run_on_the_io_thread(runner):
     runner._on_tasks(link, ([], [(1, serialize.dumps_function(thread_name))], []))
     for task_id in range(10):
         runner._on_tasks(link, ([], [], [(task_id, 1, worker.CALL, *protocol.pack_arguments((), {}))]))
-        assert link.results() == {task_id: (worker.OK, "grid-task-0")}
+        ((status, name),) = link.results().values()
+        assert status == worker.OK and name.startswith("grid-task-"), name
     runner._on_tasks(link, ([1], [], []))
     assert link.attachment.functions == {}
 
@@ -264,3 +268,31 @@ def test_a_map_goes_on_after_its_function_left_the_cache(linked):
     assert first.evicted, "the map's function was dropped from the cache while it ran"
     assert first.id not in link.sent_functions
     _assert_settled(executor, link, state)
+
+
+# -- who reads the executor link ---------------------------------------------------------------------------------------
+
+
+def test_tasks_round_trip_while_the_members_io_thread_is_busy(member, linked):
+    """The member's task threads read the executor link themselves (``net.lending``): a task
+    needs no hand-off from the IO thread, so it runs while that thread is held up."""
+    peer, _ = member
+    executor, _, _ = linked
+    held, holding = threading.Event(), threading.Event()
+
+    def hold_io_thread():
+        holding.set()
+        held.wait(RESULT_TIMEOUT)
+
+    peer.transport.call_soon(hold_io_thread)
+    try:
+        assert holding.wait(RESULT_TIMEOUT)
+        names = [executor.submit(thread_name).result(RESULT_TIMEOUT) for _ in range(20)]
+        assert all(name.startswith("grid-task-") for name in names)
+        assert list(executor.map(square, range(50))) == [n * n for n in range(50)]
+    finally:
+        held.set()
+
+
+def square(n):
+    return n * n

@@ -284,6 +284,9 @@ class FakeLink:
         self.sent.append([bytes(part) for part in payload] if isinstance(payload, list) else [bytes(payload)])
         self.arrived.set()
 
+    def lend_reading(self):  # no socket: frames are fed in by the test, as by the IO thread
+        return False
+
 
 def test_an_idle_task_thread_holds_nothing_of_its_last_task():
     router = messaging.Router()

@@ -1,17 +1,30 @@
 """The member's half of the executor: run the tasks that executors send here.
 
-    executor link --"tasks"--> IO thread: forget ids, keep     task threads ("grid-task-N")
-                               new functions (pickled),  -----> unpickle a function on first
-                               check and queue each task        use, run fn(*args) / a chunk
+    executor link --"tasks"--> an idle task thread, woken     the task threads ("grid-task-N")
+                               by the kernel (it reads the    unpickle a function on first
+                               link itself): forget ids,      use, run fn(*args) / a chunk
+                               keep new functions (pickled),  the thread that read the frame
+                               check and queue each task -->  runs its first task itself
     executor link <--"results"-- sent straight from the task thread, batched while
                                  more tasks are queued behind it
+
+Executor links are read by the task threads, not the IO thread. Of ``workers + 1``
+threads at most ``workers`` run tasks; the others wait together in one epoll over every
+executor link (``net.lending.LinkReader``), so a frame wakes one of them and nothing
+else. That thread checks and queues the frame's tasks and runs the first itself
+(``_Crew``). Handing each task from the IO thread to a task thread cost two wake-ups in
+a row (the thread, then the GIL the IO thread held until it was back in its own select).
+Only "tasks", "cancel" and "init" are handled on the thread that read them; any other
+message on these links runs on the IO thread. A link is lent when its first "tasks"
+frame is handled (on the IO thread); TLS links are never lent and stay the IO thread's,
+whose "tasks" then signal a waiting task thread.
 
 The IO thread never runs user code, however quick: it only checks and queues, so
 heartbeats and handshakes never wait on a task (unpickling a function may import user
 modules, so that happens on a task thread too). A malformed task fails with an error
 saying what is wrong with it; a frame none of whose tasks can be answered closes the
 link, after a goodbye. A task thread outlives anything a task or a frame does. With
-``task_processes`` each task thread runs its tasks in its own child process
+``task_processes`` each running task thread uses one of the child processes
 (``taskproc.py``), so a task that kills its process does not kill the member.
 
 Each executor link has its own state: the functions it sent (by id, so a function
@@ -23,15 +36,16 @@ when it arrives, so a task queued before its function was forgotten still runs.
 
 from __future__ import annotations
 
+import collections
 import itertools
 import logging
-import queue
 import threading
 import time
 import traceback
 
 from ..errors import BrokenGrid, GridError, RemoteError
 from ..net import messaging, serialize
+from ..net.lending import LinkReader
 from .protocol import CALL, CANCELLED, CHUNK, CHUNK1, FAILED, NO_VALUES, OK, UNSENDABLE, pack_value, unpack_arguments
 
 _KINDS = (CALL, CHUNK, CHUNK1)
@@ -85,7 +99,7 @@ class _LinkState:
     not told us to forget (the executor keeps that bounded)."""
 
     __slots__ = ("functions", "cancelled", "init_done", "init_error", "init_pickled", "held", "lock",
-                 "pending_results", "serial")
+                 "pending_results", "serial", "lent")
 
     def __init__(self):
         self.serial = next(_serials)
@@ -97,6 +111,62 @@ class _LinkState:
         self.held: list = []  # (task, function) that arrived before the initializer finished
         self.lock = threading.Lock()
         self.pending_results: list = []
+        self.lent = False  # read by the task threads (see _Crew)
+
+
+class _Crew:
+    """The task threads' queue of work: ``workers`` items run at once at most.
+
+    The threads that run nothing wait in the link reader (``net.lending.LinkReader``),
+    where a frame on an executor link wakes one of them, which handles it and takes the
+    work it brought. Work queued otherwise (by the IO thread) signals a waiting thread, and
+    a thread that takes work while more is queued signals the next. ``slots`` name what a
+    running thread uses (its task process), one per running thread.
+    """
+
+    def __init__(self, workers: int, signal):
+        self.workers = workers
+        self._signal = signal
+        self._lock = threading.Lock()
+        self._work: collections.deque = collections.deque()
+        self._slots = list(range(workers))
+        self._running = 0
+        self._reading = threading.local()  # .active: this thread is handling frames it read
+
+    def __len__(self) -> int:
+        return len(self._work)
+
+    def put(self, item) -> None:
+        """Queue work (any thread). A thread waiting in the reader is signalled for it, unless a
+        task thread reading a frame put it: that thread takes it next."""
+        with self._lock:
+            self._work.append(item)
+            wake = self._running < self.workers and not getattr(self._reading, "active", False)
+        if wake:
+            self._signal()
+
+    def reading(self, active: bool) -> None:
+        """This task thread starts (True) or stops handling frames it read."""
+        self._reading.active = active
+
+    def take(self, slot):
+        """``(item, slot)``: the next work this thread may start, or ``(None, None)``, having let
+        go of its ``slot`` (the one it holds after running something, or None)."""
+        with self._lock:
+            if self._work and (slot is not None or self._running < self.workers):
+                if slot is None:
+                    slot = self._slots.pop()
+                    self._running += 1
+                item = self._work.popleft()
+                more = bool(self._work) and self._running < self.workers
+            else:
+                if slot is not None:
+                    self._slots.append(slot)
+                    self._running -= 1
+                return None, None
+        if more:
+            self._signal()
+        return item, slot
 
 
 class TaskRunner:
@@ -104,8 +174,9 @@ class TaskRunner:
 
     With ``hold=True`` it takes no work (tasks and initializers are kept, in order)
     until ``release()``: a member that joins replays the patch log first. Given
-    ``processes`` (``taskproc.TaskProcess``es, made by the peer), there is one task
-    thread per process, running its tasks there; they are closed with it.
+    ``processes`` (``taskproc.TaskProcess``es, made by the peer), ``workers`` is their
+    number and each running task thread runs its tasks in one of them; they are closed
+    with it. There is one thread more than ``workers``: the one reading the links.
     """
 
     def __init__(self, router, *, workers: int, hold: bool = False, processes=()):
@@ -113,27 +184,29 @@ class TaskRunner:
         self.workers = len(self._processes) or workers
         self._held_frames: list | None = [] if hold else None  # (handler, conn, body) until release()
         self.tasks_done = 0
-        self._queue: queue.SimpleQueue = queue.SimpleQueue()
-        self._threads = [threading.Thread(target=self._run, args=(index,), name=f"grid-task-{index}")
-                         for index in range(self.workers)]
-        router.register("tasks", self._on_tasks)
-        router.register("cancel", self._on_cancel)
-        router.register("init", self._on_init)
+        self._reader = LinkReader()
+        self._crew = _Crew(self.workers, self._reader.signal)
+        self._threads = [threading.Thread(target=self._run, name=f"grid-task-{index}")
+                         for index in range(self.workers + 1)]
+        router.register("tasks", self._on_tasks, any_thread=True)
+        router.register("cancel", self._on_cancel, any_thread=True)
+        router.register("init", self._on_init, any_thread=True)
         for thread in self._threads:
             thread.start()
 
     def close(self) -> None:
-        """Stop the task threads after the task each is running; join them."""
-        for _ in self._threads:
-            self._queue.put(None)
+        """Stop the task threads once the tasks queued have run; join them. The links go back
+        to the IO thread."""
+        self._reader.stop()
         for thread in self._threads:
             thread.join()
+        self._reader.close()
         for process in self._processes:
             process.close()
 
     @property
     def queued(self) -> int:
-        return self._queue.qsize()
+        return len(self._crew)
 
     def release(self, call_soon) -> None:
         """Start taking work, beginning with what was held (``call_soon``: the IO thread's)."""
@@ -150,7 +223,7 @@ class TaskRunner:
         self._held_frames.append((handler, conn, body))
         return True
 
-    # -- IO thread ------------------------------------------------------------------------------
+    # -- the thread that read the frame: the IO thread, or the leading task thread -------------------
 
     @staticmethod
     def _state(conn) -> _LinkState:
@@ -158,6 +231,12 @@ class TaskRunner:
         if not isinstance(state, _LinkState):
             state = conn.attachment = _LinkState()
         return state
+
+    def _lend(self, conn, state: _LinkState) -> None:
+        """From its first tasks (once nothing is held), the task threads read this link."""
+        if not state.lent:
+            state.lent = True
+            self._reader.lend(conn)
 
     def _on_tasks(self, conn, body) -> None:
         if self._held_frames is not None and self._hold(self._on_tasks, conn, body):
@@ -169,6 +248,7 @@ class TaskRunner:
             self._refuse(conn, f"a 'tasks' body must be (forget, functions, tasks), not {messaging.shorten(body)}")
             return
         state = self._state(conn)
+        self._lend(conn, state)
         table = state.functions
         for function_id in forget:  # before this frame's functions: it may send one of them again
             if isinstance(function_id, int):
@@ -202,7 +282,7 @@ class TaskRunner:
                 if not state.init_done:
                     state.held.extend([(task, function_of(task[1])) for task in good])
                     return
-        put = self._queue.put
+        put = self._crew.put
         for task in good:
             put((conn, state, task, function_of(task[1])))
 
@@ -224,16 +304,17 @@ class TaskRunner:
             return
         state = self._state(conn)
         state.init_done = False
-        self._queue.put((conn, state, ("init", pickled), None))
+        self._crew.put((conn, state, ("init", pickled), None))
 
     # -- task threads -----------------------------------------------------------------------------
 
-    def _run(self, index: int) -> None:
-        process = self._processes[index] if self._processes else None
-        get, get_nowait, empty = self._queue.get, self._queue.get_nowait, self._queue.empty
+    def _run(self) -> None:
+        crew, reader = self._crew, self._reader
+        slot = None  # while running: the index of the task process this thread uses
         dirty: dict[int, tuple] = {}  # links with results not yet sent, by id(state)
         while True:
-            if empty():
+            item, slot = crew.take(slot)
+            if item is None:
                 for conn, state, _ in dirty.values():  # idle: send everything now
                     self._flush(conn, state)
                 dirty.clear()
@@ -241,20 +322,22 @@ class TaskRunner:
                 # (views of the frame they came in, whose buffer the link reuses once free), nor
                 # its result.
                 conn = state = task = function = result = item = None
-                item = get()
-            else:
+                if reader.stopping:  # and nothing is left to run
+                    return
+                crew.reading(True)
                 try:
-                    item = get_nowait()
-                except queue.Empty:  # another task thread took it
-                    continue
+                    reader.wait()  # handles the frames of a lent link that has bytes, on this thread
+                except Exception:  # a grid bug: the links are read on (a failed read closes its link)
+                    log.exception("reading the executor links failed")
+                finally:
+                    crew.reading(False)
+                continue
+            else:
                 for key, (conn, state, first) in dirty.items():
                     if first is not None:  # the next task may run long: the IO thread sends these in time
                         conn.driver.call_later(_RESULT_DELAY, self._flush, conn, state)
                         dirty[key] = (conn, state, None)
-            if item is None:
-                for conn, state, _ in dirty.values():
-                    self._flush(conn, state)
-                return
+            process = self._processes[slot] if self._processes else None
             conn, state, task, function = item
             try:
                 if task[0] == "init":
@@ -320,7 +403,7 @@ class TaskRunner:
             held, state.held = state.held, []
             state.init_done = True
         for task, function in held:
-            self._queue.put((conn, state, task, function))
+            self._crew.put((conn, state, task, function))
 
 
 def load_function(pickled):

@@ -184,6 +184,10 @@ class Connection:
         self.farewell: str | None = None  # why the peer said it closes this link, if it said
         self._sock = sock
         self._lock = threading.Lock()
+        # Reads and the decoder: the IO thread's, or a thread's the reading is lent to
+        # (``lend_reading``); held while a read's frames are handled, so they stay in order.
+        self._read_lock = threading.RLock()
+        self._lent = False
         self._out: collections.deque = collections.deque()
         self._decoder = wire.FrameDecoder()
         self._inbox: bytearray | None = None  # what each read fills, reused (made on the first read)
@@ -374,14 +378,20 @@ class Connection:
     def _update_interest(self) -> None:
         if self.state is State.CLOSED:
             return
-        events = selectors.EVENT_READ
+        events = 0 if self._lent else selectors.EVENT_READ
         if self.state is State.CONNECTING or (self._out and self.state is State.OPEN) or self._out and self.state is State.HANDSHAKE:
             events |= selectors.EVENT_WRITE
         if self.state is State.CONNECTING:
             events = selectors.EVENT_WRITE
-        if events != self._events:
+        if events == self._events:
+            return
+        if not events:
+            self.driver.unwatch(self._sock)
+        elif not self._events:
+            self.driver.watch(self._sock, events, self._on_event)
+        else:
             self.driver.rewatch(self._sock, events, self._on_event)
-            self._events = events
+        self._events = events
 
     def _on_event(self, mask: int) -> None:
         try:
@@ -393,18 +403,76 @@ class Connection:
                 if mask & selectors.EVENT_WRITE:
                     self._flush()
                 if mask & selectors.EVENT_READ:
-                    self._read()
-        except ProtocolError as exc:
+                    with self._read_lock:
+                        if self._lent:  # another thread reads it now: stop watching for reads
+                            self._update_interest()
+                        else:
+                            self._read()
+        except Exception as exc:
+            self._read_failed(exc)
+
+    def _read_failed(self, exc: Exception) -> None:
+        """IO thread: a read or write raised ``exc``; close the connection, saying why."""
+        if isinstance(exc, ProtocolError):
             if self.state is State.OPEN:
                 log.warning("closing %r: protocol error: %s", self, exc)
             else:
                 self.driver.log_failure(self.remote, f"closing {self!r}: protocol error: {exc}")
             self.abort(f"protocol error: {exc}", False)
-        except (ConnectionClosed, OSError) as exc:
+        elif isinstance(exc, (ConnectionClosed, OSError)):
             self.abort(str(exc) or type(exc).__name__, True)
-        except Exception as exc:  # a bug here must cost one connection, not the loop's attention
-            log.exception("closing %r after an unexpected error", self)
+        else:  # a bug here must cost one connection, not the loop's attention
+            log.error("closing %r after an unexpected error", self, exc_info=exc)
             self.abort(f"internal error: {exc!r}", False)
+
+    # -- reading lent to another thread (any thread) ----------------------------------------------
+
+    def fileno(self) -> int:
+        """The socket's descriptor (-1 once closed), for the selector of a thread reading a lent link."""
+        return self._sock.fileno()
+
+    @property
+    def can_lend(self) -> bool:
+        """Whether ``lend_reading`` may be used: an open link without TLS (an SSL object must not
+        be read by one thread while another writes to it)."""
+        return self.state is _OPEN and not isinstance(self._sock, ssl.SSLSocket)
+
+    def lend_reading(self) -> bool:
+        """From now on the calling side reads this link, with ``read_lent`` when its socket is
+        readable; the IO thread stops reading it (it keeps writing it). False: not lendable.
+
+        A thread that reads lent links saves the hand-off from the IO thread: the kernel
+        wakes it, and it handles the frames itself (executor links, read by task threads).
+        """
+        with self._read_lock:
+            if not self.can_lend:
+                return False
+            self._lent = True  # the IO thread drops its read interest when it next sees the socket
+            return True
+
+    def take_back_reading(self) -> None:
+        """The IO thread reads this link again (undoes ``lend_reading``)."""
+        with self._read_lock:
+            if self._lent:
+                self._lent = False
+                self.driver.call_soon(self._update_interest)
+
+    def read_lent(self) -> bool:
+        """Read what has arrived on a lent link and handle its frames, on the calling thread.
+
+        Returns False when the link is no longer lent or is closed (a failed read closes
+        it, on the IO thread): stop watching it.
+        """
+        with self._read_lock:
+            if not self._lent or self.state is not _OPEN:
+                return False
+            try:
+                self._read()
+            except Exception as exc:
+                self._lent = False
+                self.driver.call_soon(self._read_failed, exc)
+                return False
+            return self.state is _OPEN
 
     def _finish_connect(self) -> None:
         error = self._sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
@@ -504,13 +572,14 @@ class Connection:
 
     def _release_spares(self) -> None:
         """Let go of the buffers kept for large frames once none came for ``_SPARES_IDLE`` s."""
-        decoder = self._decoder
-        if decoder.large_frames != self._large_frames_seen and self.state is not State.CLOSED:
-            self._large_frames_seen = decoder.large_frames
-            self._spares_timer = self.driver.call_later(_SPARES_IDLE, self._release_spares)
-            return
-        self._spares_timer = None
-        decoder.release_spares()
+        with self._read_lock:  # the decoder may be a lent reader's right now
+            decoder = self._decoder
+            if decoder.large_frames != self._large_frames_seen and self.state is not State.CLOSED:
+                self._large_frames_seen = decoder.large_frames
+                self._spares_timer = self.driver.call_later(_SPARES_IDLE, self._release_spares)
+                return
+            self._spares_timer = None
+            decoder.release_spares()
 
     def _receive_into(self, target: memoryview) -> int:
         try:
@@ -651,10 +720,12 @@ class Connection:
             pending, self._pending = self._pending, {}
         if self._deadline_timer is not None:
             self._deadline_timer.cancel()
-        if self._spares_timer is not None:
-            self._spares_timer.cancel()
-            self._spares_timer = None
-        self._decoder.release_spares()
+        with self._read_lock:  # after a lent reader's read in progress (it sees the state and stops)
+            self._lent = False
+            if self._spares_timer is not None:
+                self._spares_timer.cancel()
+                self._spares_timer = None
+            self._decoder.release_spares()
         self.driver.unwatch(self._sock)
         self._sock.close()
         self.driver.forget(self)

@@ -31,16 +31,26 @@ class Router:
 
     A handler runs on the IO thread and must be quick. For a REQUEST it may
     return a ``Future``; the response is sent when the Future completes.
+
+    Frames normally arrive on the IO thread. A link whose reading is lent to another
+    thread (``Connection.lend_reading``) delivers them there: the message is decoded on
+    that thread, a handler registered with ``any_thread=True`` runs there too, and any
+    other handler is run on the IO thread, in the order the messages came.
     """
 
     def __init__(self):
         self._handlers: dict[str, object] = {"goodbye": _note_goodbye}
+        self._any_thread: set[str] = set()
         self.bad_input = 0  # malformed messages and failed handlers so far (for the log's count)
 
-    def register(self, message_type: str, handler) -> None:
+    def register(self, message_type: str, handler, *, any_thread: bool = False) -> None:
+        """Handle ``message_type`` with ``handler``; ``any_thread``: it may run on the thread
+        that read the frame (thread-safe, quick, and never user code)."""
         if message_type in self._handlers:
             raise ValueError(f"message type {message_type!r} already has a handler")
         self._handlers[message_type] = handler
+        if any_thread:
+            self._any_thread.add(message_type)
 
     def on_frame(self, conn, frame) -> None:
         """The transport's ``on_frame``: decode, look up, run, answer.
@@ -66,6 +76,12 @@ class Router:
                 f"a {frame.kind.name} frame carries (message type: str, body), not {shorten(message)}"))
             return
         message_type, body = message
+        if message_type in self._any_thread:
+            self._run(conn, frame, message_type, body)
+        else:  # inline when on the IO thread already
+            conn.driver.call_soon(self._run, conn, frame, message_type, body)
+
+    def _run(self, conn, frame, message_type: str, body) -> None:
         handler = self._handlers.get(message_type)
         if handler is None:
             self._refuse(conn, frame, UnknownMessage(
