@@ -203,3 +203,20 @@ def test_a_tls_link_is_never_lent(make_transport, tmp_path):
         assert name.startswith("grid-io")
     finally:
         group.close()
+
+
+def test_a_signal_after_close_writes_nowhere(tmp_path):
+    """Work queued as a member stops must not write into whatever file took the wake pipe's number."""
+    import os
+
+    reader = LinkReader()
+    reader.stop()
+    reader.close()
+    paths = [tmp_path / f"file-{index}" for index in range(4)]
+    files = [os.open(path, os.O_RDWR | os.O_CREAT) for path in paths]  # they take the numbers let go of
+    try:
+        reader.signal()
+    finally:
+        for fd in files:
+            os.close(fd)
+    assert [path.stat().st_size for path in paths] == [0, 0, 0, 0]

@@ -75,10 +75,13 @@ class LinkReader:
 
     def signal(self) -> None:
         """Wake one waiting thread (work was queued); a signal is kept until a thread takes it."""
-        try:
-            os.write(self._wake_w, b"\0")
-        except (BlockingIOError, OSError):
-            pass  # the pipe is full of signals already, or we are closed
+        with self._lock:  # never after close(): the pipe's number may be another file's by then
+            if self._wake_w < 0:
+                return
+            try:
+                os.write(self._wake_w, b"\0")
+            except (BlockingIOError, OSError):
+                pass  # the pipe is full of signals already
 
     def stop(self) -> None:
         """Make every ``wait()``, now and later, return at once."""
@@ -129,9 +132,11 @@ class LinkReader:
         with self._lock:
             self.stopping = True
             links, self._links = list(self._links.values()), {}
+            if self._wake_w >= 0:
+                os.close(self._wake_r)
+                os.close(self._wake_w)
+                self._wake_r = self._wake_w = -1
         for conn in links:
             conn.take_back_reading()
         if self._epoll is not None:
             self._epoll.close()
-        os.close(self._wake_r)
-        os.close(self._wake_w)
