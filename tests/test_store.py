@@ -6,7 +6,7 @@ import collections
 import os
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from grid.data import store
@@ -27,7 +27,8 @@ map_ops = st.one_of(
 queue_ops = st.one_of(
     st.tuples(st.just("offer"), values, st.integers(0, 3)), st.tuples(st.just("poll"), st.integers(1, 3)),
     st.tuples(st.just("offer_all"), st.lists(values, max_size=4), st.integers(0, 3)),
-    st.tuples(st.just("size")), st.tuples(st.just("peek")), st.tuples(st.just("task_done")))
+    st.tuples(st.just("size")), st.tuples(st.just("peek")), st.tuples(st.just("task_done")),
+    st.tuples(st.just("clear")), st.tuples(st.just("unfinished")))
 counter_ops = st.one_of(
     st.tuples(st.just("get")), st.tuples(st.just("set"), st.integers(-5, 5)),
     st.tuples(st.just("add_and_get"), st.integers(-5, 5)), st.tuples(st.just("get_and_add"), st.integers(-5, 5)),
@@ -109,6 +110,13 @@ class Model:
                 return len(self.queue)
             if action == "peek":
                 return self.queue[0] if self.queue else None
+            if action == "unfinished":
+                return self.unfinished
+            if action == "clear":  # cleared items will never be done: join stops waiting for them
+                count = len(self.queue)
+                self.queue.clear()
+                self.unfinished = max(0, self.unfinished - count)
+                return count
             if self.unfinished <= 0:  # task_done
                 raise StoreError("task_done() called too many times")
             self.unfinished -= 1
@@ -132,6 +140,7 @@ class Model:
 
 @settings(max_examples=EXAMPLES, deadline=None)
 @given(st.lists(ops, max_size=40))
+@example([(QUEUE, ("offer", b"a", 0)), (QUEUE, ("offer", b"b", 0)), (QUEUE, ("poll", 1)), (QUEUE, ("clear",))])
 def test_an_owner_answers_as_the_models_do_and_its_backup_ends_identical(sequence):
     owner, backup, model = Replica(7), Replica(7), Model()
     for number, (kind, (action, *args)) in enumerate(sequence):

@@ -17,7 +17,8 @@ layer above serializes calls per replica. A structure lives in the partitions it
 (a map), or wholly in the partition of its name (a queue, a counter).
 
 ``CallIds`` makes a client handle's call ids; ``LocalBackend`` runs every partition's replica in
-one process (for tests and one-process use), one op at a time.
+one process (for tests and one-process use), one op at a time, and lets a blocking caller (a queue's
+``get`` on an empty queue) wait until a partition's data changes.
 
 Records replicate effects, not operations: ``("set", key, value)`` rather than "put_if_absent",
 so a backup never decides anything and cannot diverge from its owner.
@@ -117,13 +118,41 @@ class LocalBackend:
         self.partitions = partitions
         self._replicas: dict[int, Replica] = {}
         self._lock = threading.Lock()
+        self._changed = threading.Condition(self._lock)  # notified when a write changes some partition's data
+        self._changes: dict[int, int] = {}  # per partition: the writes that changed its data
 
     def execute(self, partition: int, op: Op):
         with self._lock:
             replica = self._replicas.get(partition)
             if replica is None:
                 replica = self._replicas[partition] = Replica(partition)
-            return replica.execute(op).result
+            outcome = replica.execute(op)
+            # Not every record: a write with a call id makes one even when it changed nothing (an empty
+            # poll), and counting those would wake a blocked poller with its own failed try.
+            if outcome.record is not None and outcome.record.effects:
+                self._changes[partition] = self._changes.get(partition, 0) + 1
+                self._changed.notify_all()
+            return outcome.result
+
+    def wait_for_change(self, partition: int, seen: int | None = None, timeout: float | None = None) -> int:
+        """Wait until ``partition``'s data changes, for a caller that will try its op again then.
+
+        The number returned counts the writes that changed the partition's data. Take it (``seen``
+        None: no wait) before the first try, so that a change between the try and the wait is not
+        missed: the wait returns at once when the number is no longer ``seen``. A cluster backend will
+        not wait here: it will park the blocked request on the partition's owner instead.
+
+        Args:
+            seen: the number the caller saw last; None returns the number now, without waiting.
+            timeout: seconds to wait at most; None waits for as long as it takes.
+
+        Returns:
+            The number now: ``seen`` itself when the timeout passed with no change.
+        """
+        with self._changed:
+            if seen is not None:
+                self._changed.wait_for(lambda: self._changes.get(partition, 0) != seen, timeout)
+            return self._changes.get(partition, 0)
 
 
 class Replica:
@@ -335,8 +364,12 @@ class Replica:
         return None, [(QUEUE, name, "unfinished", (unfinished - 1,))]
 
     def _queue_clear(self, name):
-        count = len(self._queue(name)["items"])
-        return count, ([(QUEUE, name, "pop", (count,))] if count else [])
+        queue = self._queue(name)
+        count = len(queue["items"])
+        if not count:
+            return 0, []
+        # Items cleared were never got, and will never be done: join no longer waits for them.
+        return count, [(QUEUE, name, "pop", (count,)), (QUEUE, name, "unfinished", (max(0, queue["unfinished"] - count),))]
 
     # -- counter writes ----------------------------------------------------------------------------------
 
