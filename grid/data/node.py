@@ -1,0 +1,253 @@
+"""One member's data service as a state machine without IO: ops in, replication out, acknowledgements back.
+
+::
+
+    proxy --op--> owner: DataNode.on_op(token, partition, op)
+                    not the owner (by its table), or op routed by an older table -> Reply(NotOwner)
+                    a read, or a write that changed nothing                    -> Reply(result)
+                    a write: Send("data.rep", (write id, record)) to each backup, and once every
+                    backup acknowledged it                                      -> Reply(result)
+    backup:        on_replicate(owner, write id, record) -> Send("data.ack", ok | fenced | want)
+                    "want": it lacks records before this one (or the partition): the owner sends
+                    a snapshot (Send "data.snap"), whose acknowledgement covers every write in it
+    table:         take_table(table): drop what this member no longer holds; a new owner that holds
+                    nothing asks the partition's other replicas for it (Send "data.want"); an owner
+                    sends its new backups a snapshot; writes waiting for a backup that left stop
+                    waiting for it; writes of a partition this member no longer owns are answered
+                    NotOwner (the proxy retries them, with the same call id, at the new owner)
+
+Nothing is acknowledged before every backup of the table it was written under applied it, and a
+backup refuses records of an older table (``store.Fenced``), so a paused or cut-off ex-owner
+cannot acknowledge a write. The layer above moves the messages and calls in on one thread.
+
+Outputs are ``Send(to, message_type, body)`` and ``Reply(token, result, error)``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+from typing import Any
+
+from ..cluster.partitions import PartitionTable, empty_table
+from .store import Fenced, Op, OutOfOrder, Record, Replica, StoreError
+
+
+class NotOwner(StoreError):
+    """This member does not own the partition by the newest table it knows (``table_version``),
+    or is still receiving its data: ask again after the table (the proxy's retry)."""
+
+    def __init__(self, message: str, table_version: int):
+        super().__init__(message)
+        self.table_version = table_version
+
+
+@dataclasses.dataclass(frozen=True)
+class Send:
+    to: str
+    message_type: str
+    body: Any
+
+
+@dataclasses.dataclass(frozen=True)
+class Reply:
+    token: Any
+    result: Any = None
+    error: BaseException | None = None
+
+
+@dataclasses.dataclass
+class _Write:
+    token: Any
+    partition: int
+    record: Record
+    waiting: set  # backups that have not applied it yet
+
+
+class DataNode:
+    """The replicas member ``me`` holds and the writes waiting for their backups."""
+
+    def __init__(self, me: str, partitions: int, backup_count: int = 1):
+        self.me = me
+        self.table: PartitionTable = empty_table(partitions, backup_count)
+        self.replicas: dict[int, Replica] = {}
+        self._wanting: set[int] = set()  # partitions this member owns and waits to receive
+        self._writes: dict[int, _Write] = {}
+        self._write_ids = itertools.count(1)
+        self._answered_none: dict[int, set] = {}  # partition wanted -> replicas that hold nothing of it
+
+    # -- the table -------------------------------------------------------------------------------------
+
+    def take_table(self, table: PartitionTable) -> list:
+        """Follow a newer table; returns the messages and replies that follow from it."""
+        if table.version <= self.table.version:
+            return []
+        old, self.table = self.table, table
+        out: list = []
+        for partition in range(table.partitions):
+            row = table.replicas[partition] if table.replicas else ()
+            replica = self.replicas.get(partition)
+            if self.me not in row:
+                self.replicas.pop(partition, None)
+                self._wanting.discard(partition)
+                continue
+            if replica is not None:
+                replica.follow(table.version)
+            if row[0] != self.me:
+                self._wanting.discard(partition)
+                continue
+            if replica is None:  # owner of what it does not hold: those of its replicas that held it
+                held = [uuid for uuid in row[1:] if uuid in (old.replicas[partition] if old.replicas else ())]
+                if held:
+                    self._wanting.add(partition)
+                    out += [Send(uuid, "data.want", partition) for uuid in row[1:]]
+                else:  # nobody who could have it: it starts empty
+                    self._found_nothing(partition)
+                continue
+            was = old.replicas[partition] if old.replicas else ()
+            promoted = not was or was[0] != self.me
+            for uuid in row[1:]:
+                # A new backup starts from a snapshot; so does every backup of a promoted owner: a
+                # fellow backup may hold a record this one never got (one never acknowledged).
+                if promoted or uuid not in was:
+                    out.append(Send(uuid, "data.snap", (partition, replica.snapshot())))
+        for write_id, write in list(self._writes.items()):
+            row = table.replicas[write.partition] if table.replicas else ()
+            if not row or row[0] != self.me:
+                del self._writes[write_id]
+                out.append(Reply(write.token, error=NotOwner(
+                    f"partition {write.partition} moved to another member before its write was backed up",
+                    table.version)))
+                continue
+            write.waiting &= set(row[1:])
+            out += self._maybe_done(write_id)
+        return out
+
+    def _found_nothing(self, partition: int) -> None:
+        self._wanting.discard(partition)
+        replica = self.replicas[partition] = Replica(partition)
+        replica.follow(self.table.version)
+
+    # -- the owner ---------------------------------------------------------------------------------------
+
+    def on_op(self, token, partition: int, op: Op) -> list:
+        """An op for ``partition`` from a proxy; answered now, or once its backups applied it."""
+        owner = self.table.owner(partition)
+        if owner != self.me or partition in self._wanting or op.table_version > self.table.version:
+            why = ("is receiving its data" if owner == self.me and partition in self._wanting else
+                   f"is owned by {owner}" if owner != self.me else "has a newer table than this member")
+            return [Reply(token, error=NotOwner(f"partition {partition} {why} (table version "
+                                                f"{self.table.version})", self.table.version))]
+        replica = self.replicas[partition]
+        try:
+            outcome = replica.execute(op)
+        except Fenced as exc:
+            return [Reply(token, error=NotOwner(str(exc), self.table.version))]
+        except StoreError as exc:
+            return [Reply(token, error=exc)]
+        backups = self.table.backups(partition)
+        if outcome.record is None or not backups:
+            return [Reply(token, outcome.result)]
+        write_id = next(self._write_ids)
+        self._writes[write_id] = _Write(token, partition, outcome.record, set(backups))
+        return [Send(uuid, "data.rep", (write_id, outcome.record)) for uuid in backups]
+
+    def on_ack(self, sender: str, write_id: int, answer: str, partition: int) -> list:
+        """A backup's answer to ``data.rep`` or ``data.snap``: "ok", "fenced" or "want"."""
+        if answer == "want":  # it lacks what comes before: all of it, as a snapshot
+            replica = self.replicas.get(partition)
+            if replica is None or self.table.owner(partition) != self.me:
+                return []
+            return [Send(sender, "data.snap", (partition, replica.snapshot()))]
+        out: list = []
+        if answer == "fenced":  # it follows a newer table: this member no longer owns the partition
+            write = self._writes.pop(write_id, None)
+            if write is not None:
+                out.append(Reply(write.token, error=NotOwner(
+                    f"partition {partition}: a backup follows a newer table than this member", self.table.version)))
+            return out
+        write = self._writes.get(write_id)
+        if write is not None:
+            write.waiting.discard(sender)
+            out += self._maybe_done(write_id)
+        return out
+
+    def on_snapshot_applied(self, sender: str, partition: int, seq: int) -> list:
+        """A backup restored a snapshot up to record ``seq``: it holds every write up to it."""
+        out: list = []
+        for write_id, write in list(self._writes.items()):
+            if write.partition == partition and write.record.seq <= seq:
+                write.waiting.discard(sender)
+                out += self._maybe_done(write_id)
+        return out
+
+    def _maybe_done(self, write_id: int) -> list:
+        write = self._writes.get(write_id)
+        if write is None or write.waiting:
+            return []
+        del self._writes[write_id]
+        return [Reply(write.token, write.record.result)]
+
+    # -- a backup ------------------------------------------------------------------------------------------
+
+    def _vouched(self, sender: str, partition: int, table_version: int, *, owner: bool) -> bool:
+        """Whether ``sender`` may send this partition's data here: by this member's table, it is the
+        owner (or, ``owner=False``, a replica) and this member a replica; or it knows a newer table
+        than this member (which only the cluster's master can have made: this member catches up)."""
+        if table_version > self.table.version:
+            return True
+        if table_version < self.table.version:
+            return False
+        row = self.table.replicas[partition] if self.table.replicas else ()
+        return self.me in row and (row[0] == sender if owner else sender in row)
+
+    def on_replicate(self, sender: str, write_id: int, record: Record) -> list:
+        """The owner's record of a write: applied in order, or refused saying why."""
+        if not self._vouched(sender, record.partition, record.table_version, owner=True):
+            return [Send(sender, "data.ack", (write_id, "fenced", record.partition))]
+        replica = self.replicas.get(record.partition)
+        if replica is None:
+            return [Send(sender, "data.ack", (write_id, "want", record.partition))]
+        try:
+            replica.replicate(record)
+        except Fenced:
+            return [Send(sender, "data.ack", (write_id, "fenced", record.partition))]
+        except OutOfOrder:
+            return [Send(sender, "data.ack", (write_id, "want", record.partition))]
+        return [Send(sender, "data.ack", (write_id, "ok", record.partition))]
+
+    def on_snapshot(self, sender: str, partition: int, snapshot: dict) -> list:
+        """A whole partition from its owner (a new backup, one that fell behind, the backups of a
+        promoted owner), or from a backup for an owner that holds nothing of it yet. It replaces
+        what this member held: the sender's is the one acknowledged writes are in."""
+        if partition in self._wanting:  # this member owns it and asked its replicas
+            if not self._vouched(sender, partition, self.table.version, owner=False):
+                return []
+        elif not self._vouched(sender, partition, snapshot["table_version"], owner=True):
+            return []
+        replica = self.replicas[partition] = Replica.restore(snapshot)
+        replica.follow(self.table.version)
+        if partition in self._wanting:  # the owner received its data: nothing to acknowledge
+            self._wanting.discard(partition)
+            self._answered_none.pop(partition, None)
+            return []
+        return [Send(sender, "data.snapped", (partition, replica.seq))]
+
+    def on_want(self, sender: str, partition: int) -> list:
+        """The partition's new owner holds nothing of it: send it what this member holds."""
+        replica = self.replicas.get(partition)
+        if replica is None or self.table.owner(partition) != sender:
+            return [Send(sender, "data.none", partition)]
+        return [Send(sender, "data.snap", (partition, replica.snapshot()))]
+
+    def on_none(self, sender: str, partition: int) -> list:
+        """A replica asked for ``partition`` holds nothing of it either."""
+        row = self.table.replicas[partition] if self.table.replicas else ()
+        if partition not in self._wanting or not row or row[0] != self.me:
+            return []
+        answered = self._answered_none.setdefault(partition, set())
+        answered.add(sender)
+        if set(row[1:]) <= answered:
+            del self._answered_none[partition]
+            self._found_nothing(partition)
+        return []
