@@ -72,10 +72,13 @@ def test_a_waiter_busy_in_a_blocking_callback_does_not_hold_up_other_work(queue)
     other = future_class(queue)()
     release, in_callback = threading.Event(), threading.Event()
     blocked.add_done_callback(lambda _: (in_callback.set(), release.wait(TIMEOUT)))
-    queue.put(blocked.set_result, 1)
     result = []
     waiter = threading.Thread(target=lambda: result.append(blocked.result(TIMEOUT)))
     waiter.start()
+    # The waiter sleeps in result() before the work comes, so it is the one that runs the callback
+    # (queued first, the work could go to the results thread, which then blocks: by design).
+    wait_for(lambda: any(w.sleeping for w in queue._waiters), TIMEOUT, "the waiter to wait")
+    queue.put(blocked.set_result, 1)
     try:
         assert in_callback.wait(TIMEOUT)
         queue.put(other.set_result, 2)  # the results thread (or a waiter) takes it: nobody is stuck

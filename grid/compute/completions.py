@@ -166,6 +166,7 @@ class Completions:
                 try:
                     self._call(fn, args)
                 finally:
+                    fn = args = None  # nothing of it (results, arguments) stays alive while this thread waits
                     lock.acquire()
 
     @staticmethod

@@ -536,6 +536,9 @@ class Dispatcher:
                         f"unpickled here ({type(exc).__name__}: {exc}); is its class importable where the "
                         "executor runs? (a member of another grid version sends results this side cannot "
                         "read, too)"))
+        # Nothing of them stays alive while this thread goes on (its caller may have taken them and
+        # let go already): not the tasks, whose Futures hold the results.
+        finished = task = value = None
         if more:
             self._flush(link)
 

@@ -53,6 +53,7 @@ class LinkReader:
         if self._epoll is not None:
             self._epoll.register(self._wake_r, select.EPOLLIN)  # level-triggered: one byte, one wake-up
         self._lock = threading.Lock()
+        self._pipe_lock = threading.Lock()  # signal() against close(): taken with no other lock held after it
         self._links: dict[int, object] = {}  # descriptor -> lent connection
         self.stopping = False
 
@@ -75,7 +76,7 @@ class LinkReader:
 
     def signal(self) -> None:
         """Wake one waiting thread (work was queued); a signal is kept until a thread takes it."""
-        with self._lock:  # never after close(): the pipe's number may be another file's by then
+        with self._pipe_lock:  # never after close(): the pipe's number may be another file's by then
             if self._wake_w < 0:
                 return
             try:
@@ -88,13 +89,25 @@ class LinkReader:
         self.stopping = True
         self.signal()  # never taken once stopping: it wakes every waiter in turn
 
-    def wait(self) -> None:
-        """Wait until a lent link has bytes, whose frames are then handled on this thread, or a signal."""
+    @property
+    def lent(self) -> bool:
+        """Whether any link is lent here (else nothing would wake a ``wait()`` but a signal)."""
+        return bool(self._links)
+
+    def wait(self, timeout: float | None = None) -> None:
+        """Wait until a lent link has bytes, whose frames are then handled on this thread, or a
+        signal, or ``timeout`` seconds (None: no limit). Returns at once once stopping."""
+        if self.stopping:
+            return
         if self._epoll is None:
-            select.select([self._wake_r], [], [])
+            select.select([self._wake_r], [], [], timeout)
             self._take_signal()
             return
-        for fd, _ in self._epoll.poll(-1, 1):  # (the GIL is let go while waiting)
+        try:
+            events = self._epoll.poll(-1 if timeout is None else max(timeout, 0.0), 1)  # (without the GIL)
+        except (ValueError, OSError):  # closed meanwhile (stopping)
+            return
+        for fd, _ in events:
             if fd == self._wake_r:
                 self._take_signal()
                 return
@@ -132,6 +145,7 @@ class LinkReader:
         with self._lock:
             self.stopping = True
             links, self._links = list(self._links.values()), {}
+        with self._pipe_lock:
             if self._wake_w >= 0:
                 os.close(self._wake_r)
                 os.close(self._wake_w)
