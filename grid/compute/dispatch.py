@@ -42,6 +42,7 @@ from concurrent.futures import CancelledError, Future, InvalidStateError
 
 from ..errors import GridError, RemoteError, WorkerCrashed
 from ..net import messaging, serialize
+from ..net.lending import LinkReader
 from ..net.wire import Kind
 from .completions import Completions, future_class, plain, wait_any
 from .protocol import CALL, CANCELLED, OK, UNSENDABLE, pack_arguments, unpack_value
@@ -188,7 +189,10 @@ class Dispatcher:
         self._starved = False  # no link for failure_timeout: tasks fail at once instead of waiting
         self._starve_timer = None  # set while no link is open: when it fires, waiting tasks fail
         # Results are completed there, unless that surely runs no user code (executor._results_arrived).
-        self._completions = Completions()
+        # The links are lent to the callers waiting for results (and the results thread): see
+        # completions.py; a member's reply wakes the waiting caller, not the IO thread.
+        self._link_reader = LinkReader()
+        self._completions = Completions(reader=self._link_reader)
         self._future_class = future_class(self._completions)
 
     # -- submitting ---------------------------------------------------------------------------------------

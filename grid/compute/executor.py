@@ -113,7 +113,7 @@ class ClusterExecutor(Dispatcher, concurrent.futures.Executor):
             raise
         config = cluster.config
         self._router = messaging.Router()
-        self._router.register("results", self._results_arrived)
+        self._router.register("results", self._results_arrived, any_thread=True)
         try:
             self._transport = Transport(
                 cluster_id=config.id, secret=config.resolved_secret(), info={"role": "executor"},
@@ -187,6 +187,8 @@ class ClusterExecutor(Dispatcher, concurrent.futures.Executor):
                 self._starve_timer = None
             self._refill(link)
             self._all_done.notify_all()
+        if self._link_reader.lend(conn):  # read from now on by whoever waits for its results
+            self._completions.links_lent()
         self._flush(link)
         self._ask_services(link)
 
@@ -212,7 +214,8 @@ class ClusterExecutor(Dispatcher, concurrent.futures.Executor):
             link.conn.close(f"member {event.member} left the cluster")
 
     def _results_arrived(self, conn, results) -> None:
-        """(IO thread) a member's results: completed here if that runs no user code (plain values,
+        """(The thread that read them: a waiting caller, the results thread, or the IO thread for a
+        TLS link) a member's results: completed here if that runs no user code (plain values,
         Futures without user callbacks), else queued for a waiting caller or the results thread."""
         link = conn.attachment
         if type(results) is list and isinstance(link, Link) and all(_plain_result(link, r) for r in results):
@@ -614,6 +617,7 @@ class ClusterExecutor(Dispatcher, concurrent.futures.Executor):
 
     def _release(self) -> None:
         self._completions.close()  # what came before the transport closed is completed first
+        self._link_reader.close()
         on_teardown, self._on_teardown = self._on_teardown, None
         if on_teardown is not None:
             on_teardown()
