@@ -57,7 +57,7 @@ class _Waiter:
         return False
 
 
-_GRACE = 0.002  # seconds the read turn stays free for a waiter before the results thread takes it
+_GRACE = 0.002  # seconds the read turn stays free for a waiter before the grid-reader thread takes it
 
 
 class Completions:

@@ -442,7 +442,8 @@ class Connection:
         readable; the IO thread stops reading it (it keeps writing it). False: not lendable.
 
         A thread that reads lent links saves the hand-off from the IO thread: the kernel
-        wakes it, and it handles the frames itself (executor links, read by task threads).
+        wakes it, and it handles the frames itself (executor links: read by a member's task
+        threads, and by the executor's waiting caller at the other end).
         """
         with self._read_lock:
             if not self.can_lend:

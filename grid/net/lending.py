@@ -16,8 +16,9 @@ A frame handed from the IO thread to another thread costs two wake-ups in a row 
 thread, then the GIL the IO thread holds until it is back in its own select), about
 90 µs of a round trip on this kind of machine. A thread that reads the link itself is
 woken once, by the kernel, and nothing else is woken. The member's task threads read
-their executor links this way (``compute/worker.py``); every other link stays the IO
-thread's.
+their executor links this way (``compute/worker.py``), and so does an executor's caller
+waiting for its results (``compute/completions.py``: one thread at a time has the turn);
+every other link stays the IO thread's.
 
 Lending is for links without TLS (``Connection.can_lend``): an SSL object must not be
 read by one thread while another writes to it. Without ``select.epoll`` (not Linux)
