@@ -57,3 +57,17 @@ def test_every_member_and_client_holds_the_masters_table_through_a_join_and_a_ki
                 assert after_row[0] == before_row[1], "its backup owns its partitions now"
         owners = collections.Counter(row[0] for row in after.replicas)
         assert sorted(owners.values()) == [135, 136], owners
+
+
+def test_a_member_configured_with_another_table_shape_follows_the_cluster_and_says_so(local_cluster):
+    cluster = local_cluster(2, **FAST)
+    odd = cluster.add(partitions=100, backup_count=2)
+    with views(cluster) as clients:
+        uuids = {peer.uuid for peer in cluster.peers}
+        table = wait_for(lambda: settled(clients, uuids), TIMEOUT, "one table on the 3 members everywhere")
+        assert (table.partitions, table.backup_count) == (271, 1), "the cluster keeps its master's shape"
+    line = wait_for(lambda: next((line for line in cluster.log(odd.index).splitlines()
+                                  if "partitions = 100, backup_count = 2" in line), None),
+                    TIMEOUT, "the odd member's warning")
+    assert "partitions = 271, backup_count = 1" in line and "set the same values on every member" in line
+    assert cluster.log(odd.index).count("this member follows the cluster's") == 1, "said once, not per push"

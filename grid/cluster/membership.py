@@ -79,6 +79,7 @@ class Membership(Joiner):
                  partitions: int = 271, backup_count: int = 1):
         self.me = me
         self._shape = (partitions, backup_count)
+        self._told_shape: tuple | None = None  # a table shape unlike the config's, once warned of
         self.partition_table: PartitionTable = empty_table(partitions, backup_count)
         self.transport = transport
         self.discovery = discovery
@@ -315,10 +316,18 @@ class Membership(Joiner):
             self.partition_table = dataclasses.replace(settled, version=self.partition_table.version + 1)
 
     def _take_table(self, wire) -> None:
-        """A member list's partition table, if newer than the one held."""
+        """A member list's partition table, if newer than the one held. A table of another shape
+        than this member's config is followed, and said once (the cluster's master planned it)."""
         table = received_table(wire)
         if table is not None and table.version > self.partition_table.version:
             self.partition_table = table
+            shape = (table.partitions, table.backup_count)
+            if shape != self._shape and shape != self._told_shape:
+                self._told_shape = shape
+                log.warning("this member's config says partitions = %d, backup_count = %d, but the cluster's "
+                            "partition table has partitions = %d, backup_count = %d (its first master's); this "
+                            "member follows the cluster's: set the same values on every member",
+                            *self._shape, *shape)
 
     def _rejoin(self, target: tuple | None = None) -> None:
         """Leave the member list and join again; ``target``: the master of a cluster to merge into."""
