@@ -64,12 +64,17 @@ class ThreadRecorder(Recorder):
         self.frames.put((threading.current_thread().name, bytes(frame.payload)))
 
 
-def test_a_lent_link_is_read_on_the_waiting_threads_in_order(make_transport, client, readers):
-    events = ThreadRecorder()
+def linked(make_transport, client, events):
+    """A server recording into ``events``, and ``(the client's connection, the server's side of it)``."""
     server = make_transport(info={"uuid": "server"}, **events.callbacks())
     server.listen(LOOPBACK, 0)
     conn = connect(client, server)
-    accepted = events.opened.get(timeout=WAIT)
+    return conn, events.opened.get(timeout=WAIT)
+
+
+def test_a_lent_link_is_read_on_the_waiting_threads_in_order(make_transport, client, readers):
+    events = ThreadRecorder()
+    conn, accepted = linked(make_transport, client, events)
     group = readers()
     assert group.reader.lend(accepted)
 
@@ -112,10 +117,7 @@ def test_a_lent_link_that_the_peer_closes_is_closed_on_the_io_thread(make_transp
     events = ThreadRecorder()
     closed_on: queue.Queue = queue.Queue()
     events.on_close = lambda conn: closed_on.put((conn, threading.current_thread().name))
-    server = make_transport(info={"uuid": "server"}, **events.callbacks())
-    server.listen(LOOPBACK, 0)
-    conn = connect(client, server)
-    accepted = events.opened.get(timeout=WAIT)
+    conn, accepted = linked(make_transport, client, events)
     group = readers(2)
     assert group.reader.lend(accepted)
     conn.send_frame(Kind.MESSAGE, b"before")
@@ -126,10 +128,11 @@ def test_a_lent_link_that_the_peer_closes_is_closed_on_the_io_thread(make_transp
     assert closed is accepted and thread.startswith("grid-io")
     assert "closed by the peer" in accepted.close_reason
     # The group reads on: a second link lent to it is served.
-    second = connect(client, server)
-    assert group.reader.lend(events.opened.get(timeout=WAIT))
+    more = ThreadRecorder()
+    second, accepted = linked(make_transport, client, more)
+    assert group.reader.lend(accepted)
     second.send_frame(Kind.MESSAGE, b"after")
-    assert events.frames.get(timeout=WAIT)[1] == b"after"
+    assert more.frames.get(timeout=WAIT)[1] == b"after"
 
 
 def test_only_handlers_registered_for_any_thread_run_on_the_reading_thread(make_transport, client, readers):
@@ -170,10 +173,7 @@ def test_a_request_read_by_a_lent_thread_is_answered(make_transport, client, rea
 
 def test_links_go_back_to_the_io_thread_when_the_reader_closes(make_transport, client):
     events = ThreadRecorder()
-    server = make_transport(info={"uuid": "server"}, **events.callbacks())
-    server.listen(LOOPBACK, 0)
-    conn = connect(client, server)
-    accepted = events.opened.get(timeout=WAIT)
+    conn, accepted = linked(make_transport, client, events)
     group = Readers(1)
     assert group.reader.lend(accepted)
     conn.send_frame(Kind.MESSAGE, b"lent")

@@ -91,10 +91,6 @@ class Completions:
                                                    daemon=True)
             self._reader_thread.start()
 
-    def _kick(self) -> None:
-        """(Under the lock) get the results thread to look at the queue."""
-        self._idle.notify()
-
     def _release(self, waiter: _Waiter) -> None:
         """Wake ``waiter`` (after ``wake()`` said so, outside the lock)."""
         if not waiter.reading:
@@ -112,7 +108,7 @@ class Completions:
                     woken = waiter
                     break
             else:  # every waiter is busy (maybe in a callback that blocks): the results thread takes it
-                self._kick()
+                self._idle.notify()
         if woken is not None:  # after the lock: it wakes to take the lock, which is free now
             self._release(woken)
 
@@ -155,7 +151,7 @@ class Completions:
                     work = self._work.popleft() if self._work else None
                     if work is not None:
                         if self._work and not self._closed:  # more: the results thread takes some too
-                            self._kick()
+                            self._idle.notify()
                     elif done():
                         return True
                     else:
@@ -207,7 +203,7 @@ class Completions:
                 left = bool(self._work)
                 heir = next((waiter for waiter in self._waiters if waiter.wake()), None) if left or gave_turn else None
                 if left and heir is None and not self._closed:  # left behind: the results thread's
-                    self._kick()
+                    self._idle.notify()
             if heir is not None:  # (it takes the turn, if it is free, when it looks again)
                 heir.signal.release()
 
