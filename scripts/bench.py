@@ -60,6 +60,7 @@ Usage:
     python scripts/bench.py --quick              # smaller counts, a quick look
     python scripts/bench.py --only grid --only ppe --repeat 3
     python scripts/bench.py --quick --only grid --only ppe --rounds 3   # interleaved, for ratios
+    python scripts/bench.py --only grid --only ppe --measure bytes --measure map_default --measure map_best
     pip install loky 'dask[distributed]' ray     # the peers (the library does not need them)
 """
 
@@ -806,7 +807,7 @@ def run_contender(name: str, args, counts, log_dir: str) -> Outcome:
         outcome.skipped = f"{missing} is not installed ({contender_class.install})"
         print(f"[{name}] skipped: {outcome.skipped}", flush=True)
         return outcome
-    todo = [m for m in MEASURES if applicable(contender_class, m)]
+    todo = [m for m in MEASURES if applicable(contender_class, m) and (not args.measure or m in args.measure)]
     attempt = 0
     while todo:
         attempt += 1
@@ -1155,6 +1156,8 @@ def parse_args(argv=None):
     parser.add_argument("--only", action="append", choices=list(CONTENDERS), metavar="NAME",
                         help=f"run only this executor (repeatable): {', '.join(CONTENDERS)}")
     parser.add_argument("--quick", action="store_true", help="smaller counts")
+    parser.add_argument("--measure", action="append", choices=list(MEASURES), metavar="NAME",
+                        help=f"run only this measure (repeatable): {', '.join(MEASURES)}")
     parser.add_argument("--repeat", type=int, default=1, metavar="N",
                         help="best of N for throughput, median of N for latency (default 1)")
     parser.add_argument("--rounds", type=int, default=1, metavar="R",

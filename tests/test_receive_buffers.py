@@ -338,3 +338,40 @@ def test_data_that_says_main_goes_as_plain_data_with_its_buffers():
 
     assert len(buffers) == 1
     assert serialize.loads(pickled, [buffer.raw() for buffer in buffers]) == ("__main__", filled(5))
+
+
+# ------------------------------------------------------------------ large items stream in frames of about one size
+
+
+def test_large_items_travel_in_frames_near_frame_bytes_both_ways(embedded_executor, monkeypatch):
+    """Batching stops at FRAME_BYTES: a map over large items sends them a frame or so apiece and
+    gets their results back the same way, so frames have about one size (the receiver reuses its
+    buffers) and a member starts on the first item while the next ones travel. It used to batch
+    them: map chunks grew to 25 items (a 25 MB frame each way), results to 5 ms' worth."""
+    from grid.compute.protocol import FRAME_BYTES
+
+    item = 600_000
+    sent, received = [], []
+    send_frame = connection.Connection.send_frame
+
+    def recording_send(self, kind, payload=b"", **kwargs):
+        parts = payload if isinstance(payload, list) else [payload]
+        sent.append(sum(memoryview(part).nbytes for part in parts))
+        return send_frame(self, kind, payload, **kwargs)
+
+    finish_large = wire.FrameDecoder._finish_large
+
+    def recording_finish(self):
+        received.append(self._length)
+        return finish_large(self)
+
+    monkeypatch.setattr(connection.Connection, "send_frame", recording_send)
+    monkeypatch.setattr(wire.FrameDecoder, "_finish_large", recording_finish)
+    payloads = [filled(byte, item) for byte in range(40)]
+
+    assert list(embedded_executor.map(helpers.identity, payloads)) == payloads
+
+    bound = FRAME_BYTES + item + 4096  # a frame is cut once it holds FRAME_BYTES: one item more at most
+    assert sum(sent) >= len(payloads) * item and sum(received) >= len(payloads) * item
+    assert max(sent) <= bound, f"a tasks frame of {max(sent)} bytes"
+    assert max(received) <= bound, f"a results frame of {max(received)} bytes"

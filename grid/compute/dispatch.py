@@ -45,7 +45,7 @@ from ..net import messaging, serialize
 from ..net.lending import LinkReader
 from ..net.wire import Kind
 from .completions import Completions, future_class, plain, wait_any
-from .protocol import CALL, CANCELLED, OK, UNSENDABLE, pack_arguments, unpack_value
+from .protocol import CALL, CANCELLED, FRAME_BYTES, OK, UNSENDABLE, pack_arguments, packed_size, unpack_value
 
 log = logging.getLogger("grid.executor")  # one logger for all of the executor, whichever file logs
 
@@ -82,7 +82,7 @@ class _PickledFunction:
 
 class _Task:
     __slots__ = ("id", "future", "fn", "function_id", "function", "kind", "args", "kwargs", "attempts", "pinned",
-                 "link", "deaths", "__weakref__")
+                 "link", "deaths", "sent_bytes", "__weakref__")
     service = None  # a class attribute: an ordinary task pays nothing for services (see _ServiceTask)
 
     def __init__(self, task_id, future, fn, function, kind, args, kwargs, pinned=None):
@@ -98,6 +98,7 @@ class _Task:
         self.pinned = pinned  # a member uuid, or None for any member
         self.link = None
         self.deaths = ()  # (member, close reason) of each link lost while it ran there
+        self.sent_bytes = 0  # the size of its packed arguments, once sent
 
     def release(self) -> None:
         """Its Future is done: let go of its function, arguments and everything they hold."""
@@ -424,8 +425,8 @@ class Dispatcher:
         self._transport.call_soon(self._flush, link)
 
     def _flush(self, link: Link) -> None:
-        """Send what is in ``link``'s outbox as one frame: the ids its member may forget, the
-        functions not yet sent on the link, the tasks."""
+        """Send what is in ``link``'s outbox: the ids its member may forget, the functions not yet
+        sent on the link, the tasks; in one frame, or one per ``FRAME_BYTES`` of large arguments."""
         with link.send_lock:
             with self._lock:
                 tasks, link.outbox = link.outbox, []
@@ -433,7 +434,7 @@ class Dispatcher:
             if not tasks or link.closed:
                 return
             forget = _take_forgotten(link) if link.forget else ()  # first: a task below may send one again
-            functions, wire_tasks, dropped = [], [], 0
+            functions, wire_tasks, dropped, size = [], [], 0, 0
             for task in tasks:
                 # Running from now on, as a stdlib executor's work is once it is handed to a worker:
                 # it can no longer be cancelled. One cancelled meanwhile is dropped here.
@@ -451,20 +452,30 @@ class Dispatcher:
                     if function.evicted:  # dropped while this task waited: the next frame forgets it again
                         link.forget.append(function.id)
                 try:
-                    wire_tasks.append((task.id, task.function_id, task.kind, *pack_arguments(task.args, task.kwargs)))
+                    packed, buffers = pack_arguments(task.args, task.kwargs)
                 except Exception as exc:  # its arguments cannot travel: it fails, the others go
                     self._fail_unsendable(link, task, exc)
+                    continue
+                wire_tasks.append((task.id, task.function_id, task.kind, packed, buffers))
+                task.sent_bytes = sent = packed_size(packed, buffers)
+                size += sent
+                if size >= FRAME_BYTES:  # large arguments: this frame goes now, the member starts on it
+                    self._send_tasks(link, forget, functions, wire_tasks)
+                    forget, functions, wire_tasks, size = (), [], [], 0
             if dropped:
                 with self._lock:
                     if self._refill(link):  # the credit they held goes to queued work
                         self._schedule_flush(link)
-            if not (wire_tasks or forget or functions):
-                return
-            parts = serialize.dumps_parts(("tasks", (forget, functions, wire_tasks)))
-            try:
-                link.conn.send_frame(Kind.MESSAGE, parts if len(parts) > 1 else parts[0])
-            except GridError as exc:
-                log.debug("sending to %s failed (%s); its tasks are retried when the link closes", link.member, exc)
+            if wire_tasks or forget or functions:
+                self._send_tasks(link, forget, functions, wire_tasks)
+
+    @staticmethod
+    def _send_tasks(link: Link, forget, functions, wire_tasks) -> None:
+        parts = serialize.dumps_parts(("tasks", (forget, functions, wire_tasks)))
+        try:
+            link.conn.send_frame(Kind.MESSAGE, parts if len(parts) > 1 else parts[0])
+        except GridError as exc:
+            log.debug("sending to %s failed (%s); its tasks are retried when the link closes", link.member, exc)
 
     def _fail_unsendable(self, link: Link, task: _Task, exc: BaseException) -> None:
         with self._lock:
@@ -602,15 +613,15 @@ def _complete(task: _Task, status, value, seconds) -> None:
         return
     if not future.running() and (not start(future) or future.done()):  # (running: not done, one look)
         return
-    if task.kind != CALL:
+    if task.kind != CALL:  # a chunk: (values, error, member seconds, bytes both ways)
         if status == OK:
-            future.set_result((unpack_value(value), None, seconds))
+            future.set_result((unpack_value(value), None, seconds, task.sent_bytes + packed_size(*value)))
         elif status == UNSENDABLE:
-            future.set_result(([], serialize.unpack_error(value), seconds))
+            future.set_result(([], serialize.unpack_error(value), seconds, task.sent_bytes))
         else:
             values, packed = value
             error = serialize.unpack_error(packed)
-            future.set_result((unpack_value(values), error, seconds))
+            future.set_result((unpack_value(values), error, seconds, task.sent_bytes + packed_size(*values)))
         return
     if status == OK:
         future.set_result(unpack_value(value))

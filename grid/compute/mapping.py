@@ -2,15 +2,17 @@
 
 ::
 
-    items --islice--> chunk --executor.submit_task--> chunk Future --> (values, error, seconds)
+    items --islice--> chunk --executor.submit_task--> chunk Future --> (values, error, seconds, bytes)
       taken as results are consumed: at most        | done: _ChunkSizer learns the seconds per item
       _ChunkSizer.window() chunks ahead             v
                                                   map_results yields the values, raises the error
 
 A chunk is one task of kind ``CHUNK1`` (one iterable: the items themselves) or
-``CHUNK`` (argument tuples); its member returns ``(values, error, seconds)``. With no
-chunksize given, chunks grow from one item until each takes about ``_CHUNK_TARGET``
-seconds on a member. Items are taken only as results are consumed, so ``map`` over an
+``CHUNK`` (argument tuples); its member returns ``(values, error, seconds)``, and the
+Future gets the bytes its arguments and values took too. With no chunksize given, chunks
+grow from one item until each takes about ``_CHUNK_TARGET`` seconds on a member, or
+its arguments and values take about ``FRAME_BYTES`` (large items go one per chunk, so
+they stream: a member starts on the first while the next travel). Items are taken only as results are consumed, so ``map`` over an
 endless iterable runs in bounded memory.
 
 Every item given to ``map`` runs, as with the stdlib's eager ``Executor.map``, though
@@ -38,7 +40,7 @@ import weakref
 from concurrent.futures import Future
 
 from .dispatch import MIN_CREDIT, credit_per_worker
-from .protocol import CHUNK, CHUNK1
+from .protocol import CHUNK, CHUNK1, FRAME_BYTES
 
 _CHUNK_TARGET = 0.01  # seconds a map chunk should take on a member
 _MAX_CHUNK = 65536
@@ -93,7 +95,7 @@ class MapRun:
                     raise
                 future = self._submit(chunk)  # shutdown began between the two: it lets this map go on
             future.items = len(chunk)
-            future.add_grid_callback(self._sizer.observe_future)  # result: (values, error, seconds)
+            future.add_grid_callback(self._sizer.observe_future)  # result: (values, error, seconds, bytes)
             self._pending.append(future)
 
     def _submit(self, chunk) -> Future:
@@ -242,7 +244,8 @@ class _ChunkSizer:
         self.length = length
         self.executor = executor
         self.current = chunksize or 1
-        self.per_item = None
+        self.per_item = None  # member seconds per item, moving average
+        self.bytes_per_item = None  # bytes per item, arguments and values, moving average
 
     def size(self) -> int:
         if self.fixed:
@@ -263,16 +266,20 @@ class _ChunkSizer:
     def observe_future(self, future: Future) -> None:
         """A chunk's Future is done: learn from its member time (a failed chunk teaches nothing)."""
         if not future.cancelled() and future.exception() is None:
-            self.observe(getattr(future, "items", 0), future.result()[2])
+            result = future.result()
+            self.observe(getattr(future, "items", 0), result[2], result[3])
 
-    def observe(self, items: int, seconds: float) -> None:
+    def observe(self, items: int, seconds: float, nbytes: int = 0) -> None:
         if items <= 0:
             return
         per_item = max(seconds / items, 1e-7)
         self.per_item = per_item if self.per_item is None else 0.7 * self.per_item + 0.3 * per_item
+        bytes_per_item = nbytes / items
+        self.bytes_per_item = bytes_per_item if self.bytes_per_item is None else \
+            0.7 * self.bytes_per_item + 0.3 * bytes_per_item
         if self.fixed:
             return
-        ideal = _CHUNK_TARGET / self.per_item
+        ideal = min(_CHUNK_TARGET / self.per_item, FRAME_BYTES / max(self.bytes_per_item, 1.0))
         limit = _MAX_CHUNK
         if self.length:
             members = max(1, self.executor.link_count())

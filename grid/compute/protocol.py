@@ -29,6 +29,11 @@ caller cannot unpickle fails its own task, saying why, and nothing else.
 
 from ..net import serialize
 
+# Frames are cut near this size, both ways: a sender batches small tasks or results into one
+# frame, but not large ones. Frames of about one size let the receiver reuse its buffers (fresh
+# memory costs more than the copy into it), and the first bytes are handled while later ones travel.
+FRAME_BYTES = 1024 * 1024
+
 CALL, CHUNK, CHUNK1 = 0, 1, 2  # task kinds: fn(*args, **kwargs); fn(*item) per item; fn(item) per item
 OK, FAILED, CANCELLED, UNSENDABLE = 0, 1, 2, 3  # result statuses (UNSENDABLE: the value cannot be pickled)
 
@@ -41,6 +46,14 @@ def pack_arguments(args, kwargs) -> tuple:
     """
     buffers: list = []
     return serialize.dumps((serialize.wrap_buffers(args), kwargs), buffers), buffers
+
+
+def packed_size(pickled, buffers) -> int:
+    """The bytes that ``(pickled, buffers)`` take in a frame."""
+    size = len(pickled)
+    for buffer in buffers:
+        size += memoryview(buffer).nbytes
+    return size
 
 
 def unpack_arguments(packed, buffers) -> tuple:

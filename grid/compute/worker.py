@@ -46,7 +46,8 @@ import traceback
 from ..errors import BrokenGrid, GridError, RemoteError
 from ..net import messaging, serialize
 from ..net.lending import LinkReader
-from .protocol import CALL, CANCELLED, CHUNK, CHUNK1, FAILED, NO_VALUES, OK, UNSENDABLE, pack_value, unpack_arguments
+from .protocol import (CALL, CANCELLED, CHUNK, CHUNK1, FAILED, FRAME_BYTES, NO_VALUES, OK, UNSENDABLE, pack_value,
+                       packed_size, unpack_arguments)
 
 _KINDS = (CALL, CHUNK, CHUNK1)
 
@@ -99,7 +100,7 @@ class _LinkState:
     not told us to forget (the executor keeps that bounded)."""
 
     __slots__ = ("functions", "cancelled", "init_done", "init_error", "init_pickled", "held", "lock",
-                 "pending_results", "serial", "lent")
+                 "pending_results", "pending_bytes", "serial", "lent")
 
     def __init__(self):
         self.serial = next(_serials)
@@ -111,6 +112,7 @@ class _LinkState:
         self.held: list = []  # (task, function) that arrived before the initializer finished
         self.lock = threading.Lock()
         self.pending_results: list = []
+        self.pending_bytes = 0  # the size of their values
         self.lent = False  # read by the task threads (see _Crew)
 
 
@@ -350,15 +352,17 @@ class TaskRunner:
                     continue
                 result = (task[0], FAILED, serialize.pack_error(GridError(
                     f"the member could not run the task ({type(exc).__name__}: {exc}); a grid bug")), 0.0)
+            size = _value_bytes(result)
             with state.lock:  # another thread may be taking the list in _flush
                 state.pending_results.append(result)
                 waiting = len(state.pending_results)
+                state.pending_bytes = pending = state.pending_bytes + size
             self.tasks_done += 1
             # Batch results while more work is queued behind this task, within a latency bound
-            # (first is None once a timer on the IO thread guarantees that bound).
+            # (first is None once a timer on the IO thread guarantees that bound) and FRAME_BYTES.
             now = time.perf_counter()
             first = dirty.setdefault(id(state), (conn, state, now))[2]
-            if waiting >= _RESULT_BATCH or (first is not None and now - first > _RESULT_DELAY):
+            if waiting >= _RESULT_BATCH or pending >= FRAME_BYTES or (first is not None and now - first > _RESULT_DELAY):
                 self._flush(conn, state)
                 del dirty[id(state)]
 
@@ -383,6 +387,7 @@ class TaskRunner:
     def _flush(self, conn, state: _LinkState) -> None:
         with state.lock:
             results, state.pending_results = state.pending_results, []
+            state.pending_bytes = 0
         if not results:
             return
         try:
@@ -462,6 +467,14 @@ def run_task(fn, task) -> tuple:
         return (task_id, OK, pack_value(serialize.wrap_buffers(values)), seconds)
     except Exception as exc:
         return (task_id, UNSENDABLE, _unsendable(values, exc), seconds)
+
+
+def _value_bytes(result: tuple) -> int:
+    """The size of a successful result's packed value (a failure's is small)."""
+    if result[1] != OK:
+        return 0
+    pickled, buffers = result[2]
+    return packed_size(pickled, buffers)
 
 
 def _unsendable(value, exc: BaseException) -> tuple:
