@@ -39,7 +39,9 @@ Measures (--quick uses smaller counts):
                 no chunking (one task per item), so it maps 5,000 items; grid also maps the
                 real `lambda x: x + 1` (a grid-only row); peers with a chunksize (ppe, loky,
                 ray) also try chunksize 1,000 and 10,000 and report the better; chunksize=1
-                over 5,000 items (tasks/s; dask: its one-task-per-item map)
+                over 5,000 items (tasks/s; dask: its one-task-per-item map); and the default
+                map over iter(range(...)), which grid cannot slice (it slices a range, list or
+                tuple into chunks; an iterator it takes item by item): the general case
     bytes       map(identity) over 200 distinct 1 MB `bytes` with default arguments, on a fresh
                 executor (its workers up, nothing large sent yet): the first pass, then a warm
                 pass; MB/s counts the bytes sent one way (1 MB = 10**6 bytes)
@@ -61,6 +63,7 @@ Usage:
     python scripts/bench.py --only grid --only ppe --repeat 3
     python scripts/bench.py --quick --only grid --only ppe --rounds 3   # interleaved, for ratios
     python scripts/bench.py --only grid --only ppe --measure bytes --measure map_default --measure map_best
+    python scripts/bench.py --only grid --only ppe --measure map_default --measure map_iter --measure map_best
     pip install loky 'dask[distributed]' ray     # the peers (the library does not need them)
 """
 
@@ -106,11 +109,11 @@ QUICK_COUNTS = {
 
 # Seconds one repetition of a phase may take before the child is killed and the measure failed.
 PHASE_TIMEOUTS = {
-    "startup": 60, "setup": 90, "roundtrip": 60, "map_default": 300, "map_lambda": 120,
+    "startup": 60, "setup": 90, "roundtrip": 60, "map_default": 300, "map_iter": 300, "map_lambda": 120,
     "map_best": 180, "map_chunk1": 120, "bytes": 180, "everywhere": 120, "links": 120, "submit": 60, "cpu": 120,
     "memory": 300, "shutdown": 60, "done": 30,
 }
-MEASURES = ("startup", "bytes", "roundtrip", "submit", "cpu", "map_default", "map_lambda", "map_best", "map_chunk1",
+MEASURES = ("startup", "bytes", "roundtrip", "submit", "cpu", "map_default", "map_iter", "map_lambda", "map_best", "map_chunk1",
             "everywhere", "links", "memory")
 FRESH_MEASURES = ("startup", "bytes")  # each opens executors of its own, before the one the others share
 
@@ -393,12 +396,14 @@ def measure_roundtrip(contender: Contender, counts, repeat) -> dict:
     return {"rt_median_us": median(medians), "rt_p99_us": median(p99s), "rt_submit_us": median(submits)}
 
 
-def _map_rate(contender: Contender, fn, items: int, chunksize, repeat) -> float:
+def _map_rate(contender: Contender, fn, items: int, chunksize, repeat, source=range) -> float:
+    """Items/s of ``list(map(fn, source(items)))``: ``source`` is ``range``, or ``_an_iterator``
+    (what map cannot slice: a generator, a file, a zip)."""
     expected_last = items  # fn is x + 1 over range(items)
     rates = []
     for _ in range(repeat):
         start = time.perf_counter()
-        results = list(contender.map(fn, range(items), chunksize=chunksize))
+        results = list(contender.map(fn, source(items), chunksize=chunksize))
         elapsed = time.perf_counter() - start
         if len(results) != items or results[0] != 1 or results[-1] != expected_last:
             raise RuntimeError(f"map returned wrong results ({len(results)} items, expected {items})")
@@ -413,6 +418,15 @@ def default_map_items(contender: Contender, counts) -> int:
 def measure_map_default(contender: Contender, counts, repeat) -> dict:
     items = default_map_items(contender, counts)
     return {"map_default": _map_rate(contender, add_one, items, None, repeat), "map_default_items": items}
+
+
+def _an_iterator(items: int):
+    return iter(range(items))
+
+
+def measure_map_iter(contender: Contender, counts, repeat) -> dict:
+    items = default_map_items(contender, counts)
+    return {"map_iter": _map_rate(contender, add_one, items, None, repeat, source=_an_iterator)}
 
 
 def measure_map_lambda(contender: Contender, counts, repeat) -> dict:
@@ -641,7 +655,7 @@ def measure_links(contender: Contender, counts, repeat) -> dict:
 
 MEASURE_FUNCTIONS = {
     "startup": measure_startup, "roundtrip": measure_roundtrip, "map_default": measure_map_default,
-    "map_lambda": measure_map_lambda, "map_best": measure_map_best, "map_chunk1": measure_map_chunk1,
+    "map_iter": measure_map_iter, "map_lambda": measure_map_lambda, "map_best": measure_map_best, "map_chunk1": measure_map_chunk1,
     "bytes": measure_bytes, "everywhere": measure_everywhere, "links": measure_links, "submit": measure_submit,
     "cpu": measure_cpu, "memory": measure_memory,
 }
@@ -930,6 +944,7 @@ ROWS = [
     ("cpu_workers_s", "CPU-bound, CPU-seconds of the worker processes", "s", False),
     ("cpu_caller_s", "CPU-bound, CPU-seconds of the calling process", "s", False),
     ("map_default", "map add_one, default args", "items/s", True),
+    ("map_iter", "map add_one over an iterator (not a range), default args", "items/s", True),
     ("map_lambda", "map lambda, default args (grid only)", "items/s", True),
     ("map_best", "map add_one, best chunksize", "items/s", True),
     ("map_chunk1", "map add_one, chunksize=1", "tasks/s", True),
@@ -949,6 +964,7 @@ ROWS = [
     ("mem_growth_mb", "RSS growth {memory_1} -> {memory_2} items, caller + members (grid only)", "MB", False),
 ]
 KEY_MEASURE = {"rt_median_us": "roundtrip", "rt_p99_us": "roundtrip", "map_default": "map_default",
+               "map_iter": "map_iter",
                "map_lambda": "map_lambda", "map_best": "map_best", "map_chunk1": "map_chunk1",
                "bytes_first_mbs": "bytes", "bytes_warm_mbs": "bytes", "startup_s": "startup",
                "everywhere_us": "everywhere", "load_file_us": "everywhere", "link_tcp_rt_us": "links",
@@ -1042,6 +1058,8 @@ def print_report(outcomes: dict[str, Outcome], counts) -> None:
     at = next(i for i, row in enumerate(comparisons) if row[0] == "map_default") + 1
     comparisons.insert(at, ("map_default", "grid default map vs peer best chunksize", "map_best", True))
     comparisons.insert(at + 1, ("map_lambda", "grid lambda map vs peer add_one default", "map_default", True))
+    at = next(i for i, row in enumerate(comparisons) if row[0] == "map_iter") + 1
+    comparisons.insert(at, ("map_iter", "grid default map over an iterator vs peer best chunksize", "map_best", True))
     for grid_key, label, peer_key, higher in comparisons:
         row = [label]
         for name in peers:

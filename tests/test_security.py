@@ -547,10 +547,11 @@ def test_a_hello_of_another_version_is_refused_naming_both_versions():
 def test_a_challenge_of_another_version_is_refused_naming_both_versions():
     client, _ = pair()
     [(_, hello)] = client.start()
-    body = json.dumps({"v": 3, "nonce": "b" * 32, "info": {}, "at": None, "mac": True}).encode()
+    other = security.PROTOCOL_VERSION + 1
+    body = json.dumps({"v": other, "nonce": "b" * 32, "info": {}, "at": None, "mac": True}).encode()
     mac = security._mac(derive_key(SECRET), b"grid-server", hello, body)
 
-    with pytest.raises(HandshakeFailed, match=f"peer speaks grid protocol version 3, this side speaks version "
+    with pytest.raises(HandshakeFailed, match=f"peer speaks grid protocol version {other}, this side speaks version "
                                               f"{security.PROTOCOL_VERSION}"):
         client.receive(Kind.CHALLENGE, mac + body)
 

@@ -43,6 +43,7 @@ from .dispatch import MIN_CREDIT, credit_per_worker
 from .protocol import CHUNK, CHUNK1, FRAME_BYTES
 
 _CHUNK_TARGET = 0.01  # seconds a map chunk should take on a member
+_SLICED = (range, list, tuple)  # map's one iterable of these types is sliced into chunks
 _MAX_CHUNK = 65536
 
 
@@ -60,8 +61,12 @@ class MapRun:
         self._executor = executor
         self._fn = fn
         self._function = executor.function_for(fn)
-        # One iterable: chunks of the items themselves, no 1-tuples to build and pickle.
+        # One iterable: chunks of the items themselves, no 1-tuples to build and pickle. A range,
+        # list or tuple is sliced (in C; a range's chunk is a range, a few bytes on the wire),
+        # anything else is iterated.
         self._kind, self._items = (CHUNK1, iter(iterables[0])) if len(iterables) == 1 else (CHUNK, zip(*iterables))
+        self._sequence = iterables[0] if len(iterables) == 1 and type(iterables[0]) in _SLICED else None
+        self._position = 0
         self._ordered = ordered
         self._service = service
         self._sizer = _ChunkSizer(chunksize, _length_hint(iterables), executor)
@@ -84,7 +89,12 @@ class MapRun:
     def _top_up(self) -> None:
         window = self._sizer.window()
         while not self._exhausted and len(self._pending) < window:
-            chunk = list(itertools.islice(self._items, self._sizer.size()))
+            if self._sequence is not None:
+                start = self._position
+                self._position = start + self._sizer.size()
+                chunk = self._sequence[start : self._position]
+            else:
+                chunk = list(itertools.islice(self._items, self._sizer.size()))
             if not chunk:
                 self._exhausted = True
                 return
@@ -203,21 +213,36 @@ class MapRun:
 
 
 def map_results(run: MapRun, timeout: float | None):
-    """The iterator ``map`` returns, over ``run``: a generator, like the stdlib's, yielding the
-    values in order (or as completed) at the speed of ``yield from``, and raising a task's error
-    where iteration reaches it; ``timeout`` counts from this call.
+    """The iterator ``map`` returns, over ``run``: values in order (or as completed), a task's
+    error raised where iteration reaches it; ``timeout`` counts from this call.
 
-    Dropped or closed before it was started, it leaves the run to finish in the background
-    (``MapRun.dropped``); after, its ``finally`` cancels what has not started.
+    It is a ``MapIterator``: ``itertools.chain`` over the chunks' value lists, so an item costs
+    what C iteration over a list costs (a generator's ``yield from`` resumed its frame per
+    item). Its ``close()`` is a generator's. Dropped or closed before it was started, it leaves
+    the run to finish in the background (``MapRun.dropped``); after, what has not started is
+    cancelled.
     """
     end = None if timeout is None else time.monotonic() + timeout
-    results = _results(run, end)
+    chunks = _chunks(run, end)
+    results = MapIterator.from_iterable(chunks)
+    results.chunks = chunks
     run.finalizer = weakref.finalize(results, run.dropped)
     run.finalizer.atexit = False  # at exit, shutdown finishes the run
     return results
 
 
-def _results(run: MapRun, end: float | None):
+class MapIterator(itertools.chain):
+    """What ``map`` returns: an iterator over the results, closed as a generator is."""
+
+    def close(self) -> None:
+        """Stop: no more results; what has not started is cancelled (as a generator's close)."""
+        self.chunks.close()
+        for _ in self:  # (nothing: the closed chunks end it) leaves the chain exhausted
+            pass
+
+
+def _chunks(run: MapRun, end: float | None):
+    """The chunks' value lists in turn; a chunk's error is raised after its values are taken."""
     run.started = True  # the first next(): the body starts
     try:
         while True:
@@ -228,7 +253,7 @@ def _results(run: MapRun, end: float | None):
                     values, error = run.next_chunk(end)
                 except StopIteration:
                     return
-            yield from values
+            yield values
             if error is not None:
                 raise error
     finally:  # exhausted, failed, timed out, or closed (by the caller, or as it was dropped)

@@ -529,8 +529,8 @@ def _malformed(task) -> str | None:
 
 def _bad_arguments(kind, args, kwargs) -> str | None:
     """What is wrong with a task's unpickled arguments, or None."""
-    if type(args) not in (tuple, list):
-        return f"a task's args are a tuple or list, not {type(args).__name__}"
+    if type(args) not in (tuple, list) and not (kind == CHUNK1 and type(args) is range):
+        return f"a task's args are a tuple or list (or a chunk's range), not {type(args).__name__}"
     if kind == CALL and (type(kwargs) is not dict or not all(type(key) is str for key in kwargs)):
         return f"a call's kwargs are a dict with str keys, not {messaging.shorten(kwargs)}"
     return None
