@@ -23,6 +23,10 @@ from .cluster.link import ClusterLink
 from .cluster.members import Member
 from .cluster.partitions import PartitionTable, partition_of
 from .code import livecode, patches
+from .data.counter import Counter
+from .data.dmap import DMap
+from .data.dqueue import DQueue
+from .data.remote import RemoteBackend
 from .compute.executor import ClusterExecutor
 from .compute.services import ServiceProxy
 from .errors import NotConnected, TransportError
@@ -44,6 +48,7 @@ class Cluster:
         self._closed = False
         self._executor = None
         self._executor_lock = threading.Lock()
+        self._data = None  # the RemoteBackend of the structures, made on first use
         if member:
             self._peer = Peer(config)
             self._peer.start(timeout)
@@ -73,6 +78,36 @@ class Cluster:
         """The partition ``key`` is in, in this cluster (its table's count, which the master's config set)."""
         table = self.partitions()
         return partition_of(key, table.partitions if table.replicas else self.config.partitions)
+
+    # -- distributed data -----------------------------------------------------------------------------
+
+    def get_map(self, name: str) -> DMap:
+        """The distributed map ``name`` (a ``MutableMapping``), made on first write; see ``grid.data.dmap``."""
+        return DMap(name, self._data_backend())
+
+    def get_queue(self, name: str, maxsize: int = 0) -> DQueue:
+        """The distributed queue ``name``, with ``queue.Queue``'s methods and errors."""
+        return DQueue(name, self._data_backend(), maxsize)
+
+    def get_counter(self, name: str) -> Counter:
+        """The distributed counter ``name``: an int changed atomically, each change applied once."""
+        return Counter(name, self._data_backend())
+
+    def _data_backend(self) -> RemoteBackend:
+        self._check_open()
+        with self._executor_lock:
+            if self._data is None:
+                if self._peer is not None:
+                    peer = self._peer
+                    self._data = RemoteBackend(transport=peer.transport, members=peer.membership.members,
+                                               table=peer.membership.partitions, local=peer.data,
+                                               default_partitions=self.config.partitions)
+                else:
+                    link = self._link
+                    self._data = RemoteBackend(transport=link.transport, members=lambda: link.members,
+                                               table=lambda: link.partition_table,
+                                               default_partitions=self.config.partitions)
+            return self._data
 
     def add_membership_listener(self, listener) -> None:
         """Call ``listener(event)`` for each member that joins or leaves, in order.
@@ -220,8 +255,11 @@ class Cluster:
         forget_at_exit(self)
         with self._executor_lock:
             executor, self._executor = self._executor, None
+            data, self._data = self._data, None
         if executor is not None:
             executor.shutdown(wait=True)
+        if data is not None:
+            data.close()
         if self._peer:
             self._peer.close()
         else:

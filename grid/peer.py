@@ -23,6 +23,7 @@ from .code.livecode import CodeService
 from .compute import services, worker
 from .compute.taskproc import TaskProcess
 from .compute.worker import TaskRunner
+from .data.service import DataService
 from .errors import ConfigError, TransportError
 from .net import messaging
 from .net.address import format_address, is_loopback, parse_address
@@ -88,6 +89,9 @@ class Peer:
                 heartbeat_interval=self.config.heartbeat_interval, failure_timeout=self.config.failure_timeout,
                 required=required, clock=clock, partitions=self.config.partitions,
                 backup_count=self.config.backup_count)
+            # A lite member (data = false) holds no partitions: no data service answers there.
+            self.data = DataService(router=self.router, transport=self.transport,
+                                    membership=self.membership) if self.config.data else None
             # Tasks wait until the patch log is replayed (CodeService calls on_ready).
             self.tasks = TaskRunner(self.router, workers=task_threads, hold=True, processes=[
                 TaskProcess(self.me.to_wire(), self.config.imports) for _ in range(self.config.task_processes)])
@@ -100,7 +104,7 @@ class Peer:
                                     on_ready=lambda: self.tasks.release(self.transport.call_soon))
             worker.set_current_member(self.me)
         except BaseException:
-            for part in ("console", "tasks"):
+            for part in ("console", "tasks", "data"):
                 if hasattr(self, part):
                     getattr(self, part).close()
             self.transport.close()
@@ -168,6 +172,8 @@ class Peer:
         self.code.close()
         self.console.close()
         self.tasks.close()
+        if self.data is not None:
+            self.data.close()
         self.transport.close()
         if worker.current_member() is self.me:  # current_member() must not name a member that is gone
             worker.set_current_member(None)

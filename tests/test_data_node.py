@@ -45,6 +45,11 @@ class Net:
         for name in names or self.nodes:
             self.take(name, self.nodes[name].take_table(new))
 
+    def start(self, first: PartitionTable) -> None:
+        """The first table: each owner asks its backups for its partitions, and they have none."""
+        self.table(first)
+        self.deliver()
+
     def op(self, name: str, partition: int, op: Op):
         self.calls += 1
         token = self.calls
@@ -70,9 +75,9 @@ class Net:
             elif kind == "data.snapped":
                 out = node.on_snapshot_applied(sender, *body)
             elif kind == "data.want":
-                out = node.on_want(sender, body)
+                out = node.on_want(sender, *body)
             elif kind == "data.none":
-                out = node.on_none(sender, body)
+                out = node.on_none(sender, *body)
             else:
                 raise AssertionError(f"unknown message {kind}")
             self.take(message.to, out)
@@ -99,7 +104,7 @@ def get(version: int = 1) -> Op:
 
 def test_a_write_is_answered_only_once_every_backup_applied_it():
     net = Net("a", "b", "c")
-    net.table(table(1, ("a", "b", "c")))
+    net.start(table(1, ("a", "b", "c")))
     token = net.op("a", 0, add(5, "w1"))
     assert token not in net.replies, "not before the backups applied it"
     assert {message.to for _, message in net.queue} == {"b", "c"}
@@ -116,7 +121,7 @@ def test_a_write_is_answered_only_once_every_backup_applied_it():
 
 def test_a_read_is_answered_at_once_and_an_op_at_a_non_owner_says_who_owns_it():
     net = Net("a", "b")
-    net.table(table(1, ("a", "b")))
+    net.start(table(1, ("a", "b")))
     assert net.read("a", 0, get()) == 0
     with pytest.raises(NotOwner, match="owned by a") as caught:
         net.read("b", 0, get())
@@ -125,7 +130,7 @@ def test_a_read_is_answered_at_once_and_an_op_at_a_non_owner_says_who_owns_it():
 
 def test_a_bad_op_fails_with_the_stores_error_and_changes_nothing():
     net = Net("a", "b")
-    net.table(table(1, ("a", "b")))
+    net.start(table(1, ("a", "b")))
     with pytest.raises(StoreError, match="no operation"):
         net.read("a", 0, Op(MAP, "m", "frobnicate", (), "x", 1))
     assert not net.queue
@@ -135,7 +140,7 @@ def test_a_paused_ex_owner_cannot_acknowledge_a_write():
     """a owned partition 0 and paused; the cluster moved on (table 2: b owns, c backs up). A proxy
     that still routes by table 1 reaches a, which applies the write but cannot get it backed up."""
     net = Net("a", "b", "c")
-    net.table(table(1, ("a", "c"), ("b", "c")))
+    net.start(table(1, ("a", "c"), ("b", "c")))
     net.table(table(2, ("b", "c")), "b", "c")  # a never hears of it
 
     token = net.op("a", 0, add(7, "late"))
@@ -147,7 +152,7 @@ def test_a_paused_ex_owner_cannot_acknowledge_a_write():
 
 def test_the_promoted_backup_holds_every_acknowledged_write():
     net = Net("a", "b", "c")
-    net.table(table(1, ("a", "b", "c")))
+    net.start(table(1, ("a", "b", "c")))
     acknowledged = 0
     for number in range(20):
         token = net.op("a", 0, add(number, f"w{number}"))
@@ -175,7 +180,7 @@ def test_a_record_only_one_backup_got_does_not_survive_on_it_after_a_promotion()
     """a's last write reached b, not c, and a died: never acknowledged. c is promoted; b must end
     up holding what c holds, not the extra record (the next record would carry its number)."""
     net = Net("a", "b", "c")
-    net.table(table(1, ("a", "b", "c")))
+    net.start(table(1, ("a", "b", "c")))
     token = net.op("a", 0, add(1, "w1"))
     net.deliver()
     assert net.result(token) == 1
@@ -193,7 +198,7 @@ def test_a_record_only_one_backup_got_does_not_survive_on_it_after_a_promotion()
 
 def test_a_new_backup_starts_from_a_snapshot_and_follows_the_writes_after_it():
     net = Net("a", "b")
-    net.table(table(1, ("a",)))
+    net.start(table(1, ("a",)))
     for number in range(5):
         net.read("a", 0, add(1, f"w{number}"))  # no backup: answered at once
     net.table(table(2, ("a", "b")))
@@ -206,7 +211,7 @@ def test_a_new_backup_starts_from_a_snapshot_and_follows_the_writes_after_it():
 
 def test_an_owner_that_holds_nothing_gets_the_partition_from_its_replicas_first():
     net = Net("a", "b", "d")
-    net.table(table(1, ("a", "b")))
+    net.start(table(1, ("a", "b")))
     token = net.op("a", 0, add(42, "w"))
     net.deliver()
     assert net.result(token) == 42
@@ -217,9 +222,27 @@ def test_an_owner_that_holds_nothing_gets_the_partition_from_its_replicas_first(
     assert net.read("d", 0, get(2)) == 42
 
 
+def test_a_new_owner_asking_a_replica_that_lags_a_table_behind_still_gets_the_data():
+    """A join: c takes partition 0 from a (b keeps its backup) and asks b for it before b has
+    table 2. b used to answer "none" by its table 1 (c does not own it there), and c, told "none"
+    by every replica, started the partition empty: every write in it was lost (and its snapshot
+    then overwrote b's)."""
+    net = Net("a", "b", "c")
+    net.start(table(1, ("a", "b")))
+    token = net.op("a", 0, add(42, "w"))
+    net.deliver()
+    assert net.result(token) == 42
+    net.table(table(2, ("c", "b")), "a", "c")  # b hears of table 2 later
+    net.deliver()  # c's want reaches b, which is still at table 1
+    net.table(table(2, ("c", "b")), "b")
+    net.deliver()
+    assert net.read("c", 0, get(2)) == 42
+    assert net.nodes["b"].replicas[0].snapshot()["structures"] == net.nodes["c"].replicas[0].snapshot()["structures"]
+
+
 def test_a_partition_nobody_held_starts_empty_at_its_owner():
     net = Net("a")
-    net.table(table(1, ("a",)))
+    net.start(table(1, ("a",)))
     assert net.read("a", 1, get()) == 0
 
 
@@ -229,7 +252,7 @@ from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 steps = st.lists(st.one_of(st.just(("write",)), st.tuples(st.just("lossy"), st.integers(0, 3)),
-                           st.just(("kill",)), st.just(("join",))), max_size=30)
+                           st.just(("kill",)), st.tuples(st.just("join"), st.integers(0, 3))), max_size=30)
 
 
 @settings(max_examples=60, deadline=None)
@@ -239,7 +262,7 @@ def test_every_acknowledged_write_survives_any_sequence_of_losses_kills_and_join
     every acknowledged one must be there, at whichever member owns the counter in the end."""
     net = Net("m0", "m1", "m2")
     alive, version, joined = ["m0", "m1", "m2"], 1, 3
-    net.table(table(version, tuple(alive)))
+    net.start(table(version, tuple(alive)))
     acknowledged, number = 0, 0
     for step in sequence:
         owner = alive[0]
@@ -261,7 +284,7 @@ def test_every_acknowledged_write_survives_any_sequence_of_losses_kills_and_join
             name = f"m{joined}"
             joined += 1
             net.nodes[name] = DataNode(name, PARTITIONS)
-            alive.append(name)
+            alive.insert(step[1] % (len(alive) + 1), name)  # anywhere in the row: the owner too
             version += 1
             net.table(table(version, tuple(alive)))
             net.deliver()

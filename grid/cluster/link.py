@@ -81,6 +81,11 @@ class ClusterLink:
         self._thread = threading.Thread(target=self._keep_connected, name="grid-client")
         self._thread.start()
 
+    @property
+    def transport(self):
+        """The link's transport: more links to members (the data proxies' to owners) are made with it."""
+        return self._transport
+
     def _candidates(self) -> list:
         known = [m.address for m in self.members]
         return known + [address for address in self._discovery.candidates() if address not in known]

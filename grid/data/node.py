@@ -41,6 +41,9 @@ class NotOwner(StoreError):
         super().__init__(message)
         self.table_version = table_version
 
+    def __reduce__(self):  # it travels back to the proxy
+        return NotOwner, (str(self), self.table_version)
+
 
 @dataclasses.dataclass(frozen=True)
 class Send:
@@ -54,6 +57,8 @@ class Reply:
     token: Any
     result: Any = None
     error: BaseException | None = None
+    partition: int = -1
+    changed: bool = False  # a write that changed the partition's data (waiters for a change wake)
 
 
 @dataclasses.dataclass
@@ -75,6 +80,7 @@ class DataNode:
         self._writes: dict[int, _Write] = {}
         self._write_ids = itertools.count(1)
         self._answered_none: dict[int, set] = {}  # partition wanted -> replicas that hold nothing of it
+        self._early_wants: dict[tuple, int] = {}  # (sender, partition) -> its table, newer than this member's
 
     # -- the table -------------------------------------------------------------------------------------
 
@@ -96,11 +102,14 @@ class DataNode:
             if row[0] != self.me:
                 self._wanting.discard(partition)
                 continue
-            if replica is None:  # owner of what it does not hold: those of its replicas that held it
-                held = [uuid for uuid in row[1:] if uuid in (old.replicas[partition] if old.replicas else ())]
+            if replica is None:  # owner of what it does not hold: ask its other replicas. Not only those
+                # of this member's older table: a member that just joined has none, and the cluster's
+                # older table may have named them (it did: a joiner started every partition it took empty).
+                held = row[1:]
                 if held:
                     self._wanting.add(partition)
-                    out += [Send(uuid, "data.want", partition) for uuid in row[1:]]
+                    self._answered_none.pop(partition, None)  # answers by an older table count no more
+                    out += [Send(uuid, "data.want", (partition, table.version)) for uuid in held]
                 else:  # nobody who could have it: it starts empty
                     self._found_nothing(partition)
                 continue
@@ -121,6 +130,10 @@ class DataNode:
                 continue
             write.waiting &= set(row[1:])
             out += self._maybe_done(write_id)
+        for (sender, partition), version in list(self._early_wants.items()):
+            if version <= table.version:  # this member knows that table now: it can answer
+                del self._early_wants[sender, partition]
+                out += self.on_want(sender, partition, version)
         return out
 
     def _found_nothing(self, partition: int) -> None:
@@ -147,7 +160,8 @@ class DataNode:
             return [Reply(token, error=exc)]
         backups = self.table.backups(partition)
         if outcome.record is None or not backups:
-            return [Reply(token, outcome.result)]
+            changed = outcome.record is not None and bool(outcome.record.effects)
+            return [Reply(token, outcome.result, partition=partition, changed=changed)]
         write_id = next(self._write_ids)
         self._writes[write_id] = _Write(token, partition, outcome.record, set(backups))
         return [Send(uuid, "data.rep", (write_id, outcome.record)) for uuid in backups]
@@ -186,7 +200,7 @@ class DataNode:
         if write is None or write.waiting:
             return []
         del self._writes[write_id]
-        return [Reply(write.token, write.record.result)]
+        return [Reply(write.token, write.record.result, partition=write.partition, changed=bool(write.record.effects))]
 
     # -- a backup ------------------------------------------------------------------------------------------
 
@@ -233,17 +247,23 @@ class DataNode:
             return []
         return [Send(sender, "data.snapped", (partition, replica.seq))]
 
-    def on_want(self, sender: str, partition: int) -> list:
-        """The partition's new owner holds nothing of it: send it what this member holds."""
+    def on_want(self, sender: str, partition: int, table_version: int) -> list:
+        """The partition's new owner (by its table ``table_version``) holds nothing of it: send it
+        what this member holds. Asked by a table this member has not got yet, it answers once it
+        has (by its older table the sender owns nothing, and "none" would make it start empty)."""
+        if table_version > self.table.version:
+            self._early_wants[sender, partition] = table_version
+            return []
         replica = self.replicas.get(partition)
         if replica is None or self.table.owner(partition) != sender:
-            return [Send(sender, "data.none", partition)]
+            return [Send(sender, "data.none", (partition, self.table.version))]
         return [Send(sender, "data.snap", (partition, replica.snapshot()))]
 
-    def on_none(self, sender: str, partition: int) -> list:
-        """A replica asked for ``partition`` holds nothing of it either."""
+    def on_none(self, sender: str, partition: int, table_version: int) -> list:
+        """A replica asked for ``partition`` holds nothing of it either (by its table ``table_version``;
+        an answer by another table than this member's is left: the next table asks again)."""
         row = self.table.replicas[partition] if self.table.replicas else ()
-        if partition not in self._wanting or not row or row[0] != self.me:
+        if partition not in self._wanting or not row or row[0] != self.me or table_version != self.table.version:
             return []
         answered = self._answered_none.setdefault(partition, set())
         answered.add(sender)

@@ -1,0 +1,174 @@
+"""The structures' backend on a cluster: each op goes to its partition's owner, retried until one answers.
+
+::
+
+    DMap / DQueue / Counter --execute(partition, op)--> RemoteBackend
+        owner = table.owner(partition); op.table_version = table.version
+        owner is this member: DataService.submit          else: "data.op" over a link to the owner
+        NotOwner (the table moved), the owner's link lost, no owner yet:
+            wait for a newer table (or a moment), then ask again with the same op (same call id,
+            so a write that was applied before its answer was lost applies once)
+        after ``timeout`` seconds of that: DataUnavailable, naming the partition and the last reason
+
+``wait_for_change`` asks the owner to answer once the partition's data changes ("data.wait"):
+the blocked caller of a queue's ``get`` or ``put`` sleeps on the owner, not in a polling loop.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+import time
+from concurrent.futures import Future
+
+from ..cluster.members import local_target
+from ..errors import ConnectionClosed, GridError, TransportError
+from ..net import messaging
+from .node import NotOwner
+from .store import Op, StoreError
+
+_FIRST_PAUSE = 0.005  # seconds before a retry, doubling ...
+_LONGEST_PAUSE = 0.1  # ... up to this
+_WAIT_SLICE = 5.0  # a change wait asks again this often, so an owner that lost the partition is left
+
+
+class DataUnavailable(GridError):
+    """No owner of a partition answered in time (the cluster has no data member, or is failing over)."""
+
+
+class RemoteBackend:
+    """Routes the structures' ops to the owners of their partitions.
+
+    Args:
+        transport: makes the links to members.
+        members: returns the current member list.
+        table: returns the current partition table.
+        local: this member's ``DataService`` (a member's own handle), or None (a client).
+        timeout: seconds an op may keep retrying before DataUnavailable.
+        default_partitions: the partition count before any table arrived.
+    """
+
+    def __init__(self, *, transport, members, table, local=None, timeout: float = 30.0,
+                 default_partitions: int = 271, clock=time):
+        self._transport = transport
+        self._members = members
+        self._table = table
+        self._local = local
+        self._timeout = timeout
+        self._default_partitions = default_partitions
+        self._clock = clock
+        self._links: dict[str, Future] = {}
+        self._lock = threading.Lock()
+        self._closed = False
+
+    @property
+    def partitions(self) -> int:
+        table = self._table()
+        return table.partitions if table.replicas else self._default_partitions
+
+    def execute(self, partition: int, op: Op):
+        """Run ``op`` on the owner of ``partition``; its result, or the store's error for it.
+
+        Raises:
+            DataUnavailable: no owner answered within the timeout.
+            StoreError: the op itself was refused (bad arguments, a full queue's limit, ...).
+        """
+        return self._ask(partition, "data.op", lambda table: (partition, dataclasses.replace(
+            op, table_version=table.version)), lambda local, body: local.submit(*body), None)
+
+    def wait_for_change(self, partition: int, seen=None, timeout: float | None = None):
+        """The partition's change mark once it differs from ``seen`` (None: now), or after ``timeout``."""
+        if seen is None:
+            return self._ask(partition, "data.wait", lambda table: (partition, None, None),
+                             lambda local, body: local.wait(*body), None)
+        end = None if timeout is None else self._clock.monotonic() + timeout
+        while True:
+            remaining = None if end is None else max(0.0, end - self._clock.monotonic())
+            piece = _WAIT_SLICE if remaining is None else min(remaining, _WAIT_SLICE)
+            mark = self._ask(partition, "data.wait", lambda table: (partition, seen, piece),
+                             lambda local, body: local.wait(*body), piece + self._timeout)
+            if mark != seen or remaining is not None and remaining <= piece:
+                return mark
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            links, self._links = self._links, {}
+        for future in links.values():
+            if future.done() and future.exception() is None:
+                future.result().close("the data proxy closed")
+
+    # -- one request, retried --------------------------------------------------------------------------
+
+    def _ask(self, partition: int, message_type: str, make_body, run_local, answer_timeout):
+        deadline = self._clock.monotonic() + self._timeout
+        pause, why = _FIRST_PAUSE, "no partition table yet"
+        while True:
+            if self._closed:
+                raise GridError("the cluster handle is closed")
+            table = self._table()
+            owner = table.owner(partition) if table.replicas else None
+            if owner is not None:
+                body = make_body(table)
+                try:
+                    if self._local is not None and owner == self._local.me.uuid:
+                        answer = run_local(self._local, body)
+                    else:
+                        answer = self._request(owner, message_type, body)
+                    if answer is None:
+                        why = f"owner {owner[:8]} is not in the member list"
+                    else:
+                        return answer.result(answer_timeout if answer_timeout is not None else
+                                             max(0.1, deadline - self._clock.monotonic()))
+                except NotOwner as exc:
+                    why = str(exc)
+                except StoreError:
+                    raise
+                except (GridError, OSError, TimeoutError) as exc:  # the link to the owner went, or it is slow
+                    if isinstance(exc, GridError) and not _is_link_error(exc):
+                        raise
+                    why = f"owner {owner[:8]}: {type(exc).__name__}: {exc}"
+                    self._forget(owner)
+            remaining = deadline - self._clock.monotonic()
+            if remaining <= 0:
+                raise DataUnavailable(f"partition {partition} of the data has no owner that answers after "
+                                      f"{self._timeout:g} s ({why}); is a data member running?")
+            self._pause(table.version, min(pause, remaining))
+            pause = min(2 * pause, _LONGEST_PAUSE)
+
+    def _pause(self, version: int, seconds: float) -> None:
+        """Wait ``seconds``, or less once a newer table arrived (it may name another owner)."""
+        end = self._clock.monotonic() + seconds
+        step = min(seconds, _FIRST_PAUSE)
+        while self._table().version <= version and self._clock.monotonic() < end:
+            threading.Event().wait(step)
+
+    def _request(self, uuid: str, message_type: str, body) -> Future | None:
+        link = self._link(uuid)
+        if link is None:
+            return None
+        conn = link.result(self._timeout)
+        return messaging.request(conn, message_type, body)
+
+    def _link(self, uuid: str) -> Future | None:
+        with self._lock:
+            future = self._links.get(uuid)
+            if future is not None and (not future.done() or (future.exception() is None and future.result().is_open)):
+                return future
+            member = next((m for m in self._members() if m.uuid == uuid), None)
+            if member is None:
+                return None
+            future = self._links[uuid] = self._transport.connect(local_target(member))
+            return future
+
+    def _forget(self, uuid: str) -> None:
+        with self._lock:
+            future = self._links.get(uuid)
+            if future is not None and future.done() and (future.exception() is not None or
+                                                         not future.result().is_open):
+                del self._links[uuid]
+
+
+def _is_link_error(exc: GridError) -> bool:
+    """Whether ``exc`` says the link failed (worth a retry elsewhere), not that the op did."""
+    return isinstance(exc, (ConnectionClosed, TransportError))

@@ -1,0 +1,271 @@
+"""A member's data service: its ``DataNode`` on one thread, the node's messages over member links.
+
+::
+
+    proxy --"data.op" (partition, op)------> IO thread: queue a job --> grid-data thread:
+                                               node.on_op(token=Future, ...) --> outputs
+    proxy --"data.wait" (partition, seen, s)-> parked here until the partition's data changes
+    member <-> member: "data.rep" "data.ack" "data.snap" "data.snapped" "data.want" "data.none"
+                                               the sender is the link's authenticated uuid
+    outputs: Send(to, type, body) --> the link to member ``to`` (made on first use; in order)
+             Reply(token, result, error) --> the op's Future: the IO thread answers the proxy
+    the table: before each job, and every _TICK seconds, the node follows membership's table
+
+Every call into the node happens on the "grid-data" thread, so the node needs no lock. Nothing
+here unpickles a value or runs user code: keys and values stay bytes. A data wait is answered
+with the partition's change mark ``(member uuid, count)``: after a failover the new owner's mark
+differs from any the old owner gave, so a waiter never sleeps through a change it cannot see.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from concurrent.futures import Future
+
+from ..cluster.members import local_target
+from ..errors import GridError
+from ..net import messaging
+from .node import DataNode, Reply, Send
+from .store import Op, Record
+
+log = logging.getLogger("grid.data")
+
+_TICK = 0.05  # seconds between looks at the table (and expired waits) when nothing else happens
+_MEMBER_MESSAGES = ("data.rep", "data.ack", "data.snap", "data.snapped", "data.want", "data.none")
+
+
+class DataService:
+    """The partitions member ``membership.me`` holds, served to proxies and replicated to its peers."""
+
+    def __init__(self, *, router, transport, membership, clock=time):
+        self.me = membership.me
+        self._transport = transport
+        self._membership = membership
+        self._clock = clock
+        table = membership.partitions()
+        self.node = DataNode(self.me.uuid, table.partitions, table.backup_count)
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self._links: dict[str, Future] = {}  # member uuid -> Future of the connection (data thread only)
+        self._outbox: dict[str, list] = {}  # member uuid -> messages waiting for its connection
+        self._outbox_lock = threading.Lock()
+        self._changes: dict[int, int] = {}  # partition -> writes that changed its data here
+        self._waits: list = []  # (partition, seen mark, Future, deadline or None), parked
+        router.register("data.op", self._on_op)
+        router.register("data.wait", self._on_wait)
+        for message_type in _MEMBER_MESSAGES:
+            router.register(message_type, self._member_message(message_type))
+        self._thread = threading.Thread(target=self._run, name="grid-data", daemon=True)
+        self._thread.start()
+
+    # -- entry points (any thread) ---------------------------------------------------------------
+
+    def submit(self, partition: int, op: Op) -> Future:
+        """Run ``op`` here (this member's own handle); the Future gives its result or raises."""
+        result: Future = Future()
+        self._jobs.put((self._op, (result, partition, op)))
+        return result
+
+    def wait(self, partition: int, seen, timeout: float | None) -> Future:
+        """The partition's change mark, once it is not ``seen`` (at once for None) or ``timeout`` passed."""
+        result: Future = Future()
+        self._jobs.put((self._wait, (result, partition, seen, timeout)))
+        return result
+
+    def close(self) -> None:
+        self._jobs.put(None)
+        if self._thread is not threading.current_thread():
+            self._thread.join(5)
+        for future in list(self._links.values()):
+            if future.done() and future.exception() is None:
+                future.result().close("the data service stopped")
+
+    # -- handlers (IO thread): queue a job ---------------------------------------------------------------
+
+    def _on_op(self, conn, body) -> Future:
+        partition, op = body
+        if type(partition) is not int or not isinstance(op, Op):
+            raise GridError(f"a 'data.op' body is (partition, Op), not {messaging.shorten(body)}")
+        return self.submit(partition, op)
+
+    def _on_wait(self, conn, body) -> Future:
+        partition, seen, timeout = body
+        if type(partition) is not int or (timeout is not None and not isinstance(timeout, (int, float))):
+            raise GridError(f"a 'data.wait' body is (partition, seen, timeout), not {messaging.shorten(body)}")
+        return self.wait(partition, seen, timeout)
+
+    def _member_message(self, message_type: str):
+        def handler(conn, body) -> None:
+            sender = conn.peer_info.get("uuid")
+            if conn.peer_info.get("role") != "member" or not isinstance(sender, str):
+                raise GridError(f"{message_type!r} comes from members only, not from {conn!r}")
+            self._jobs.put((self._from_member, (message_type, sender, body)))
+        return handler
+
+    # -- the data thread ---------------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while True:
+            try:
+                job = self._jobs.get(timeout=_TICK)
+            except queue.Empty:
+                job = ()
+            if job is None:
+                return
+            try:
+                self._follow_table()
+                if job:
+                    fn, args = job
+                    fn(*args)
+                self._expire_waits()
+            except Exception:  # a grid bug: the service goes on with the next job
+                log.exception("the data service failed a job")
+
+    def _follow_table(self) -> None:
+        table = self._membership.partitions()
+        if table.version > self.node.table.version:
+            self._emit(self.node.take_table(table))
+            self._wake_moved()
+
+    def _op(self, result: Future, partition: int, op: Op) -> None:
+        if not result.set_running_or_notify_cancel():
+            return
+        if not 0 <= partition < self.node.table.partitions:
+            result.set_exception(GridError(f"partition {partition} is out of range (the table has "
+                                           f"{self.node.table.partitions})"))
+            return
+        self._emit(self.node.on_op(result, partition, op))
+
+    def _from_member(self, message_type: str, sender: str, body) -> None:
+        node = self.node
+        if message_type == "data.rep":
+            write_id, record = body
+            if not isinstance(record, Record):
+                raise GridError(f"a 'data.rep' record is a Record, not {messaging.shorten(record)}")
+            out = node.on_replicate(sender, write_id, record)
+        elif message_type == "data.ack":
+            write_id, answer, partition = body
+            out = node.on_ack(sender, write_id, answer, partition)
+        elif message_type == "data.snap":
+            partition, snapshot = body
+            out = node.on_snapshot(sender, partition, snapshot)
+        elif message_type == "data.snapped":
+            partition, seq = body
+            out = node.on_snapshot_applied(sender, partition, seq)
+        elif message_type == "data.want":
+            partition, table_version = body
+            out = node.on_want(sender, partition, table_version)
+        else:  # "data.none"
+            partition, table_version = body
+            out = node.on_none(sender, partition, table_version)
+        self._emit(out)
+
+    def _emit(self, outputs) -> None:
+        for output in outputs:
+            if isinstance(output, Send):
+                self._send(output.to, output.message_type, output.body)
+            elif isinstance(output, Reply):
+                self._reply(output)
+
+    def _reply(self, reply: Reply) -> None:
+        if reply.changed:
+            self._changes[reply.partition] = self._changes.get(reply.partition, 0) + 1
+            self._wake(reply.partition)
+        token = reply.token
+        if token.done():
+            return
+        if reply.error is not None:
+            token.set_exception(reply.error)
+        else:
+            token.set_result(reply.result)
+
+    # -- waits for a change --------------------------------------------------------------------------
+
+    def _mark(self, partition: int) -> tuple:
+        return (self.me.uuid, self._changes.get(partition, 0))
+
+    def _wait(self, result: Future, partition: int, seen, timeout) -> None:
+        if not result.set_running_or_notify_cancel():
+            return
+        mark = self._mark(partition)
+        if seen is None or tuple(seen) != mark or self.node.table.owner(partition) != self.me.uuid:
+            result.set_result(mark)
+            return
+        deadline = None if timeout is None else self._clock.monotonic() + max(0.0, timeout)
+        self._waits.append((partition, mark, result, deadline))
+
+    def _wake(self, partition: int) -> None:
+        still = []
+        for wait in self._waits:
+            if wait[0] == partition:
+                wait[2].set_result(self._mark(partition))
+            else:
+                still.append(wait)
+        self._waits = still
+
+    def _wake_moved(self) -> None:
+        """The table changed: waits on partitions this member no longer owns end (they ask the new owner)."""
+        for partition in {wait[0] for wait in self._waits if self.node.table.owner(wait[0]) != self.me.uuid}:
+            self._wake(partition)
+
+    def _expire_waits(self) -> None:
+        if not self._waits:
+            return
+        now = self._clock.monotonic()
+        still = []
+        for partition, mark, result, deadline in self._waits:
+            if deadline is not None and now >= deadline:
+                result.set_result(mark)
+            else:
+                still.append((partition, mark, result, deadline))
+        self._waits = still
+
+    # -- links to the other members (data thread) ------------------------------------------------------
+
+    def _send(self, uuid: str, message_type: str, body) -> None:
+        """Send to member ``uuid`` in order: queued behind its connection while that is being made."""
+        future = self._link(uuid)
+        if future is None:
+            log.debug("no link to %s (not a member now): %s dropped", uuid[:8], message_type)
+            return
+        with self._outbox_lock:
+            waiting = self._outbox.get(uuid)
+            if waiting is not None:
+                waiting.append((message_type, body))
+                return
+        try:
+            messaging.send(future.result(), message_type, body)
+        except GridError as exc:  # the link closed: what it carried is asked for again (a "want")
+            log.debug("sending %s to %s failed: %s", message_type, uuid[:8], exc)
+            self._links.pop(uuid, None)
+
+    def _link(self, uuid: str) -> Future | None:
+        future = self._links.get(uuid)
+        if future is not None and (not future.done() or (future.exception() is None and future.result().is_open)):
+            return future
+        member = next((m for m in self._membership.members() if m.uuid == uuid), None)
+        if member is None:
+            return None
+        with self._outbox_lock:
+            self._outbox[uuid] = []
+        future = self._links[uuid] = self._transport.connect(local_target(member))
+        future.add_done_callback(lambda done: self._jobs.put((self._connected, (uuid, done))))
+        return future
+
+    def _connected(self, uuid: str, future: Future) -> None:
+        with self._outbox_lock:
+            waiting = self._outbox.pop(uuid, [])
+        if future.exception() is not None:
+            log.info("cannot reach member %s for data: %s", uuid[:8], future.exception())
+            if self._links.get(uuid) is future:
+                del self._links[uuid]
+            return
+        conn = future.result()
+        for message_type, body in waiting:
+            try:
+                messaging.send(conn, message_type, body)
+            except GridError as exc:
+                log.debug("sending %s to %s failed: %s", message_type, uuid[:8], exc)
+                return
