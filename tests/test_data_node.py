@@ -196,6 +196,40 @@ def test_a_record_only_one_backup_got_does_not_survive_on_it_after_a_promotion()
     assert net.nodes["b"].replicas[0].snapshot() == net.nodes["c"].replicas[0].snapshot()
 
 
+def test_a_retry_while_the_first_try_waits_for_its_backup_waits_too():
+    """The proxy's first try timed out (its backup's ack is slow) and it retried with the call id.
+    The owner knows the call id, and used to answer the retry at once: acknowledged before the
+    backup had it, so the owner's death lost it."""
+    net = Net("a", "b")
+    net.start(table(1, ("a", "b")))
+    first = net.op("a", 0, add(7, "w"))
+    retry = net.op("a", 0, add(7, "w"))
+    assert first not in net.replies and retry not in net.replies, "not before the backup applied it"
+    net.deliver()
+    assert net.result(first) == net.result(retry) == 7, "answered together, applied once"
+
+
+def test_a_retry_at_a_promoted_owner_waits_until_its_backups_hold_the_write():
+    """b, a backup, got a's record of w (never acknowledged: c did not get it), and is promoted.
+    The retry of w at b finds the call id applied; c gets it only from b's snapshot, so the retry
+    is answered once c restored that snapshot, not before."""
+    net = Net("a", "b", "c")
+    net.start(table(1, ("a", "b", "c")))
+    first = net.op("a", 0, add(1, "first"))
+    net.deliver()
+    assert net.result(first) == 1  # (every replica holds the partition now)
+    net.op("a", 0, add(5, "w"))
+    net.deliver(drop=lambda sender, message: message.to in ("c", "a"))
+    del net.nodes["a"]
+    net.table(table(2, ("b", "c")))  # b is promoted: a snapshot for c goes on the wire
+
+    retry = net.op("b", 0, add(5, "w", 2))
+    assert retry not in net.replies, "c does not hold w yet"
+    net.deliver()
+    assert net.result(retry) == 6
+    assert net.nodes["c"].replicas[0].snapshot() == net.nodes["b"].replicas[0].snapshot()
+
+
 def test_a_new_backup_starts_from_a_snapshot_and_follows_the_writes_after_it():
     net = Net("a", "b")
     net.start(table(1, ("a",)))
@@ -252,29 +286,42 @@ from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 steps = st.lists(st.one_of(st.just(("write",)), st.tuples(st.just("lossy"), st.integers(0, 3)),
-                           st.just(("kill",)), st.tuples(st.just("join"), st.integers(0, 3))), max_size=30)
+                           st.just(("kill",)), st.tuples(st.just("join"), st.integers(0, 3)),
+                           st.just(("retry",))), max_size=30)
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=80, deadline=None)
 @given(steps)
 def test_every_acknowledged_write_survives_any_sequence_of_losses_kills_and_joins(sequence):
-    """Each write adds its own power of two, so the counter's bits say exactly which writes applied:
-    every acknowledged one must be there, at whichever member owns the counter in the end."""
+    """Write n adds 4**n, so the counter's bits say exactly which writes applied, and how often (one
+    applied twice sets an odd bit): every acknowledged one must be at whichever member owns the
+    counter in the end, and none twice. A "retry" sends the unacknowledged writes again, as the
+    proxy does, with their call ids, to the owner of the moment."""
     net = Net("m0", "m1", "m2")
     alive, version, joined = ["m0", "m1", "m2"], 1, 3
     net.start(table(version, tuple(alive)))
-    acknowledged, number = 0, 0
+    acknowledged, number, issued = 0, 0, 0
+    unanswered: dict[int, int] = {}  # write number -> token, not acknowledged yet
+
+    def answered(token) -> bool:
+        return token in net.replies and net.replies[token].error is None
+
     for step in sequence:
         owner = alive[0]
         if step[0] in ("write", "lossy"):
-            delta = 1 << number
+            delta = 4 ** number
+            issued |= delta
             token = net.op(owner, 0, add(delta, f"w{number}", version))
+            unanswered[number] = token
             number += 1
             # "lossy": every message to one backup is lost (it is cut off for this write)
             cut = alive[1 + step[1] % (len(alive) - 1)] if step[0] == "lossy" and len(alive) > 1 else None
             net.deliver(drop=lambda sender, message: message.to == cut)
-            if token in net.replies and net.replies[token].error is None:
-                acknowledged |= delta
+        elif step[0] == "retry":
+            for write, token in list(unanswered.items()):
+                if not answered(token):
+                    unanswered[write] = net.op(owner, 0, add(4 ** write, f"w{write}", version))
+            net.deliver()
         elif step[0] == "kill" and len(alive) > 1:
             del net.nodes[alive.pop(0)]
             version += 1
@@ -288,5 +335,10 @@ def test_every_acknowledged_write_survives_any_sequence_of_losses_kills_and_join
             version += 1
             net.table(table(version, tuple(alive)))
             net.deliver()
+        for write, token in list(unanswered.items()):
+            if answered(token):
+                acknowledged |= 4 ** write
+                del unanswered[write]
     value = net.read(alive[0], 0, get(version))
     assert value & acknowledged == acknowledged, f"acknowledged writes {acknowledged:b} missing from {value:b}"
+    assert value & ~issued == 0, f"a write applied twice: {value:b} (issued {issued:b})"

@@ -63,7 +63,7 @@ class Reply:
 
 @dataclasses.dataclass
 class _Write:
-    token: Any
+    tokens: list  # the calls it answers: the first try, and retries that came while it waited
     partition: int
     record: Record
     waiting: set  # backups that have not applied it yet
@@ -81,6 +81,7 @@ class DataNode:
         self._write_ids = itertools.count(1)
         self._answered_none: dict[int, set] = {}  # partition wanted -> replicas that hold nothing of it
         self._early_wants: dict[tuple, int] = {}  # (sender, partition) -> its table, newer than this member's
+        self._syncing: dict[int, set] = {}  # partition -> backups sent a snapshot, not yet restored
 
     # -- the table -------------------------------------------------------------------------------------
 
@@ -120,13 +121,19 @@ class DataNode:
                 # fellow backup may hold a record this one never got (one never acknowledged).
                 if promoted or uuid not in was:
                     out.append(Send(uuid, "data.snap", (partition, replica.snapshot())))
+                    self._syncing.setdefault(partition, set()).add(uuid)
+        for partition, syncing in list(self._syncing.items()):
+            row = table.replicas[partition] if table.replicas else ()
+            syncing &= set(row[1:]) if row and row[0] == self.me else set()
+            if not syncing:
+                del self._syncing[partition]
         for write_id, write in list(self._writes.items()):
             row = table.replicas[write.partition] if table.replicas else ()
             if not row or row[0] != self.me:
                 del self._writes[write_id]
-                out.append(Reply(write.token, error=NotOwner(
+                out += [Reply(token, error=NotOwner(
                     f"partition {write.partition} moved to another member before its write was backed up",
-                    table.version)))
+                    table.version)) for token in write.tokens]
                 continue
             write.waiting &= set(row[1:])
             out += self._maybe_done(write_id)
@@ -152,6 +159,13 @@ class DataNode:
             return [Reply(token, error=NotOwner(f"partition {partition} {why} (table version "
                                                 f"{self.table.version})", self.table.version))]
         replica = self.replicas[partition]
+        retry = op.call_id is not None and replica.applied(op.call_id)
+        if retry:  # its first try may still wait for its backups: so does the retry
+            pending = next((w for w in self._writes.values() if w.partition == partition
+                            and w.record.call_id == op.call_id), None)
+            if pending is not None:
+                pending.tokens.append(token)
+                return []
         try:
             outcome = replica.execute(op)
         except Fenced as exc:
@@ -159,11 +173,20 @@ class DataNode:
         except StoreError as exc:
             return [Reply(token, error=exc)]
         backups = self.table.backups(partition)
+        syncing = self._syncing.get(partition)
+        if retry and syncing:
+            # Applied here before (as a backup promoted since, say), and a backup is still restoring
+            # the snapshot that brings it: answered once that backup holds everything up to now.
+            write_id = next(self._write_ids)
+            # (seq 0: the call's record is in every snapshot sent since, so any restored one will do)
+            barrier = Record(partition, 0, self.table.version, op.call_id, outcome.result, ())
+            self._writes[write_id] = _Write([token], partition, barrier, set(syncing))
+            return []
         if outcome.record is None or not backups:
             changed = outcome.record is not None and bool(outcome.record.effects)
             return [Reply(token, outcome.result, partition=partition, changed=changed)]
         write_id = next(self._write_ids)
-        self._writes[write_id] = _Write(token, partition, outcome.record, set(backups))
+        self._writes[write_id] = _Write([token], partition, outcome.record, set(backups))
         return [Send(uuid, "data.rep", (write_id, outcome.record)) for uuid in backups]
 
     def on_ack(self, sender: str, write_id: int, answer: str, partition: int) -> list:
@@ -172,13 +195,15 @@ class DataNode:
             replica = self.replicas.get(partition)
             if replica is None or self.table.owner(partition) != self.me:
                 return []
+            self._syncing.setdefault(partition, set()).add(sender)
             return [Send(sender, "data.snap", (partition, replica.snapshot()))]
         out: list = []
         if answer == "fenced":  # it follows a newer table: this member no longer owns the partition
             write = self._writes.pop(write_id, None)
             if write is not None:
-                out.append(Reply(write.token, error=NotOwner(
-                    f"partition {partition}: a backup follows a newer table than this member", self.table.version)))
+                out += [Reply(token, error=NotOwner(
+                    f"partition {partition}: a backup follows a newer table than this member", self.table.version))
+                    for token in write.tokens]
             return out
         write = self._writes.get(write_id)
         if write is not None:
@@ -189,6 +214,11 @@ class DataNode:
     def on_snapshot_applied(self, sender: str, partition: int, seq: int) -> list:
         """A backup restored a snapshot up to record ``seq``: it holds every write up to it."""
         out: list = []
+        syncing = self._syncing.get(partition)
+        if syncing is not None:
+            syncing.discard(sender)
+            if not syncing:
+                del self._syncing[partition]
         for write_id, write in list(self._writes.items()):
             if write.partition == partition and write.record.seq <= seq:
                 write.waiting.discard(sender)
@@ -200,7 +230,8 @@ class DataNode:
         if write is None or write.waiting:
             return []
         del self._writes[write_id]
-        return [Reply(write.token, write.record.result, partition=write.partition, changed=bool(write.record.effects))]
+        changed = bool(write.record.effects)
+        return [Reply(token, write.record.result, partition=write.partition, changed=changed) for token in write.tokens]
 
     # -- a backup ------------------------------------------------------------------------------------------
 

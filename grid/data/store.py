@@ -171,6 +171,10 @@ class Replica:
         """A newer partition table arrived: from now on, ops and records of older ones are fenced."""
         self.table_version = max(self.table_version, table_version)
 
+    def applied(self, call_id: str) -> bool:
+        """Whether the write with ``call_id`` was applied here (its retry applies nothing)."""
+        return call_id in self._calls
+
     # -- owner ---------------------------------------------------------------------------------------
 
     def execute(self, op: Op) -> Outcome:
