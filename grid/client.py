@@ -93,6 +93,25 @@ class Cluster:
         """The distributed counter ``name``: an int changed atomically, each change applied once."""
         return Counter(name, self._data_backend())
 
+    def is_safe(self, timeout: float = 5.0) -> bool:
+        """True when every partition has its owner and every backup in sync with it, as far as every
+        data member says within ``timeout`` seconds (Hazelcast's ``isClusterSafe``): all follow this
+        handle's table, each owner holds its partitions, each backup holds the owner's last write,
+        and no write or snapshot is on its way. A member that does not answer makes it False."""
+        table = self.partitions()
+        if not table.replicas:
+            return False
+        states = self._data_backend().states(timeout)
+        if any(not isinstance(state, dict) or state["table"] != table.version or state["wanting"]
+               or state["syncing"] or state["pending"] for state in states.values()):
+            return False
+        for partition, row in enumerate(table.replicas):
+            owner = states[row[0]]["held"].get(partition)
+            # A backup takes a partition on its first write: holding none is holding an empty one.
+            if owner is None or any(states[uuid]["held"].get(partition, 0) != owner for uuid in row[1:]):
+                return False
+        return True
+
     def _data_backend(self) -> RemoteBackend:
         self._check_open()
         with self._executor_lock:

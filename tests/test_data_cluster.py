@@ -165,3 +165,22 @@ def test_a_member_handle_runs_the_ops_it_owns_itself_and_asks_for_the_rest(local
             assert own.get_counter("c").add_and_get(2) == 2 and client.get_counter("c").get() == 2
     finally:
         client.close()
+
+
+def test_is_safe_once_every_backup_holds_the_owners_writes_and_not_while_a_member_is_frozen(local_cluster):
+    cluster = local_cluster(3)
+    client = cluster.connect()
+    try:
+        _fill(client)
+        wait_for(client.is_safe, WAIT)
+        cluster.pause(2)  # its partitions' owner or backup answers nothing
+        try:
+            assert not client.is_safe(timeout=1)
+        finally:
+            cluster.resume(2)
+        wait_for(client.is_safe, WAIT)
+        cluster.kill(1)
+        wait_for(lambda: len(client.members()) == 2 and client.is_safe(), WAIT)  # backed up again
+        _check(client)
+    finally:
+        client.close()

@@ -83,6 +83,21 @@ class DataNode:
         self._early_wants: dict[tuple, int] = {}  # (sender, partition) -> its table, newer than this member's
         self._syncing: dict[int, set] = {}  # partition -> backups sent a snapshot, not yet restored
 
+    @property
+    def wanting(self) -> set:
+        """The partitions this member owns and still waits to receive."""
+        return set(self._wanting)
+
+    @property
+    def syncing_count(self) -> int:
+        """Backups sent a snapshot that have not restored it yet (over all partitions)."""
+        return sum(len(backups) for backups in self._syncing.values())
+
+    @property
+    def pending_writes(self) -> int:
+        """Writes applied here that wait for a backup."""
+        return len(self._writes)
+
     # -- the table -------------------------------------------------------------------------------------
 
     def take_table(self, table: PartitionTable) -> list:

@@ -90,6 +90,31 @@ class RemoteBackend:
             if mark != seen or remaining is not None and remaining <= piece:
                 return mark
 
+    def states(self, timeout: float) -> dict:
+        """``{uuid: state}`` of every member the table names (``DataService.state``), or
+        ``{uuid: exception}`` for one that did not answer within ``timeout`` seconds."""
+        table = self._table()
+        asked = {}
+        for uuid in sorted(table.members()):
+            try:
+                if self._local is not None and uuid == self._local.me.uuid:
+                    asked[uuid] = self._local.state()
+                else:
+                    asked[uuid] = self._request(uuid, "data.state", None)
+            except Exception as exc:  # noqa: BLE001 - reported as that member's answer
+                asked[uuid] = exc
+        end = self._clock.monotonic() + timeout
+        states = {}
+        for uuid, answer in asked.items():
+            if answer is None or isinstance(answer, Exception):
+                states[uuid] = answer or DataUnavailable(f"member {uuid[:8]} is not in the member list")
+                continue
+            try:
+                states[uuid] = answer.result(max(0.0, end - self._clock.monotonic()))
+            except Exception as exc:  # noqa: BLE001
+                states[uuid] = exc
+        return states
+
     def close(self) -> None:
         with self._lock:
             self._closed = True

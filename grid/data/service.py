@@ -55,6 +55,7 @@ class DataService:
         self._waits: list = []  # (partition, seen mark, Future, deadline or None), parked
         router.register("data.op", self._on_op)
         router.register("data.wait", self._on_wait)
+        router.register("data.state", lambda conn, body: self.state())
         for message_type in _MEMBER_MESSAGES:
             router.register(message_type, self._member_message(message_type))
         self._thread = threading.Thread(target=self._run, name="grid-data", daemon=True)
@@ -72,6 +73,23 @@ class DataService:
         """The partition's change mark, once it is not ``seen`` (at once for None) or ``timeout`` passed."""
         result: Future = Future()
         self._jobs.put((self._wait, (result, partition, seen, timeout)))
+        return result
+
+    def state(self) -> Future:
+        """What this member holds, for ``is_safe``: its table version, each replica's seq, the
+        partitions it owns and waits to receive, the backups it is sending snapshots to, and the
+        writes waiting for their backups."""
+        result: Future = Future()
+
+        def job():
+            node = self.node
+            if result.set_running_or_notify_cancel():
+                result.set_result({"table": node.table.version,
+                                   "held": {p: replica.seq for p, replica in node.replicas.items()},
+                                   "wanting": sorted(node.wanting), "syncing": node.syncing_count,
+                                   "pending": node.pending_writes})
+
+        self._jobs.put((job, ()))
         return result
 
     def close(self) -> None:
