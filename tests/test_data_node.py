@@ -230,6 +230,27 @@ def test_a_retry_at_a_promoted_owner_waits_until_its_backups_hold_the_write():
     assert net.nodes["c"].replicas[0].snapshot() == net.nodes["b"].replicas[0].snapshot()
 
 
+def test_a_lost_record_or_snapshot_goes_again_after_a_while():
+    """A message the links lost (a member takes a table a moment before the member list naming
+    the member it must send to) left a write waiting, or a backup unsynced, until the table moved."""
+    net = Net("a", "b")
+    net.start(table(1, ("a", "b")))
+    token = net.op("a", 0, add(3, "w"))
+    net.deliver(drop=lambda sender, message: message.message_type in ("data.rep", "data.snap"))
+    assert token not in net.replies
+    net.take("a", net.nodes["a"].tick(1.0))
+    net.deliver(drop=lambda sender, message: message.message_type == "data.snap")
+    assert token not in net.replies, "not before it was unanswered for a while"
+    net.take("a", net.nodes["a"].tick(2.5))
+    net.deliver(drop=lambda sender, message: message.message_type == "data.snap")  # b wants; the snapshot is lost
+    assert token not in net.replies
+    net.take("a", net.nodes["a"].tick(5.0))
+    net.deliver()
+    assert net.result(token) == 3
+    assert net.nodes["b"].replicas[0].snapshot() == net.nodes["a"].replicas[0].snapshot()
+    assert not net.nodes["a"].tick(10.0), "nothing left to send"
+
+
 def test_a_new_backup_starts_from_a_snapshot_and_follows_the_writes_after_it():
     net = Net("a", "b")
     net.start(table(1, ("a",)))

@@ -61,12 +61,16 @@ class Reply:
     changed: bool = False  # a write that changed the partition's data (waiters for a change wake)
 
 
+_RESEND = 2.0  # seconds before a record or snapshot that got no answer is sent again
+
+
 @dataclasses.dataclass
 class _Write:
     tokens: list  # the calls it answers: the first try, and retries that came while it waited
     partition: int
-    record: Record
+    record: Record  # (seq 0: a retry's barrier, answered once the syncing backups restored)
     waiting: set  # backups that have not applied it yet
+    sent_at: float = 0.0
 
 
 class DataNode:
@@ -82,6 +86,8 @@ class DataNode:
         self._answered_none: dict[int, set] = {}  # partition wanted -> replicas that hold nothing of it
         self._early_wants: dict[tuple, int] = {}  # (sender, partition) -> its table, newer than this member's
         self._syncing: dict[int, set] = {}  # partition -> backups sent a snapshot, not yet restored
+        self._snapped_at: dict[tuple, float] = {}  # (partition, backup) -> when its snapshot went
+        self._now = 0.0  # the time of the last tick
 
     @property
     def wanting(self) -> set:
@@ -135,13 +141,13 @@ class DataNode:
                 # A new backup starts from a snapshot; so does every backup of a promoted owner: a
                 # fellow backup may hold a record this one never got (one never acknowledged).
                 if promoted or uuid not in was:
-                    out.append(Send(uuid, "data.snap", (partition, replica.snapshot())))
-                    self._syncing.setdefault(partition, set()).add(uuid)
+                    out.append(self._snapshot_to(uuid, partition, replica))
         for partition, syncing in list(self._syncing.items()):
             row = table.replicas[partition] if table.replicas else ()
             syncing &= set(row[1:]) if row and row[0] == self.me else set()
             if not syncing:
                 del self._syncing[partition]
+        self._snapped_at = {key: at for key, at in self._snapped_at.items() if key[1] in self._syncing.get(key[0], ())}
         for write_id, write in list(self._writes.items()):
             row = table.replicas[write.partition] if table.replicas else ()
             if not row or row[0] != self.me:
@@ -156,6 +162,27 @@ class DataNode:
             if version <= table.version:  # this member knows that table now: it can answer
                 del self._early_wants[sender, partition]
                 out += self.on_want(sender, partition, version)
+        return out
+
+    def _snapshot_to(self, backup: str, partition: int, replica: Replica) -> Send:
+        self._syncing.setdefault(partition, set()).add(backup)
+        self._snapped_at[partition, backup] = self._now
+        return Send(backup, "data.snap", (partition, replica.snapshot()))
+
+    def tick(self, now: float) -> list:
+        """Time passed (``now``, monotonic seconds): a record or snapshot unanswered for ``_RESEND``
+        seconds goes again (a message the links lost; a backup skips what it holds already)."""
+        self._now = now
+        out: list = []
+        for write_id, write in self._writes.items():
+            if write.record.seq and write.waiting and now - write.sent_at >= _RESEND:
+                write.sent_at = now
+                out += [Send(uuid, "data.rep", (write_id, write.record)) for uuid in write.waiting]
+        for partition, backups in list(self._syncing.items()):
+            replica = self.replicas.get(partition)
+            for backup in list(backups):
+                if replica is not None and now - self._snapped_at.get((partition, backup), now) >= _RESEND:
+                    out.append(self._snapshot_to(backup, partition, replica))
         return out
 
     def _found_nothing(self, partition: int) -> None:
@@ -195,13 +222,13 @@ class DataNode:
             write_id = next(self._write_ids)
             # (seq 0: the call's record is in every snapshot sent since, so any restored one will do)
             barrier = Record(partition, 0, self.table.version, op.call_id, outcome.result, ())
-            self._writes[write_id] = _Write([token], partition, barrier, set(syncing))
+            self._writes[write_id] = _Write([token], partition, barrier, set(syncing), self._now)
             return []
         if outcome.record is None or not backups:
             changed = outcome.record is not None and bool(outcome.record.effects)
             return [Reply(token, outcome.result, partition=partition, changed=changed)]
         write_id = next(self._write_ids)
-        self._writes[write_id] = _Write([token], partition, outcome.record, set(backups))
+        self._writes[write_id] = _Write([token], partition, outcome.record, set(backups), self._now)
         return [Send(uuid, "data.rep", (write_id, outcome.record)) for uuid in backups]
 
     def on_ack(self, sender: str, write_id: int, answer: str, partition: int) -> list:
@@ -210,8 +237,7 @@ class DataNode:
             replica = self.replicas.get(partition)
             if replica is None or self.table.owner(partition) != self.me:
                 return []
-            self._syncing.setdefault(partition, set()).add(sender)
-            return [Send(sender, "data.snap", (partition, replica.snapshot()))]
+            return [self._snapshot_to(sender, partition, replica)]
         out: list = []
         if answer == "fenced":  # it follows a newer table: this member no longer owns the partition
             write = self._writes.pop(write_id, None)
@@ -232,6 +258,7 @@ class DataNode:
         syncing = self._syncing.get(partition)
         if syncing is not None:
             syncing.discard(sender)
+            self._snapped_at.pop((partition, sender), None)
             if not syncing:
                 del self._syncing[partition]
         for write_id, write in list(self._writes.items()):

@@ -51,6 +51,7 @@ class DataService:
         self._links: dict[str, Future] = {}  # member uuid -> Future of the connection (data thread only)
         self._outbox: dict[str, list] = {}  # member uuid -> messages waiting for its connection
         self._outbox_lock = threading.Lock()
+        self._held: dict[str, list] = {}  # uuid -> messages for a member the table names, not yet listed
         self._changes: dict[int, int] = {}  # partition -> writes that changed its data here
         self._waits: list = []  # (partition, seen mark, Future, deadline or None), parked
         router.register("data.op", self._on_op)
@@ -137,6 +138,9 @@ class DataService:
                 if job:
                     fn, args = job
                     fn(*args)
+                self._emit(self.node.tick(self._clock.monotonic()))
+                if self._held:
+                    self._release_held()
                 self._expire_waits()
             except Exception:  # a grid bug: the service goes on with the next job
                 log.exception("the data service failed a job")
@@ -243,10 +247,19 @@ class DataService:
     # -- links to the other members (data thread) ------------------------------------------------------
 
     def _send(self, uuid: str, message_type: str, body) -> None:
-        """Send to member ``uuid`` in order: queued behind its connection while that is being made."""
+        """Send to member ``uuid`` in order: queued behind its connection while that is being made,
+        and held while the table names a member the member list does not have yet (a member takes
+        the table a moment before the list that comes with it)."""
+        held = self._held.get(uuid)
+        if held is not None:
+            held.append((message_type, body))
+            return
         future = self._link(uuid)
         if future is None:
-            log.debug("no link to %s (not a member now): %s dropped", uuid[:8], message_type)
+            if uuid in self.node.table.members():
+                self._held[uuid] = [(message_type, body)]
+            else:
+                log.debug("no link to %s (not a member now): %s dropped", uuid[:8], message_type)
             return
         with self._outbox_lock:
             waiting = self._outbox.get(uuid)
@@ -258,6 +271,15 @@ class DataService:
         except GridError as exc:  # the link closed: what it carried is asked for again (a "want")
             log.debug("sending %s to %s failed: %s", message_type, uuid[:8], exc)
             self._links.pop(uuid, None)
+
+    def _release_held(self) -> None:
+        named = self.node.table.members()
+        for uuid in list(self._held):
+            if uuid not in named:  # it left the table before it was listed: nothing to send it
+                del self._held[uuid]
+            elif self._link(uuid) is not None:
+                for message_type, body in self._held.pop(uuid):
+                    self._send(uuid, message_type, body)
 
     def _link(self, uuid: str) -> Future | None:
         future = self._links.get(uuid)
