@@ -64,6 +64,7 @@ Usage:
     python scripts/bench.py --quick --only grid --only ppe --rounds 3   # interleaved, for ratios
     python scripts/bench.py --only grid --only ppe --measure bytes --measure map_default --measure map_best
     python scripts/bench.py --only grid --only ppe --measure map_default --measure map_iter --measure map_best
+    python scripts/bench.py --data [--quick]       # DMap against redis-server and managers (bench_data.py)
     pip install loky 'dask[distributed]' ray     # the peers (the library does not need them)
 """
 
@@ -1182,6 +1183,8 @@ def parse_args(argv=None):
                         help="run all contenders R times, interleaved; best (throughput) or median of the rounds")
     parser.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
                         help="seconds one repetition of a measure may take before it is failed (default: per measure)")
+    parser.add_argument("--data", action="store_true",
+                        help="the data structures instead: grid's map against redis-server and managers")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--measures", help=argparse.SUPPRESS)
     parser.add_argument("--report-fd", type=int, help=argparse.SUPPRESS)
@@ -1198,6 +1201,10 @@ def main(argv=None) -> int:
     counts = QUICK_COUNTS if args.quick else FULL_COUNTS
     if args.child:
         return run_child(args.child, args.measures.split(","), counts, args.repeat, args.report_fd)
+    if args.data:
+        import bench_data
+
+        return bench_data.run(args.quick)
     names = [name for name in CONTENDERS if not args.only or name in args.only]
     print_environment(names, args, counts)
     log_dir = tempfile.mkdtemp(prefix="grid-bench-")

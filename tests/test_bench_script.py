@@ -208,3 +208,19 @@ def test_rounds_merge_to_the_best_throughput_and_the_median_latency(bench):
     rounds[1].failures["cpu"] = rounds[2].failures["cpu"] = "timed out"
     assert bench.merge_rounds(rounds).failures == {"cpu": "timed out"}
     assert bench.parse_args(["--rounds", "3"]).rounds == 3
+
+
+def test_the_data_bench_measures_grid_and_managers_and_prints_ratios(capsys, monkeypatch):
+    """bench.py --data: grid's map on a sim cluster, managers' dict (and redis-server when installed)."""
+    sys.path.insert(0, os.path.dirname(SCRIPT))
+    try:
+        import bench_data
+    finally:
+        sys.path.remove(os.path.dirname(SCRIPT))
+    monkeypatch.setattr(bench_data.shutil, "which", lambda name: None)  # redis: reported as skipped
+    assert bench_data.run(True, {"ops": 20, "batches": 2, "memory_entries": 2000}) == 0
+    out = capsys.readouterr().out
+    grid_line = next(line for line in out.splitlines() if line.startswith("[grid] {"))
+    assert all(key in grid_line for key in ("get_us", "put_us", "put_all_us", "get_all_us", "bytes_per_entry"))
+    assert "redis-server is not installed" in out
+    assert "vs managers: get_us" in out

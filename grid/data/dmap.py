@@ -4,7 +4,8 @@ mapping stored elsewhere can be.
 ::
 
     DMap[key] = value --key_bytes(key), dumps(value)--> Op(MAP, name, "set", ...) --> backend.execute(p, op)
-    backend: anything with ``partitions`` and ``execute(partition, op)``; ``store.LocalBackend`` runs
+    backend: anything with ``partitions``, ``execute(partition, op)`` and ``execute_many([(partition,
+             op)])`` (sent together: one message per owner); ``store.LocalBackend`` runs
              the replicas in this process (tests, one-process use); the cluster's routes to owners
 
 Keys travel in their canonical form (``partitions.key_bytes``): they must be hashable, as a
@@ -52,8 +53,14 @@ class DMap(MutableMapping):
         call_id = self._calls.next() if write else None
         return self._backend.execute(partition, Op(MAP, self.name, action, args, call_id))
 
+    def _many(self, requests, write: bool) -> list:
+        """``[(partition, action, args)]``' results, in order: sent together (one message per owner)."""
+        return self._backend.execute_many([(partition, Op(MAP, self.name, action, args,
+                                                           self._calls.next() if write else None))
+                                           for partition, action, args in requests])
+
     def _everywhere(self, action: str, write: bool = False) -> list:
-        return [self._at(partition, action, (), write) for partition in range(self._backend.partitions)]
+        return self._many([(partition, action, ()) for partition in range(self._backend.partitions)], write)
 
     @staticmethod
     def _value(data):
@@ -174,8 +181,7 @@ class DMap(MutableMapping):
             data = self._key(key)
             by_partition.setdefault(partition_of_bytes(data, self._backend.partitions), []).append(
                 (data, self._dumps(value)))
-        for partition, entries in by_partition.items():
-            self._at(partition, "put_all", (entries,), True)
+        self._many([(partition, "put_all", (entries,)) for partition, entries in by_partition.items()], True)
 
     def get_all(self, keys: Iterable) -> dict:
         """The entries for ``keys`` that exist, as a dict: one operation per partition they fall in."""
@@ -186,8 +192,9 @@ class DMap(MutableMapping):
             originals[data] = key
             by_partition.setdefault(partition_of_bytes(data, self._backend.partitions), []).append(data)
         found = {}
-        for partition, datas in by_partition.items():
-            for data, value in self._at(partition, "get_all", (datas,), False).items():
+        for entries in self._many([(partition, "get_all", (datas,)) for partition, datas in by_partition.items()],
+                                  False):
+            for data, value in entries.items():
                 found[originals[data]] = pickle.loads(value)
         return found
 

@@ -76,6 +76,61 @@ class RemoteBackend:
         return self._ask(partition, "data.op", lambda table: (partition, dataclasses.replace(
             op, table_version=table.version)), lambda local, body: local.submit(*body), None)
 
+    def execute_many(self, items) -> list:
+        """Run each ``(partition, op)``; their results in order. One "data.ops" message per owner,
+        all sent before any answer is awaited; an op whose owner moved, or whose owner's link went,
+        is asked again on its own (``execute``).
+
+        Raises:
+            StoreError: an op was refused (the first such error).
+            DataUnavailable: an op found no owner that answered in time.
+        """
+        items = list(items)
+        table = self._table()
+        results: list = [None] * len(items)
+        by_owner: dict[str, list[int]] = {}
+        for index, (partition, _) in enumerate(items):
+            owner = table.owner(partition) if table.replicas else None
+            by_owner.setdefault(owner, []).append(index)
+        asked = []
+        for owner, indexes in by_owner.items():
+            body = [(items[i][0], dataclasses.replace(items[i][1], table_version=table.version)) for i in indexes]
+            answer = None
+            if owner is not None:
+                try:
+                    if self._local is not None and owner == self._local.me.uuid:
+                        answer = self._local.submit_many(body)
+                    else:
+                        answer = self._request(owner, "data.ops", body)
+                except (GridError, OSError) as exc:
+                    if isinstance(exc, GridError) and not _is_link_error(exc):
+                        raise
+                    self._forget(owner)
+            asked.append((owner, indexes, answer))
+        again = []
+        for owner, indexes, answer in asked:
+            outcomes = None
+            if answer is not None:
+                try:
+                    outcomes = answer.result(self._timeout)
+                except (GridError, OSError, TimeoutError) as exc:
+                    if isinstance(exc, GridError) and not _is_link_error(exc):
+                        raise
+                    self._forget(owner)
+            if outcomes is None:
+                again += indexes
+                continue
+            for index, (ok, value) in zip(indexes, outcomes):
+                if ok:
+                    results[index] = value
+                elif isinstance(value, NotOwner):
+                    again.append(index)
+                else:
+                    raise value
+        for index in again:  # (the op carries its call id: one applied before the link went applies once)
+            results[index] = self.execute(*items[index])
+        return results
+
     def wait_for_change(self, partition: int, seen=None, timeout: float | None = None):
         """The partition's change mark once it differs from ``seen`` (None: now), or after ``timeout``."""
         if seen is None:

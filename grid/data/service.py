@@ -1,17 +1,21 @@
-"""A member's data service: its ``DataNode`` on one thread, the node's messages over member links.
+"""A member's data service: its ``DataNode`` behind one lock, the node's messages over member links.
 
 ::
 
-    proxy --"data.op" (partition, op)------> IO thread: queue a job --> grid-data thread:
-                                               node.on_op(token=Future, ...) --> outputs
+    proxy --"data.op" (partition, op)------> IO thread, under the lock: node.on_op(token=Future, ...)
+                                               --> outputs (a read is answered before the handler returns)
+    proxy --"data.ops" [(partition, op)]---> the same for each; answered once all are
     proxy --"data.wait" (partition, seen, s)-> parked here until the partition's data changes
     member <-> member: "data.rep" "data.ack" "data.snap" "data.snapped" "data.want" "data.none"
                                                the sender is the link's authenticated uuid
     outputs: Send(to, type, body) --> the link to member ``to`` (made on first use; in order)
              Reply(token, result, error) --> the op's Future: the IO thread answers the proxy
-    the table: before each job, and every _TICK seconds, the node follows membership's table
+    the "grid-data" thread: every _TICK seconds, the table from membership, resends (node.tick),
+                          expired waits, messages held for members not listed yet
 
-Every call into the node happens on the "grid-data" thread, so the node needs no lock. Nothing
+Every call into the node holds the service's lock: the IO thread runs proxies' ops and the
+members' messages at once (no hand-off to another thread per op), and the data thread the
+periodic work. The node runs no user code and unpickles nothing. Nothing
 here unpickles a value or runs user code: keys and values stay bytes. A data wait is answered
 with the partition's change mark ``(member uuid, count)``: after a failover the new owner's mark
 differs from any the old owner gave, so a waiter never sleeps through a change it cannot see.
@@ -48,6 +52,7 @@ class DataService:
         table = membership.partitions()
         self.node = DataNode(self.me.uuid, table.partitions, table.backup_count)
         self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self._lock = threading.RLock()  # every call into the node, and the links' state
         self._links: dict[str, Future] = {}  # member uuid -> Future of the connection (data thread only)
         self._outbox: dict[str, list] = {}  # member uuid -> messages waiting for its connection
         self._outbox_lock = threading.Lock()
@@ -55,6 +60,7 @@ class DataService:
         self._changes: dict[int, int] = {}  # partition -> writes that changed its data here
         self._waits: list = []  # (partition, seen mark, Future, deadline or None), parked
         router.register("data.op", self._on_op)
+        router.register("data.ops", self._on_ops)
         router.register("data.wait", self._on_wait)
         router.register("data.state", lambda conn, body: self.state())
         for message_type in _MEMBER_MESSAGES:
@@ -65,15 +71,42 @@ class DataService:
     # -- entry points (any thread) ---------------------------------------------------------------
 
     def submit(self, partition: int, op: Op) -> Future:
-        """Run ``op`` here (this member's own handle); the Future gives its result or raises."""
+        """Run ``op`` here (a proxy's, or this member's own handle's); the Future gives its result."""
         result: Future = Future()
-        self._jobs.put((self._op, (result, partition, op)))
+        with self._lock:
+            self._follow_table()
+            self._op(result, partition, op)
         return result
+
+    def submit_many(self, items) -> Future:
+        """Run each ``(partition, op)``; the Future gives ``[(True, result) | (False, error)]`` in order."""
+        combined: Future = Future()
+        futures = [Future() for _ in items]
+        left = [len(futures)]
+
+        def one_done(_):
+            with self._lock:
+                left[0] -= 1
+                last = left[0] == 0
+            if last:
+                combined.set_result([(True, f.result()) if f.exception() is None else (False, f.exception())
+                                     for f in futures])
+
+        if not futures:
+            combined.set_result([])
+            return combined
+        with self._lock:
+            self._follow_table()
+            for future, (partition, op) in zip(futures, items):
+                future.add_done_callback(one_done)
+                self._op(future, partition, op)
+        return combined
 
     def wait(self, partition: int, seen, timeout: float | None) -> Future:
         """The partition's change mark, once it is not ``seen`` (at once for None) or ``timeout`` passed."""
         result: Future = Future()
-        self._jobs.put((self._wait, (result, partition, seen, timeout)))
+        with self._lock:
+            self._wait(result, partition, seen, timeout)
         return result
 
     def state(self) -> Future:
@@ -90,7 +123,8 @@ class DataService:
                                    "wanting": sorted(node.wanting), "syncing": node.syncing_count,
                                    "pending": node.pending_writes})
 
-        self._jobs.put((job, ()))
+        with self._lock:
+            job()
         return result
 
     def close(self) -> None:
@@ -109,6 +143,13 @@ class DataService:
             raise GridError(f"a 'data.op' body is (partition, Op), not {messaging.shorten(body)}")
         return self.submit(partition, op)
 
+    def _on_ops(self, conn, body) -> Future:
+        items = list(body)
+        if not all(type(item) is tuple and len(item) == 2 and type(item[0]) is int and isinstance(item[1], Op)
+                   for item in items):
+            raise GridError(f"a 'data.ops' body is [(partition, Op)], not {messaging.shorten(body)}")
+        return self.submit_many(items)
+
     def _on_wait(self, conn, body) -> Future:
         partition, seen, timeout = body
         if type(partition) is not int or (timeout is not None and not isinstance(timeout, (int, float))):
@@ -120,7 +161,9 @@ class DataService:
             sender = conn.peer_info.get("uuid")
             if conn.peer_info.get("role") != "member" or not isinstance(sender, str):
                 raise GridError(f"{message_type!r} comes from members only, not from {conn!r}")
-            self._jobs.put((self._from_member, (message_type, sender, body)))
+            with self._lock:
+                self._follow_table()
+                self._from_member(message_type, sender, body)
         return handler
 
     # -- the data thread ---------------------------------------------------------------------------------
@@ -134,14 +177,15 @@ class DataService:
             if job is None:
                 return
             try:
-                self._follow_table()
-                if job:
-                    fn, args = job
-                    fn(*args)
-                self._emit(self.node.tick(self._clock.monotonic()))
-                if self._held:
-                    self._release_held()
-                self._expire_waits()
+                with self._lock:
+                    self._follow_table()
+                    if job:
+                        fn, args = job
+                        fn(*args)
+                    self._emit(self.node.tick(self._clock.monotonic()))
+                    if self._held:
+                        self._release_held()
+                    self._expire_waits()
             except Exception:  # a grid bug: the service goes on with the next job
                 log.exception("the data service failed a job")
 
@@ -291,8 +335,12 @@ class DataService:
         with self._outbox_lock:
             self._outbox[uuid] = []
         future = self._links[uuid] = self._transport.connect(local_target(member))
-        future.add_done_callback(lambda done: self._jobs.put((self._connected, (uuid, done))))
+        future.add_done_callback(lambda done: self._connected_locked(uuid, done))
         return future
+
+    def _connected_locked(self, uuid: str, future: Future) -> None:
+        with self._lock:
+            self._connected(uuid, future)
 
     def _connected(self, uuid: str, future: Future) -> None:
         with self._outbox_lock:

@@ -134,6 +134,10 @@ class LocalBackend:
                 self._changed.notify_all()
             return outcome.result
 
+    def execute_many(self, items) -> list:
+        """Each ``(partition, op)``'s result, in order."""
+        return [self.execute(partition, op) for partition, op in items]
+
     def wait_for_change(self, partition: int, seen: int | None = None, timeout: float | None = None) -> int:
         """Wait until ``partition``'s data changes, for a caller that will try its op again then.
 
