@@ -24,6 +24,7 @@ from concurrent.futures import Future
 from ..cluster.members import local_target
 from ..errors import ConnectionClosed, GridError, TransportError
 from ..net import messaging
+from ..net.lending import LinkReader
 from .node import NotOwner
 from .store import Op, StoreError
 
@@ -60,6 +61,10 @@ class RemoteBackend:
         self._links: dict[str, Future] = {}
         self._lock = threading.Lock()
         self._closed = False
+        # The callers read their links themselves (net/lending.py): the owner's answer wakes the
+        # thread that waits for it, not the transport's IO thread first.
+        self._reader = LinkReader()
+        self._waiting = 0  # threads in _await
 
     @property
     def partitions(self) -> int:
@@ -112,7 +117,7 @@ class RemoteBackend:
             outcomes = None
             if answer is not None:
                 try:
-                    outcomes = answer.result(self._timeout)
+                    outcomes = self._await(answer, self._timeout)
                 except (GridError, OSError, TimeoutError) as exc:
                     if isinstance(exc, GridError) and not _is_link_error(exc):
                         raise
@@ -165,15 +170,18 @@ class RemoteBackend:
                 states[uuid] = answer or DataUnavailable(f"member {uuid[:8]} is not in the member list")
                 continue
             try:
-                states[uuid] = answer.result(max(0.0, end - self._clock.monotonic()))
+                states[uuid] = self._await(answer, max(0.0, end - self._clock.monotonic()))
             except Exception as exc:  # noqa: BLE001
                 states[uuid] = exc
         return states
 
     def close(self) -> None:
+        self._reader.stop()
         with self._lock:
             self._closed = True
             links, self._links = self._links, {}
+            if not self._waiting:
+                self._reader.close()
         for future in links.values():
             if future.done() and future.exception() is None:
                 future.result().close("the data proxy closed")
@@ -198,8 +206,8 @@ class RemoteBackend:
                     if answer is None:
                         why = f"owner {owner[:8]} is not in the member list"
                     else:
-                        return answer.result(answer_timeout if answer_timeout is not None else
-                                             max(0.1, deadline - self._clock.monotonic()))
+                        return self._await(answer, answer_timeout if answer_timeout is not None else
+                                           max(0.1, deadline - self._clock.monotonic()))
                 except NotOwner as exc:
                     why = str(exc)
                 except StoreError:
@@ -215,6 +223,35 @@ class RemoteBackend:
                                       f"{self._timeout:g} s ({why}); is a data member running?")
             self._pause(table.version, min(pause, remaining))
             pause = min(2 * pause, _LONGEST_PAUSE)
+
+    def _await(self, future: Future, timeout: float):
+        """``future.result()``, reading the lent links on this thread meanwhile (at most ``timeout``)."""
+        if future.done():
+            return future.result()
+        me = threading.get_ident()
+        # Completed by another thread (the IO thread, or a fellow caller that read the answer):
+        # wake a waiting thread, which may be this one.
+        future.add_done_callback(lambda done: threading.get_ident() != me and self._reader.signal())
+        with self._lock:
+            self._waiting += 1
+        try:
+            end = self._clock.monotonic() + timeout
+            while not future.done() and not self._reader.stopping:
+                remaining = end - self._clock.monotonic()
+                if remaining <= 0:
+                    break
+                # Alone, this thread reads everything; with others, one may take this one's answer
+                # (and signal one of the waiters, maybe not this one): look again soon.
+                self._reader.wait(remaining if self._waiting == 1 else min(remaining, 0.002))
+            if not future.done():
+                return future.result(max(0.0, end - self._clock.monotonic()))
+            return future.result()
+        finally:
+            with self._lock:
+                self._waiting -= 1
+                last = self._closed and not self._waiting
+            if last:
+                self._reader.close()
 
     def _pause(self, version: int, seconds: float) -> None:
         """Wait ``seconds``, or less once a newer table arrived (it may name another owner)."""
@@ -239,7 +276,12 @@ class RemoteBackend:
             if member is None:
                 return None
             future = self._links[uuid] = self._transport.connect(local_target(member))
-            return future
+        future.add_done_callback(self._lend)
+        return future
+
+    def _lend(self, connected: Future) -> None:
+        if connected.exception() is None:
+            self._reader.lend(connected.result())  # (not a TLS link: then the IO thread reads it)
 
     def _forget(self, uuid: str) -> None:
         with self._lock:
