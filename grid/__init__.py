@@ -28,6 +28,8 @@ from .cluster.partitions import PartitionTable, partition_of
 from .code.patches import Patch
 from .compute.services import service
 from .compute.worker import current_member
+from .data.remote import DataUnavailable
+from .data.store import SplitBrainProtection
 from .errors import (
                      BrokenGrid,
                      CodeNotAllowed,
@@ -40,8 +42,9 @@ from .errors import (
 from .peer import Peer
 
 __all__ = [
-    "BrokenGrid", "Cluster", "CodeNotAllowed", "Config", "GridError", "GridExecutor", "Member", "MembershipEvent",
-    "PartitionTable", "Patch", "Peer", "RemoteError", "ServiceNotFound", "SomeMembersFailed", "WorkerCrashed", "cluster", "connect",
+    "BrokenGrid", "Cluster", "CodeNotAllowed", "Config", "DataUnavailable", "GridError", "GridExecutor", "Member", "MembershipEvent",
+    "PartitionTable", "Patch", "Peer", "RemoteError", "ServiceNotFound", "SomeMembersFailed", "SplitBrainProtection", "WorkerCrashed",
+    "cluster", "connect",
     "current_member", "default_executor", "deploy", "eval_all", "exec_all", "fmap", "load_all", "load_config",
     "partition_of", "run_all", "service", "ufmap",
 ]

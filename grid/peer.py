@@ -90,8 +90,9 @@ class Peer:
                 required=required, clock=clock, partitions=self.config.partitions,
                 backup_count=self.config.backup_count)
             # A lite member (data = false) holds no partitions: no data service answers there.
-            self.data = DataService(router=self.router, transport=self.transport,
-                                    membership=self.membership) if self.config.data else None
+            self.data = DataService(router=self.router, transport=self.transport, membership=self.membership,
+                                    split_brain_protection=self.config.split_brain_protection) \
+                if self.config.data else None
             # Tasks wait until the patch log is replayed (CodeService calls on_ready).
             self.tasks = TaskRunner(self.router, workers=task_threads, hold=True, processes=[
                 TaskProcess(self.me.to_wire(), self.config.imports) for _ in range(self.config.task_processes)])

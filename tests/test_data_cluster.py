@@ -184,3 +184,25 @@ def test_is_safe_once_every_backup_holds_the_owners_writes_and_not_while_a_membe
         _check(client)
     finally:
         client.close()
+
+
+def test_split_brain_protection_refuses_writes_on_the_smaller_side_and_they_go_on_after_heal(local_cluster):
+    cluster = local_cluster(3, split_brain_protection=2, heartbeat_interval=0.2, failure_timeout=1.5)
+    client = cluster.connect()
+    lonely = grid.connect(cluster.config(2))  # a client of member 2 alone
+    try:
+        client.get_map("guarded")["before"] = 1
+        cluster.partition([0, 1], [2])
+        wait_for(lambda: len(lonely.members()) == 1 and len(client.members()) == 2, WAIT)
+        wait_for(lambda: lonely.partitions().owned_by(lonely.members()[0].uuid) and
+                 len(lonely.partitions().members()) == 1, WAIT)
+        with pytest.raises(grid.SplitBrainProtection, match="split_brain_protection asks for at least 2"):
+            lonely.get_map("guarded")["minority"] = 2
+        assert lonely.get_map("guarded")["before"] == 1, "reads still answer"
+        client.get_map("guarded")["majority"] = 3  # two members: enough
+        cluster.heal()
+        wait_for(lambda: len(client.members()) == 3, WAIT)
+        assert client.get_map("guarded")["majority"] == 3
+    finally:
+        lonely.close()
+        client.close()

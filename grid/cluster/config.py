@@ -96,6 +96,7 @@ class Config:
     task_processes: int = 0  # run tasks in this many child processes of the member (0: in its threads)
     allow_code: bool = True
     data: bool = True  # false: a lite member, which computes but holds no partitions of the data
+    split_brain_protection: int = 0  # N > 0: writes fail on a side of fewer than N members
     imports: list[str] = field(default_factory=list)  # modules a member imports before it joins (services)
     # Where this config came from; not a setting, so two equal settings compare equal.
     source: str = field(default="defaults", compare=False)

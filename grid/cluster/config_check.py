@@ -224,6 +224,9 @@ def validate_config(config: Any, source: str) -> None:
                   f"{DEFAULT_MAX_PAYLOAD}, 512 MiB): the largest frame a link accepts after the handshake")
     check.integer(config.backup_count, "backup_count", 0, 6, "an integer from 0 to 6 (backups per partition)")
     check.integer(config.partitions, "partitions", 1, None, "an integer >= 1")
+    check.integer(config.split_brain_protection, "split_brain_protection", 0, None,
+                  "an integer >= 0: with N > 0, writes fail on a side of the cluster with fewer than N members "
+                  "(0: off)")
     if config.workers is not None:
         check.integer(config.workers, "workers", 1, None, "an integer >= 1, or leave it out for one per CPU")
     check.integer(config.task_processes, "task_processes", 0, 256,

@@ -33,7 +33,7 @@ from ..cluster.members import local_target
 from ..errors import GridError
 from ..net import messaging
 from .node import DataNode, Reply, Send
-from .store import Op, Record
+from .store import Op, Record, SplitBrainProtection, is_write
 
 log = logging.getLogger("grid.data")
 
@@ -44,8 +44,9 @@ _MEMBER_MESSAGES = ("data.rep", "data.ack", "data.snap", "data.snapped", "data.w
 class DataService:
     """The partitions member ``membership.me`` holds, served to proxies and replicated to its peers."""
 
-    def __init__(self, *, router, transport, membership, clock=time):
+    def __init__(self, *, router, transport, membership, split_brain_protection: int = 0, clock=time):
         self.me = membership.me
+        self._quorum = split_brain_protection
         self._transport = transport
         self._membership = membership
         self._clock = clock
@@ -201,6 +202,13 @@ class DataService:
         if not 0 <= partition < self.node.table.partitions:
             result.set_exception(GridError(f"partition {partition} is out of range (the table has "
                                            f"{self.node.table.partitions})"))
+            return
+        if self._quorum and is_write(op) and len(self._membership.members()) < self._quorum:
+            members = len(self._membership.members())
+            result.set_exception(SplitBrainProtection(
+                f"the write to {op.kind} {op.name!r} is refused: this side of the cluster has {members} "
+                f"member{'s' if members != 1 else ''}, and split_brain_protection asks for at least "
+                f"{self._quorum} (a network split, or members down; it goes on once they are back)"))
             return
         self._emit(self.node.on_op(result, partition, op))
 

@@ -33,6 +33,8 @@ import threading
 import uuid as uuid_module
 from typing import Any
 
+from ..errors import GridError
+
 MAP, QUEUE, COUNTER = "map", "queue", "counter"
 KINDS = (MAP, QUEUE, COUNTER)
 _CALL_IDS = 4096  # call ids (and their results) a replica remembers, the newest
@@ -96,6 +98,15 @@ _WRITES = {
     QUEUE: {"offer", "offer_all", "poll", "task_done", "clear"},
     COUNTER: {"set", "add_and_get", "get_and_add", "compare_and_set"},
 }
+
+
+def is_write(op: Op) -> bool:
+    """Whether ``op`` changes a structure (an unknown action counts as one: the store refuses it)."""
+    return op.action not in _READS.get(op.kind, ())
+
+
+class SplitBrainProtection(StoreError, GridError):
+    """A write on a side of the cluster with fewer members than ``split_brain_protection`` asks for."""
 
 
 class CallIds:
