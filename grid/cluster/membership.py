@@ -79,6 +79,9 @@ class Membership(Joiner):
                  partitions: int = 271, backup_count: int = 1):
         self.me = me
         self._shape = (partitions, backup_count)
+        # How often this member left the member list to join again: what it held of the data before
+        # is stale then (the cluster went on without it), and the data layer drops it.
+        self.epoch = 0
         self._told_shape: tuple | None = None  # a table shape unlike the config's, once warned of
         self.partition_table: PartitionTable = empty_table(partitions, backup_count)
         self.transport = transport
@@ -331,6 +334,7 @@ class Membership(Joiner):
 
     def _rejoin(self, target: tuple | None = None) -> None:
         """Leave the member list and join again; ``target``: the master of a cluster to merge into."""
+        self.epoch += 1  # first: the data layer drops what it held before it sees the next table
         self._merge_target = target
         self.listeners.emit_changes(self._members, [self.me], self.version, default=REMOVED)
         self._members = ()
@@ -433,6 +437,15 @@ class Membership(Joiner):
         gap = now - self._last_tick
         self._last_tick = now
         if gap > max(2 * self.heartbeat_interval, self.failure_timeout / 2):
+            if gap >= self.failure_timeout and self.state is State.MEMBER and len(self._members) > 1:
+                # The others heard nothing for failure_timeout: they removed this member and went
+                # on (a new master, a new table, writes it never saw). Carrying on with its old view,
+                # a paused master would claim the larger cluster, and the others would merge into it
+                # and its stale data. It joins again instead, as a newcomer.
+                log.warning("this member was paused or starved for %.1f s, past failure_timeout (%.1f s): the "
+                            "others have removed it; joining again", gap, self.failure_timeout)
+                self._rejoin()
+                return
             log.warning("this member was paused or starved for %.1f s; not blaming the others for it", gap)
             for uuid in self._last_heard:
                 self._last_heard[uuid] = now

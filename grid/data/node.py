@@ -169,6 +169,14 @@ class DataNode:
         self._snapped_at[partition, backup] = self._now
         return Send(backup, "data.snap", (partition, replica.snapshot()))
 
+    def abandon(self) -> list:
+        """This node's state is given up (its member rejoins): every waiting write is told to retry."""
+        out = [Reply(token, error=NotOwner(f"partition {write.partition}: its owner left the cluster before "
+                                           "the write was backed up", self.table.version))
+               for write in self._writes.values() for token in write.tokens]
+        self._writes.clear()
+        return out
+
     def tick(self, now: float) -> list:
         """Time passed (``now``, monotonic seconds): a record or snapshot unanswered for ``_RESEND``
         seconds goes again (a message the links lost; a backup skips what it holds already)."""

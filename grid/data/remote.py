@@ -33,6 +33,13 @@ _LONGEST_PAUSE = 0.1  # ... up to this
 _WAIT_SLICE = 5.0  # a change wait asks again this often, so an owner that lost the partition is left
 
 
+_LOOK = 0.1  # seconds between looks at the table while an answer is awaited
+
+
+class _Moved(Exception):
+    """The partition's owner changed while its answer was awaited."""
+
+
 class DataUnavailable(GridError):
     """No owner of a partition answered in time (the cluster has no data member, or is failing over)."""
 
@@ -206,10 +213,18 @@ class RemoteBackend:
                     if answer is None:
                         why = f"owner {owner[:8]} is not in the member list"
                     else:
+                        version = table.version
+                        # A newer table naming another owner ends the wait (a frozen owner never
+                        # answers): the op goes there, with its call id.
+                        moved = lambda: (self._table().version > version  # noqa: E731
+                                         and self._table().owner(partition) != owner)
                         return self._await(answer, answer_timeout if answer_timeout is not None else
-                                           max(0.1, deadline - self._clock.monotonic()))
+                                           max(0.1, deadline - self._clock.monotonic()), moved)
                 except NotOwner as exc:
                     why = str(exc)
+                except _Moved:
+                    why = f"owner {owner[:8]} no longer owns it"
+                    continue
                 except StoreError:
                     raise
                 except (GridError, OSError, TimeoutError) as exc:  # the link to the owner went, or it is slow
@@ -224,8 +239,12 @@ class RemoteBackend:
             self._pause(table.version, min(pause, remaining))
             pause = min(2 * pause, _LONGEST_PAUSE)
 
-    def _await(self, future: Future, timeout: float):
-        """``future.result()``, reading the lent links on this thread meanwhile (at most ``timeout``)."""
+    def _await(self, future: Future, timeout: float, moved=None):
+        """``future.result()``, reading the lent links on this thread meanwhile (at most ``timeout``).
+
+        Raises:
+            _Moved: ``moved()`` (looked at every _LOOK seconds) said to stop waiting.
+        """
         if future.done():
             return future.result()
         me = threading.get_ident()
@@ -242,7 +261,10 @@ class RemoteBackend:
                     break
                 # Alone, this thread reads everything; with others, one may take this one's answer
                 # (and signal one of the waiters, maybe not this one): look again soon.
-                self._reader.wait(remaining if self._waiting == 1 else min(remaining, 0.002))
+                alone = remaining if moved is None else min(remaining, _LOOK)
+                self._reader.wait(alone if self._waiting == 1 else min(remaining, 0.002))
+                if moved is not None and not future.done() and moved():
+                    raise _Moved()
             if not future.done():
                 return future.result(max(0.0, end - self._clock.monotonic()))
             return future.result()

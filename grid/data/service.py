@@ -52,6 +52,7 @@ class DataService:
         self._clock = clock
         table = membership.partitions()
         self.node = DataNode(self.me.uuid, table.partitions, table.backup_count)
+        self._epoch = getattr(membership, "epoch", 0)
         self._jobs: queue.SimpleQueue = queue.SimpleQueue()
         self._lock = threading.RLock()  # every call into the node, and the links' state
         self._links: dict[str, Future] = {}  # member uuid -> Future of the connection (data thread only)
@@ -192,9 +193,23 @@ class DataService:
 
     def _follow_table(self) -> None:
         table = self._membership.partitions()
+        epoch = getattr(self._membership, "epoch", 0)  # (read after the table: see Membership._rejoin)
+        if epoch != self._epoch:
+            self._epoch = epoch
+            self._drop_everything()
         if table.version > self.node.table.version:
             self._emit(self.node.take_table(table))
             self._wake_moved()
+
+    def _drop_everything(self) -> None:
+        """This member left the member list and joins again: the cluster went on without it, so
+        what it holds is stale (owning a partition again, it would hand out and snapshot old data)."""
+        old = self.node
+        log.warning("this member rejoins the cluster: dropping the %d partition replicas it held "
+                    "(the cluster kept their data)", len(old.replicas))
+        self.node = DataNode(self.me.uuid, old.table.partitions, old.table.backup_count)
+        self._emit(old.abandon())
+        self._wake_moved()
 
     def _op(self, result: Future, partition: int, op: Op) -> None:
         if not result.set_running_or_notify_cancel():
