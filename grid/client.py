@@ -31,7 +31,7 @@ from .compute.executor import ClusterExecutor
 from .compute.services import ServiceProxy
 from .errors import NotConnected, TransportError
 from .net import serialize
-from .peer import Peer
+from .peer import Peer, running_peer
 
 log = logging.getLogger("grid.client")
 
@@ -49,6 +49,7 @@ class Cluster:
         self._executor = None
         self._executor_lock = threading.Lock()
         self._data = None  # the RemoteBackend of the structures, made on first use
+        self._owns_peer = member
         if member:
             self._peer = Peer(config)
             self._peer.start(timeout)
@@ -57,6 +58,16 @@ class Cluster:
             self._peer = None
             self._link = ClusterLink(config, timeout=timeout)
         close_at_exit(self, self.close)
+
+    @classmethod
+    def around(cls, peer: Peer) -> Cluster:
+        """A member handle on ``peer``, a member already running in this process (closing the
+        handle leaves the member running)."""
+        handle = cls.__new__(cls)
+        handle.config, handle.is_member, handle._closed = peer.config, True, False
+        handle._executor, handle._executor_lock, handle._data = None, threading.Lock(), None
+        handle._owns_peer, handle._peer, handle._link = False, peer, None
+        return handle
 
     def members(self) -> list[Member]:
         """The current members, oldest (the master) first."""
@@ -280,7 +291,8 @@ class Cluster:
         if data is not None:
             data.close()
         if self._peer:
-            self._peer.close()
+            if self._owns_peer:
+                self._peer.close()
         else:
             self._link.close()
 
@@ -317,6 +329,7 @@ def connect(config=None, *, member: bool = False, timeout: float | None = None) 
 
 
 _default: Cluster | None = None
+_own_handle: Cluster | None = None  # in a member process: the member handle grid.cluster() returns
 _default_lock = threading.Lock()
 _open: dict = {}  # handle -> its close function; strong: an unreferenced handle still has threads
 _exit_hook_lock = threading.Lock()
@@ -356,12 +369,19 @@ def _close_all_at_exit() -> None:
 def cluster() -> Cluster:
     """The default cluster: the one the config lookup names (``GRID``, ./grid.toml,
     ~/.grid/grid.toml), connected on first use; with nothing configured, the private
-    embedded cluster of ``default_executor()``, started on first use.
+    embedded cluster of ``default_executor()``, started on first use. In a task on a member
+    (a process running a ``Peer``), that member's own handle.
 
     ``fmap``, ``run_all``, ``exec_all`` and the rest of the module-level functions run
     on this same cluster.
     """
-    global _default
+    global _default, _own_handle
+    peer = running_peer()
+    if peer is not None:  # in a task on a member: that member's own handle (its own keys: no hop)
+        with _default_lock:
+            if _own_handle is None or _own_handle._peer is not peer:
+                _own_handle = Cluster.around(peer)
+            return _own_handle
     with _default_lock:
         if _default is not None and not _default._closed:
             return _default

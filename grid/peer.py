@@ -33,6 +33,13 @@ from .net.transport import Transport
 
 log = logging.getLogger("grid.peer")
 
+_running = None  # the Peer of this process once it is in a cluster (grid.cluster() in a task is its handle)
+
+
+def running_peer():
+    """The ``Peer`` this process runs as a member, once started; None in a client."""
+    return _running
+
 
 class Peer:
     """One member of a cluster, running in this process.
@@ -149,6 +156,9 @@ class Peer:
         except BaseException:
             self.close(clean=False)
             raise
+        global _running
+        if _running is None:
+            _running = self
         return self
 
     def members(self):
@@ -178,6 +188,9 @@ class Peer:
         self.transport.close()
         if worker.current_member() is self.me:  # current_member() must not name a member that is gone
             worker.set_current_member(None)
+        global _running
+        if _running is self:
+            _running = None
         self._remove_socket_dir()
 
     def _remove_socket_dir(self) -> None:

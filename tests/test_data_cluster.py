@@ -266,3 +266,24 @@ def test_no_acknowledged_write_is_lost_to_a_fault_in_the_middle_of_writing(local
         assert client.get_counter("load").get() <= counted[0] + 1
     finally:
         client.close()
+
+
+def count_on_the_member(times: int):
+    handle = grid.cluster()
+    counter = handle.get_counter("from-tasks")
+    for _ in range(times):
+        counter.increment_and_get()
+    return handle.is_member, handle.get_map("seen-by").setdefault(grid.current_member().uuid, "yes")
+
+
+def test_in_a_task_grid_cluster_is_the_members_own_handle(tmp_path, monkeypatch):
+    """It was a new client connection from the member to its own cluster (or, with nothing
+    configured, another embedded cluster)."""
+    monkeypatch.delenv("GRID", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    with grid.GridExecutor(max_workers=2) as executor:
+        outcomes = [future.result(WAIT) for future in [executor.submit(count_on_the_member, 5) for _ in range(4)]]
+        assert all(is_member for is_member, _ in outcomes)
+        assert executor.cluster.get_counter("from-tasks").get() == 20
+        assert set(executor.cluster.get_map("seen-by").values()) == {"yes"}
