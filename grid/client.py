@@ -24,9 +24,10 @@ from .cluster.members import Member
 from .cluster.partitions import PartitionTable, partition_of
 from .code import livecode, patches
 from .data.counter import Counter
-from .data.dmap import DMap
+from .data.dmap import RESERVED_PREFIX, DMap
 from .data.dqueue import DQueue
 from .data.remote import RemoteBackend
+from .data.store import SplitBrainProtection
 from .compute.executor import ClusterExecutor
 from .compute.services import ServiceProxy
 from .errors import NotConnected, TransportError
@@ -34,6 +35,8 @@ from .net import serialize
 from .peer import Peer, running_peer
 
 log = logging.getLogger("grid.client")
+
+CATALOG = RESERVED_PREFIX + "catalog"  # the map of structure names to their kinds
 
 
 class Cluster:
@@ -49,6 +52,7 @@ class Cluster:
         self._executor = None
         self._executor_lock = threading.Lock()
         self._data = None  # the RemoteBackend of the structures, made on first use
+        self._claimed: dict[str, str] = {}  # structure names this handle saw in the catalog, and their kinds
         self._owns_peer = member
         if member:
             self._peer = Peer(config)
@@ -65,7 +69,7 @@ class Cluster:
         handle leaves the member running)."""
         handle = cls.__new__(cls)
         handle.config, handle.is_member, handle._closed = peer.config, True, False
-        handle._executor, handle._executor_lock, handle._data = None, threading.Lock(), None
+        handle._executor, handle._executor_lock, handle._data, handle._claimed = None, threading.Lock(), None, {}
         handle._owns_peer, handle._peer, handle._link = False, peer, None
         return handle
 
@@ -93,16 +97,50 @@ class Cluster:
     # -- distributed data -----------------------------------------------------------------------------
 
     def get_map(self, name: str) -> DMap:
-        """The distributed map ``name`` (a ``MutableMapping``), made on first write; see ``grid.data.dmap``."""
-        return DMap(name, self._data_backend())
+        """The distributed map ``name`` (a ``MutableMapping``); see ``grid.data.dmap``.
+
+        Raises:
+            TypeError: ``name`` is a structure of another kind (a queue, a counter).
+        """
+        structure = DMap(name, self._data_backend())
+        self._claim(name, "map")
+        return structure
 
     def get_queue(self, name: str, maxsize: int = 0) -> DQueue:
         """The distributed queue ``name``, with ``queue.Queue``'s methods and errors."""
-        return DQueue(name, self._data_backend(), maxsize)
+        structure = DQueue(name, self._data_backend(), maxsize)
+        self._claim(name, "queue")
+        return structure
 
     def get_counter(self, name: str) -> Counter:
         """The distributed counter ``name``: an int changed atomically, each change applied once."""
-        return Counter(name, self._data_backend())
+        structure = Counter(name, self._data_backend())
+        self._claim(name, "counter")
+        return structure
+
+    def objects(self) -> dict:
+        """``{name: kind}`` of every distributed structure made on this cluster (map, queue, counter)."""
+        return dict(self._catalog())
+
+    def _catalog(self) -> DMap:
+        return DMap(CATALOG, self._data_backend(), internal=True)
+
+    def _claim(self, name: str, kind: str) -> None:
+        """Note in the cluster's catalog that ``name`` is a ``kind`` (once), or refuse another kind."""
+        known = self._claimed.get(name)
+        if known is None:
+            catalog = self._catalog()
+            known = catalog.get(name)  # a read first: it answers on a side a split left too small
+            if known is None:
+                try:
+                    known = catalog.setdefault(name, kind)
+                except SplitBrainProtection:  # (its writes are refused there anyway; its reads answer)
+                    return
+            if known == kind:
+                self._claimed[name] = kind
+        if known != kind:
+            raise TypeError(f"{name!r} is a distributed {known} on this cluster, not a {kind}: open it "
+                            f"with get_{known}({name!r}), or pick another name")
 
     def is_safe(self, timeout: float = 5.0) -> bool:
         """True when every partition has its owner and every backup in sync with it, as far as every

@@ -25,14 +25,17 @@ from ..net import serialize
 from .store import MAP, CallIds, Op
 
 _MISSING = object()
+RESERVED_PREFIX = "__grid."  # names of grid's own maps (the catalog of structures)
 
 
 class DMap(MutableMapping):
     """A distributed map named ``name``; make one with ``cluster.get_map(name)``."""
 
-    def __init__(self, name: str, backend):
+    def __init__(self, name: str, backend, *, internal: bool = False):
         if not isinstance(name, str) or not name:
             raise TypeError(f"a map's name is a non-empty str, not {name!r}")
+        if name.startswith(RESERVED_PREFIX) and not internal:
+            raise ValueError(f"map names starting with {RESERVED_PREFIX!r} are grid's own; name it otherwise")
         self.name = name
         self._backend = backend
         self._calls = CallIds()
