@@ -123,8 +123,10 @@ class RemoteBackend:
         for owner, indexes, answer in asked:
             outcomes = None
             if answer is not None:
-                try:
-                    outcomes = self._await(answer, self._timeout)
+                try:  # (a newer table ends the wait: a frozen owner never answers; each op goes again)
+                    outcomes = self._await(answer, self._timeout, lambda: self._table().version > table.version)
+                except _Moved:
+                    pass
                 except (GridError, OSError, TimeoutError) as exc:
                     if isinstance(exc, GridError) and not _is_link_error(exc):
                         raise
