@@ -24,6 +24,7 @@ differs from any the old owner gave, so a waiter never sleeps through a change i
 from __future__ import annotations
 
 import logging
+import queue
 import threading
 import time
 from concurrent.futures import Future
@@ -52,10 +53,11 @@ class DataService:
         table = membership.partitions()
         self.node = DataNode(self.me.uuid, table.partitions, table.backup_count)
         self._epoch = getattr(membership, "epoch", 0)
-        self._stopping = threading.Event()
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
         self._lock = threading.RLock()  # every call into the node, and the links' state
         self._links: dict[str, Future] = {}  # member uuid -> Future of the connection (data thread only)
         self._outbox: dict[str, list] = {}  # member uuid -> messages waiting for its connection
+        self._outbox_lock = threading.Lock()
         self._held: dict[str, list] = {}  # uuid -> messages for a member the table names, not yet listed
         self._changes: dict[int, int] = {}  # partition -> writes that changed its data here
         self._waits: list = []  # (partition, seen mark, Future, deadline or None), parked
@@ -114,23 +116,28 @@ class DataService:
         partitions it owns and waits to receive, the backups it is sending snapshots to, and the
         writes waiting for their backups."""
         result: Future = Future()
-        with self._lock:
+
+        def job():
             node = self.node
-            result.set_result({"table": node.table.version,
-                               "held": {p: replica.seq for p, replica in node.replicas.items()},
-                               "wanting": sorted(node.wanting), "syncing": node.syncing_count,
-                               "pending": node.pending_writes})
+            if result.set_running_or_notify_cancel():
+                result.set_result({"table": node.table.version,
+                                   "held": {p: replica.seq for p, replica in node.replicas.items()},
+                                   "wanting": sorted(node.wanting), "syncing": node.syncing_count,
+                                   "pending": node.pending_writes})
+
+        with self._lock:
+            job()
         return result
 
     def close(self) -> None:
-        self._stopping.set()
+        self._jobs.put(None)
         if self._thread is not threading.current_thread():
             self._thread.join(5)
         for future in list(self._links.values()):
             if future.done() and future.exception() is None:
                 future.result().close("the data service stopped")
 
-    # -- handlers (IO thread) ---------------------------------------------------------------------------
+    # -- handlers (IO thread): queue a job ---------------------------------------------------------------
 
     def _on_op(self, conn, body) -> Future:
         partition, op = body
@@ -164,16 +171,25 @@ class DataService:
     # -- the data thread ---------------------------------------------------------------------------------
 
     def _run(self) -> None:
-        while not self._stopping.wait(_TICK):
+        while True:
+            try:
+                job = self._jobs.get(timeout=_TICK)
+            except queue.Empty:
+                job = ()
+            if job is None:
+                return
             try:
                 with self._lock:
                     self._follow_table()
+                    if job:
+                        fn, args = job
+                        fn(*args)
                     self._emit(self.node.tick(self._clock.monotonic()))
                     if self._held:
                         self._release_held()
                     self._expire_waits()
-            except Exception:  # a grid bug: the service goes on at the next tick
-                log.exception("the data service's periodic work failed")
+            except Exception:  # a grid bug: the service goes on with the next job
+                log.exception("the data service failed a job")
 
     def _follow_table(self) -> None:
         table = self._membership.partitions()
@@ -312,10 +328,11 @@ class DataService:
             else:
                 log.debug("no link to %s (not a member now): %s dropped", uuid[:8], message_type)
             return
-        waiting = self._outbox.get(uuid)
-        if waiting is not None:
-            waiting.append((message_type, body))
-            return
+        with self._outbox_lock:
+            waiting = self._outbox.get(uuid)
+            if waiting is not None:
+                waiting.append((message_type, body))
+                return
         try:
             messaging.send(future.result(), message_type, body)
         except GridError as exc:  # the link closed: what it carried is asked for again (a "want")
@@ -338,7 +355,8 @@ class DataService:
         member = next((m for m in self._membership.members() if m.uuid == uuid), None)
         if member is None:
             return None
-        self._outbox[uuid] = []
+        with self._outbox_lock:
+            self._outbox[uuid] = []
         future = self._links[uuid] = self._transport.connect(local_target(member))
         future.add_done_callback(lambda done: self._connected_locked(uuid, done))
         return future
@@ -348,7 +366,8 @@ class DataService:
             self._connected(uuid, future)
 
     def _connected(self, uuid: str, future: Future) -> None:
-        waiting = self._outbox.pop(uuid, [])
+        with self._outbox_lock:
+            waiting = self._outbox.pop(uuid, [])
         if future.exception() is not None:
             log.info("cannot reach member %s for data: %s", uuid[:8], future.exception())
             if self._links.get(uuid) is future:
