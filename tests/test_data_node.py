@@ -301,6 +301,49 @@ def test_a_partition_nobody_held_starts_empty_at_its_owner():
     assert net.read("a", 1, get()) == 0
 
 
+def test_a_rejoined_member_cannot_take_a_stale_copy_from_a_message_sent_before_it_paused():
+    """b, a's backup, froze with a's record (table 1) unread; the cluster went on without it (table 2:
+    a, c) and b rejoined with nothing (a new node). The old record reached the new b, which asked
+    for the partition ("want"), and a sent it a snapshot though b backed up nothing by its table.
+    Made owner by table 3, b then held that stale copy as if it had every write, and its snapshot
+    overwrote a's newer data (a pause test lost 153 acknowledged increments this way)."""
+    net = Net("a", "b", "c")
+    net.start(table(1, ("a", "b")))
+    token = net.op("a", 0, add(1, "w1"))
+    held = [(sender, message) for sender, message in net.queue if message.to == "b"]  # b reads it later
+    net.queue.clear()
+    del net.nodes["b"]
+    net.table(table(2, ("a", "c")))
+    net.deliver()
+    assert net.result(token) == 1
+    net.nodes["b"] = DataNode("b", PARTITIONS)  # b rejoins: a new node, with no table yet
+    net.queue += held
+    net.deliver()
+    for number in range(5):  # acknowledged after the old record reached b
+        token = net.op("a", 0, add(1, f"after{number}", 2))
+        net.deliver()
+        acknowledged = net.result(token)
+    net.table(table(3, ("b", "a")))
+    net.deliver()
+    assert net.read("b", 0, get(3)) == acknowledged == 6
+    assert net.nodes["a"].replicas[0].snapshot()["structures"] == net.nodes["b"].replicas[0].snapshot()["structures"]
+
+
+def test_a_write_in_flight_when_its_backup_leaves_waits_for_the_new_backup():
+    """a's record of w was on its way to b when b left; table 2 names c instead. The write was
+    answered at once (its only waiting backup was gone), held by a alone while c restored."""
+    net = Net("a", "b", "c")
+    net.start(table(1, ("a", "b")))
+    token = net.op("a", 0, add(4, "w"))
+    net.queue.clear()
+    del net.nodes["b"]
+    net.table(table(2, ("a", "c")))
+    assert token not in net.replies, "not before c holds it"
+    net.deliver()
+    assert net.result(token) == 4
+    assert net.nodes["c"].replicas[0].snapshot() == net.nodes["a"].replicas[0].snapshot()
+
+
 # -- any sequence of writes, lost messages and owners killed -------------------------------------------------------
 
 from hypothesis import given, settings  # noqa: E402

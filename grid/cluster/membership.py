@@ -334,12 +334,14 @@ class Membership(Joiner):
 
     def _rejoin(self, target: tuple | None = None) -> None:
         """Leave the member list and join again; ``target``: the master of a cluster to merge into."""
-        self.epoch += 1  # first: the data layer drops what it held before it sees the next table
+        # The table goes before the epoch moves: the data layer reads the epoch, the table, and the
+        # epoch again, so a table it takes with a new epoch is never the one from before.
+        self.partition_table = empty_table(*self._shape)  # the cluster it joins has its own
+        self.epoch += 1  # the data layer drops what it held before it sees the next table
         self._merge_target = target
         self.listeners.emit_changes(self._members, [self.me], self.version, default=REMOVED)
         self._members = ()
         self.version = 0
-        self.partition_table = empty_table(*self._shape)  # the cluster it joins has its own
         self._joined.clear()
         self._last_heard.clear()
         self._suspected.clear()

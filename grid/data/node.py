@@ -62,6 +62,7 @@ class Reply:
 
 
 _RESEND = 2.0  # seconds before a record or snapshot that got no answer is sent again
+_EARLY = 10_000  # records and snapshots of a table not got yet, kept (the oldest go beyond)
 
 
 @dataclasses.dataclass
@@ -85,6 +86,7 @@ class DataNode:
         self._write_ids = itertools.count(1)
         self._answered_none: dict[int, set] = {}  # partition wanted -> replicas that hold nothing of it
         self._early_wants: dict[tuple, int] = {}  # (sender, partition) -> its table, newer than this member's
+        self._early: list = []  # (version, message type, sender, body): records and snapshots of a newer table
         self._syncing: dict[int, set] = {}  # partition -> backups sent a snapshot, not yet restored
         self._snapped_at: dict[tuple, float] = {}  # (partition, backup) -> when its snapshot went
         self._now = 0.0  # the time of the last tick
@@ -156,12 +158,21 @@ class DataNode:
                     f"partition {write.partition} moved to another member before its write was backed up",
                     table.version)) for token in write.tokens]
                 continue
-            write.waiting &= set(row[1:])
+            # A backup that left no longer counts; a new one does: it restores a snapshot that holds the write.
+            write.waiting = (write.waiting & set(row[1:])) | self._syncing.get(write.partition, set())
             out += self._maybe_done(write_id)
         for (sender, partition), version in list(self._early_wants.items()):
             if version <= table.version:  # this member knows that table now: it can answer
                 del self._early_wants[sender, partition]
                 out += self.on_want(sender, partition, version)
+        early, self._early = self._early, []
+        for version, message_type, sender, body in early:
+            if version > table.version:
+                self._early.append((version, message_type, sender, body))
+            elif message_type == "data.rep":
+                out += self.on_replicate(sender, *body)
+            else:
+                out += self.on_snapshot(sender, *body)
         return out
 
     def _snapshot_to(self, backup: str, partition: int, replica: Replica) -> Send:
@@ -243,13 +254,14 @@ class DataNode:
         """A backup's answer to ``data.rep`` or ``data.snap``: "ok", "fenced" or "want"."""
         if answer == "want":  # it lacks what comes before: all of it, as a snapshot
             replica = self.replicas.get(partition)
-            if replica is None or self.table.owner(partition) != self.me:
-                return []
+            if replica is None or self.table.owner(partition) != self.me or sender not in self.table.backups(partition):
+                return []  # (not a backup by this table: a record sent before it left, read by it since)
             return [self._snapshot_to(sender, partition, replica)]
         out: list = []
         if answer == "fenced":  # it follows a newer table: this member no longer owns the partition
-            write = self._writes.pop(write_id, None)
-            if write is not None:
+            write = self._writes.get(write_id)
+            if write is not None and sender in write.waiting:
+                del self._writes[write_id]
                 out += [Reply(token, error=NotOwner(
                     f"partition {partition}: a backup follows a newer table than this member", self.table.version))
                     for token in write.tokens]
@@ -286,18 +298,28 @@ class DataNode:
     # -- a backup ------------------------------------------------------------------------------------------
 
     def _vouched(self, sender: str, partition: int, table_version: int, *, owner: bool) -> bool:
-        """Whether ``sender`` may send this partition's data here: by this member's table, it is the
-        owner (or, ``owner=False``, a replica) and this member a replica; or it knows a newer table
-        than this member (which only the cluster's master can have made: this member catches up)."""
-        if table_version > self.table.version:
-            return True
-        if table_version < self.table.version:
+        """Whether ``sender`` may send this partition's data here: by this member's table (the one
+        the message was sent by), it is the owner (or, ``owner=False``, a replica) and this member a replica."""
+        if table_version != self.table.version:
             return False
         row = self.table.replicas[partition] if self.table.replicas else ()
         return self.me in row and (row[0] == sender if owner else sender in row)
 
+    def _too_early(self, table_version: int, message_type: str, sender: str, body: tuple) -> bool:
+        """A record or snapshot sent by a table this member has not got yet: kept until it has
+        (judged by that table, not by this member's older one, nor trusted for being newer: a
+        member that rejoins starts with no table, and reads what was sent to it before it left)."""
+        if table_version <= self.table.version:
+            return False
+        if len(self._early) >= _EARLY:
+            self._early.pop(0)  # (its sender sends it again: see tick)
+        self._early.append((table_version, message_type, sender, body))
+        return True
+
     def on_replicate(self, sender: str, write_id: int, record: Record) -> list:
         """The owner's record of a write: applied in order, or refused saying why."""
+        if self._too_early(record.table_version, "data.rep", sender, (write_id, record)):
+            return []
         if not self._vouched(sender, record.partition, record.table_version, owner=True):
             return [Send(sender, "data.ack", (write_id, "fenced", record.partition))]
         replica = self.replicas.get(record.partition)
@@ -318,6 +340,8 @@ class DataNode:
         if partition in self._wanting:  # this member owns it and asked its replicas
             if not self._vouched(sender, partition, self.table.version, owner=False):
                 return []
+        elif self._too_early(snapshot["table_version"], "data.snap", sender, (partition, snapshot)):
+            return []
         elif not self._vouched(sender, partition, snapshot["table_version"], owner=True):
             return []
         replica = self.replicas[partition] = Replica.restore(snapshot)

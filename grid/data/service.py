@@ -192,8 +192,11 @@ class DataService:
                 log.exception("the data service failed a job")
 
     def _follow_table(self) -> None:
-        table = self._membership.partitions()
-        epoch = getattr(self._membership, "epoch", 0)  # (read after the table: see Membership._rejoin)
+        while True:  # a table and the epoch it belongs to (Membership._rejoin empties the table, then moves the epoch)
+            epoch = getattr(self._membership, "epoch", 0)
+            table = self._membership.partitions()
+            if getattr(self._membership, "epoch", 0) == epoch:
+                break
         if epoch != self._epoch:
             self._epoch = epoch
             self._drop_everything()
