@@ -12,6 +12,8 @@ import socket
 import subprocess
 import sys
 import textwrap
+import threading
+from concurrent.futures import Future
 
 import pytest
 
@@ -208,3 +210,37 @@ def test_two_clusters_merge_when_only_one_side_sees_the_other(tmp_path, who_sees
     finally:
         for peer in peers:
             peer.close()
+
+
+class _ProbeConn:
+    remote = ("127.0.0.1", 9)
+
+    def close(self, why: str) -> None:
+        pass
+
+
+@pytest.mark.parametrize("named", ["this master", "a master that is gone"])
+def test_a_member_the_master_removed_is_not_taken_for_another_cluster(tmp_path, named):
+    """A frozen member is removed; the master probes its address (still discovered) before it
+    notices, and it answers with its old view: a cluster of 3, whose master is this master (or
+    one that died meanwhile). The master took that for a larger cluster and merged into it, so
+    every member rejoined and dropped its data: a pause test lost 426 of 579 acknowledged puts."""
+    members_file = tmp_path / "members.txt"
+    members_file.write_text("")
+    peer = grid.Peer({"id": "stale", "secret": "m", "join": "tcp", "port": 0, "interface": "127.0.0.1",
+                      "join_timeout": 0.2, "members": {"path": str(members_file)}, **FAST}).start(10)
+    try:
+        membership = peer.membership
+        gone = ("127.0.0.1", 9)  # nothing listens there
+        master = list(peer.address) if named == "this master" else list(gone)
+        answered: Future = Future()
+        answered.set_result({"uuid": "removed-member", "address": ["127.0.0.1", 10], "state": "member",
+                             "master": master, "size": 3, "version": 7})
+        epoch, handled = membership.epoch, threading.Event()
+        membership._post(lambda: membership._merge_answer(_ProbeConn(), answered))
+        membership._post(handled.set)
+        assert handled.wait(10)
+        assert membership.epoch == epoch and peer.members() and peer.master().uuid == peer.uuid, \
+            "the master rejoined on a removed member's word"
+    finally:
+        peer.close()

@@ -554,7 +554,15 @@ class Membership(Joiner):
             return
         if any(m.uuid == other.get("uuid") for m in self._members):
             return
-        theirs = (-other["size"], tuple(other["master"]))
+        target = tuple(other["master"])
+        if target == self.me.address or any(m.address == target for m in self._members):
+            return  # a member this cluster removed (frozen, cut off) that has not noticed yet: it rejoins
+        if tuple(other.get("address") or ()) != target:
+            # Only a master speaks for its cluster: a member may answer from a view gone stale
+            # (removed while frozen, its master dead since). Its master is asked instead.
+            self._probe_other_cluster(target)
+            return
+        theirs = (-other["size"], target)
         ours = (-len(self._members), self.me.address)
         if theirs == ours:
             return
@@ -563,7 +571,6 @@ class Membership(Joiner):
             # may not see us at all (a missing registry entry, a one-way split).
             self._tell_to_merge(tuple(other["master"]))
             return
-        target = tuple(other["master"])
         log.warning("another cluster of %d members (master %s) found; this cluster of %d merges into it",
                     other["size"], format_address(target), len(self._members))
         self._send_to_others("merge", {"target": list(target)})
