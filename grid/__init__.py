@@ -40,11 +40,12 @@ from .errors import (
                      WorkerCrashed,
 )
 from .peer import Peer
+from . import aggregators  # noqa: E402 - grid.aggregators.count() and the rest
 
 __all__ = [
     "BrokenGrid", "Cluster", "CodeNotAllowed", "Config", "DataUnavailable", "GridError", "GridExecutor", "Member", "MembershipEvent",
     "PartitionTable", "Patch", "Peer", "RemoteError", "ServiceNotFound", "SomeMembersFailed", "SplitBrainProtection", "WorkerCrashed",
-    "cluster", "connect",
+    "aggregators", "cluster", "connect",
     "current_member", "default_executor", "deploy", "eval_all", "exec_all", "fmap", "load_all", "load_config",
     "partition_of", "run_all", "service", "ufmap",
 ]

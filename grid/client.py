@@ -23,6 +23,7 @@ from .cluster.link import ClusterLink
 from .cluster.members import Member
 from .cluster.partitions import PartitionTable, partition_of
 from .code import livecode, patches
+from .data import processing
 from .data.counter import Counter
 from .data.dmap import RESERVED_PREFIX, DMap
 from .data.dqueue import DQueue
@@ -30,7 +31,7 @@ from .data.remote import RemoteBackend
 from .data.store import SplitBrainProtection
 from .compute.executor import ClusterExecutor
 from .compute.services import ServiceProxy
-from .errors import NotConnected, TransportError
+from .errors import GridError, NotConnected, TransportError, WorkerCrashed
 from .net import serialize
 from .peer import Peer, running_peer
 
@@ -102,9 +103,13 @@ class Cluster:
         Raises:
             TypeError: ``name`` is a structure of another kind (a queue, a counter).
         """
-        structure = DMap(name, self._data_backend())
+        structure = DMap(name, self._data_backend(), runner=_ClusterRunner(self))
         self._claim(name, "map")
         return structure
+
+    def _map_here(self, name: str) -> DMap:
+        """A map on this handle, known to exist (a task's processor or query reads it here)."""
+        return DMap(name, self._data_backend(), internal=True, runner=_ClusterRunner(self))
 
     def get_queue(self, name: str, maxsize: int = 0) -> DQueue:
         """The distributed queue ``name``, with ``queue.Queue``'s methods and errors."""
@@ -348,6 +353,82 @@ class Cluster:
         role = "member" if self.is_member else "client"
         state = "closed" if self._closed else f"{len(self.members())} members"
         return f"<Cluster {self.config.id!r} {role}, {state}>"
+
+
+class _ClusterRunner:
+    """A map's processors and queries, run as tasks on the members that own its partitions
+    (``processing`` says what they do there). A task whose member died goes again, to the
+    partition's owner by the newer table; a processor's call ids make that a replay."""
+
+    _PATIENCE = 30.0  # seconds to keep trying while owners die and the table moves
+
+    def __init__(self, cluster: Cluster):
+        self._cluster = cluster
+
+    def on_key(self, dmap: DMap, key, fn, args: tuple, base: str):
+        deadline = time.monotonic() + self._PATIENCE
+        while True:
+            try:
+                future = self._cluster.executor().submit_to_key_owner(key, _key_task, dmap.name, key, fn, args, base)
+            except GridError as exc:  # no owner yet, or the table names a member the list does not have yet
+                self._pause(deadline, exc)
+                continue
+            try:
+                return future.result()
+            except WorkerCrashed as exc:  # (what fn raised is raised as it is)
+                self._pause(deadline, exc)
+
+    def on_partitions(self, dmap: DMap, job: tuple) -> dict:
+        deadline = time.monotonic() + self._PATIENCE
+        results: dict = {}
+        pending = set(range(dmap._backend.partitions))
+        while pending:
+            table = self._cluster.partitions()
+            by_owner: dict = {}
+            for partition in sorted(pending):
+                by_owner.setdefault(table.owner(partition) if table.replicas else None, []).append(partition)
+            if None in by_owner:
+                self._pause(deadline, GridError(f"no member owns partitions {by_owner[None][:5]}... yet (no data "
+                                                f"members in the table of version {table.version})"))
+                continue
+            executor = self._cluster.executor()
+            futures = []
+            for owner, partitions in by_owner.items():
+                try:
+                    futures.append(executor.submit_to_member(owner, _partitions_task, dmap.name, partitions, job))
+                except GridError:  # the table names a member the list does not have yet
+                    pass
+            failure = None
+            for future in futures:
+                try:
+                    answered = future.result()
+                except WorkerCrashed as exc:
+                    failure = exc
+                    continue
+                results.update(answered)
+                pending -= answered.keys()
+            if pending:
+                self._pause(deadline, failure or _NotYet(f"partitions {sorted(pending)[:5]} have no owner to ask"))
+        return results
+
+    @staticmethod
+    def _pause(deadline: float, exc: BaseException) -> None:
+        if time.monotonic() >= deadline:
+            raise exc
+        threading.Event().wait(0.05)
+
+
+class _NotYet(GridError):
+    """The partition table names an owner the member list does not have yet."""
+
+
+def _key_task(name: str, key, fn, args: tuple, base: str):  # on the key's owner
+    return processing.run_on_key(cluster()._map_here(name), key, fn, args, base)
+
+
+def _partitions_task(name: str, partitions: list, job: tuple) -> dict:  # on the partitions' owner
+    dmap = cluster()._map_here(name)
+    return {partition: processing.scan(dmap, partition, job) for partition in partitions}
 
 
 def connect(config=None, *, member: bool = False, timeout: float | None = None) -> Cluster:

@@ -310,3 +310,72 @@ def test_in_a_task_grid_cluster_is_the_members_own_handle(tmp_path, monkeypatch)
         assert all(is_member for is_member, _ in outcomes)
         assert executor.cluster.get_counter("from-tasks").get() == 20
         assert set(executor.cluster.get_map("seen-by").values()) == {"yes"}
+
+
+def add_to_entry(entry, delta):
+    entry.value = (entry.value or 0) + delta
+    return entry.value
+
+
+def test_processors_queries_and_aggregations_run_on_the_owners(local_cluster):
+    cluster = local_cluster(2)
+    client = cluster.connect()
+    try:
+        prices = client.get_map("prices")
+        prices.update({n: {"price": n, "shop": "north" if n % 2 else "south"} for n in range(100)})
+        table = client.partitions()
+        owner = table.owner(client.partition_of(7))
+        assert prices.execute_on_key(7, lambda entry: grid.current_member().uuid) == owner
+        assert client.executor().submit_to_key_owner(7, lambda: grid.current_member().uuid).result(WAIT) == owner
+
+        def raise_price(entry, by):
+            entry.value = dict(entry.value, price=entry.value["price"] + by)
+            return grid.current_member().uuid
+
+        ran_on = prices.execute_on_entries(raise_price, 1000, predicate=lambda key, value: value["shop"] == "north")
+        assert sorted(ran_on) == list(range(1, 100, 2))
+        assert all(uuid == table.owner(client.partition_of(key)) for key, uuid in ran_on.items()), "each on its owner"
+        assert prices[1]["price"] == 1001 and prices[2]["price"] == 2
+        assert prices.select(lambda key, value: value["price"] > 1090) == {
+            n: {"price": n + 1000, "shop": "north"} for n in range(91, 100, 2)}
+        assert prices.aggregate(grid.aggregators.count()) == 100
+        assert prices.aggregate(grid.aggregators.mean_of(lambda v: v["price"]), lambda key, value: value["shop"] == "south") \
+            == sum(range(0, 100, 2)) / 50
+        assert prices.aggregate(grid.aggregators.max_of(lambda v: v["price"])) == 1099
+    finally:
+        client.close()
+
+
+def test_a_processor_applies_once_through_a_kill_of_its_owner(local_cluster):
+    """Processors add 1 to one key while its owner is killed: a task on the dead member runs again
+    at the new owner with the same call ids, so the key ends at the number of calls answered."""
+    cluster = local_cluster(3, heartbeat_interval=0.2, failure_timeout=1.5)
+    client = cluster.connect()
+    answered, errors, stop = [0], [], threading.Event()
+    hits = client.get_map("hits")
+
+    def call():
+        while not stop.is_set():
+            try:
+                hits.execute_on_key("key", add_to_entry, 1)
+                answered[0] += 1
+            except Exception as exc:  # noqa: BLE001 - the test fails on it below
+                errors.append(exc)
+                return
+
+    caller = threading.Thread(target=call, name="test-processor-calls")
+    caller.start()
+    try:
+        wait_for(lambda: answered[0] >= 30 or errors, WAIT)
+        owner = client.partitions().owner(client.partition_of("key"))
+        victim = next(index for index, peer in enumerate(cluster.peers) if peer.uuid == owner)
+        cluster.kill(victim)
+        wait_for(lambda: len(client.members()) == 2, WAIT)
+        done = answered[0]
+        wait_for(lambda: answered[0] >= done + 30 or errors, WAIT)
+    finally:
+        stop.set()
+        caller.join(WAIT + 10)
+    assert not errors, errors[:3]
+    assert hits["key"] == answered[0]
+    client.close()

@@ -48,6 +48,7 @@ from typing import Protocol
 
 from ..cluster.config import Config
 from ..cluster.members import local_target
+from ..cluster.partitions import partition_of
 from ..errors import BrokenGrid, GridError, NotConnected, ServiceNotFound, WorkerCrashed
 from ..net import messaging, serialize
 from ..net.address import format_address
@@ -67,6 +68,8 @@ class MemberList(Protocol):
     config: Config
 
     def members(self) -> list: ...
+
+    def partitions(self): ...  # the partition table (PartitionTable)
 
     def add_membership_listener(self, listener) -> None: ...
 
@@ -365,6 +368,24 @@ class ClusterExecutor(Dispatcher, concurrent.futures.Executor):
         The Future fails with ``WorkerCrashed`` if that member dies or leaves first.
         """
         return self.submit_task(fn, CALL, args, kwargs, self._resolve_member(member).uuid)
+
+    def submit_to_key_owner(self, key, fn, /, *args, **kwargs) -> Future:
+        """Run ``fn(*args, **kwargs)`` on the member that owns ``key``'s partition (by the table now),
+        where ``grid.cluster().get_map(name)[key]`` reads without a hop.
+
+        The Future fails with ``WorkerCrashed`` if that member dies or leaves first.
+
+        Raises:
+            TypeError: ``key`` cannot be a key (a set or dict in it, or it cannot be pickled).
+            GridError: no member holds data (every member is ``data = false``, or none joined yet).
+        """
+        table = self._cluster.partitions()
+        partition = partition_of(key, table.partitions)
+        owner = table.owner(partition) if table.replicas else None
+        if owner is None:
+            raise GridError(f"no member owns partition {partition} yet (no data members in the table of version "
+                            f"{table.version}): start a member with data = true, or use submit()")
+        return self.submit_task(fn, CALL, args, kwargs, self._resolve_member(owner).uuid)
 
     def submit_to_all(self, fn, /, *args, **kwargs) -> dict:
         """Run ``fn(*args, **kwargs)`` once on every current member; returns ``{member: Future}``."""

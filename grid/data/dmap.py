@@ -22,6 +22,7 @@ from collections.abc import ItemsView, Iterable, Mapping, MutableMapping, Values
 
 from ..cluster.partitions import key_bytes, partition_of_bytes
 from ..net import serialize
+from . import processing
 from .store import MAP, CallIds, Op
 
 _MISSING = object()
@@ -31,7 +32,7 @@ RESERVED_PREFIX = "__grid."  # names of grid's own maps (the catalog of structur
 class DMap(MutableMapping):
     """A distributed map named ``name``; make one with ``cluster.get_map(name)``."""
 
-    def __init__(self, name: str, backend, *, internal: bool = False):
+    def __init__(self, name: str, backend, *, internal: bool = False, runner=None):
         if not isinstance(name, str) or not name:
             raise TypeError(f"a map's name is a non-empty str, not {name!r}")
         if name.startswith(RESERVED_PREFIX) and not internal:
@@ -39,6 +40,7 @@ class DMap(MutableMapping):
         self.name = name
         self._backend = backend
         self._calls = CallIds()
+        self._runner = runner if runner is not None else processing.LocalRunner()  # where processors run
 
     def __repr__(self) -> str:
         return f"<DMap {self.name!r}>"
@@ -49,11 +51,13 @@ class DMap(MutableMapping):
         hash(key)  # dict's rule: a mutable key raises TypeError ("unhashable type: 'list'")
         return key_bytes(key)
 
-    def _run(self, key_data: bytes, action: str, *args, write: bool = False):
-        return self._at(partition_of_bytes(key_data, self._backend.partitions), action, (key_data, *args), write)
+    def _run(self, key_data: bytes, action: str, *args, write: bool = False, call_id: str | None = None):
+        return self._at(partition_of_bytes(key_data, self._backend.partitions), action, (key_data, *args), write,
+                        call_id)
 
-    def _at(self, partition: int, action: str, args: tuple, write: bool):
-        call_id = self._calls.next() if write else None
+    def _at(self, partition: int, action: str, args: tuple, write: bool, call_id: str | None = None):
+        if call_id is None and write:
+            call_id = self._calls.next()
         return self._backend.execute(partition, Op(MAP, self.name, action, args, call_id))
 
     def _many(self, requests, write: bool) -> list:
@@ -200,6 +204,55 @@ class DMap(MutableMapping):
             for data, value in entries.items():
                 found[originals[data]] = pickle.loads(value)
         return found
+
+    # -- code at the data ------------------------------------------------------------------------------
+
+    def execute_on_key(self, key, fn, /, *args):
+        """Run ``fn(entry, *args)`` on the member that owns ``key``, atomically for that key, and
+        return its result. ``entry.key``, ``entry.value`` (None if absent), ``entry.exists``; set
+        ``entry.value`` to store a value, ``del entry.value`` to remove the entry: the change is
+        written (and backed up) only if no other write to the key came meanwhile, else ``fn`` runs
+        again on the new value. So ``fn`` may run more than once: keep it a function of the entry.
+        """
+        self._key(key)  # a bad key fails here, not on a member
+        self._check_callable(fn, "execute_on_key")
+        return self._runner.on_key(self, key, fn, args, self._calls.next())
+
+    def execute_on_entries(self, fn, /, *args, predicate=None) -> dict:
+        """``execute_on_key`` for every entry (``predicate(key, value)`` true), in parallel on the
+        owners; returns ``{key: fn's result}``."""
+        self._check_callable(fn, "execute_on_entries")
+        processing.check_predicate(predicate)
+        return self._combined(self._runner.on_partitions(self, ("process", fn, args, predicate, self._calls.next())))
+
+    def select(self, predicate) -> dict:
+        """``{key: value}`` of the entries for which ``predicate(key, value)`` is true, filtered on
+        the members in parallel (only the matches travel)."""
+        processing.check_predicate(predicate)
+        if predicate is None:
+            raise TypeError("select takes a predicate(key, value); for every entry use dict(map)")
+        return self._combined(self._runner.on_partitions(self, ("select", predicate)))
+
+    def aggregate(self, aggregator, predicate=None):
+        """Fold the entries (``predicate(key, value)`` true, or all) with ``aggregator``: one of
+        ``grid.aggregators`` (count, sum_of, min_of, max_of, mean_of, distinct) or a ``(map,
+        combine)`` pair, run on the members in parallel (one piece per partition travels)."""
+        aggregator = processing.as_aggregator(aggregator)
+        processing.check_predicate(predicate)
+        pieces = self._runner.on_partitions(self, ("aggregate", aggregator, predicate))
+        return aggregator.result(pieces[partition] for partition in sorted(pieces))
+
+    @staticmethod
+    def _check_callable(fn, what: str) -> None:
+        if not callable(fn):
+            raise TypeError(f"{what} takes a function fn(entry, *args), not {fn!r:.80}")
+
+    @staticmethod
+    def _combined(by_partition: dict) -> dict:
+        combined: dict = {}
+        for part in by_partition.values():
+            combined.update(part)
+        return combined
 
 
 class _ItemsView(ItemsView):
