@@ -97,13 +97,20 @@ class Cluster:
 
     # -- distributed data -----------------------------------------------------------------------------
 
-    def get_map(self, name: str) -> DMap:
+    def get_map(self, name: str, *, ttl=None, max_idle=None, max_size=None) -> DMap:
         """The distributed map ``name`` (a ``MutableMapping``); see ``grid.data.dmap``.
+
+        ``ttl``: seconds an entry lives after its write; ``max_idle``: seconds it lives after its
+        last read or write; ``max_size``: entries the map keeps, the least recently used going
+        first (each owner keeps its share). They apply to this handle's writes: open the map with
+        the same ones wherever it is written.
 
         Raises:
             TypeError: ``name`` is a structure of another kind (a queue, a counter).
+            ValueError: a limit that is not a positive number (or None).
         """
-        structure = DMap(name, self._data_backend(), runner=_ClusterRunner(self))
+        structure = DMap(name, self._data_backend(), ttl=ttl, max_idle=max_idle, max_size=max_size,
+                         runner=_ClusterRunner(self))
         self._claim(name, "map")
         return structure
 

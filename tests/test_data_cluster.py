@@ -379,3 +379,32 @@ def test_a_processor_applies_once_through_a_kill_of_its_owner(local_cluster):
     assert not errors, errors[:3]
     assert hits["key"] == answered[0]
     client.close()
+
+
+def test_ttl_and_max_size_hold_on_a_cluster(local_cluster):
+    cluster = local_cluster(2)
+    client = cluster.connect()
+    try:
+        sessions = client.get_map("sessions", ttl=0.5)
+        sessions["short"] = 1
+        sessions.put("long", 2, ttl=600)
+        wait_for(lambda: "short" not in sessions, WAIT)
+        assert dict(sessions) == {"long": 2}
+        # The owner's sweep removed it from the owner and the backup (it is not just hidden).
+        wait_for(lambda: sum(size for _, name, size in _structure_sizes(client) if name == "sessions") == 2, WAIT)
+
+        cache = client.get_map("cache", max_size=50)
+        for key in range(500):
+            cache[key] = key
+        assert 40 <= len(cache) <= 52, "each owner keeps its share of 50"
+        assert all(key in cache for key in range(480, 500)), "the least recently used went, not the newest"
+    finally:
+        client.close()
+
+
+def _structure_sizes(client):
+    """(member, name, size) of each map's part held on each member (owner and backup copies)."""
+    sizes = []
+    for uuid, state in client._data_backend().states(WAIT).items():
+        sizes += [(uuid, name, size) for name, size in state.get("sizes", {}).items()]
+    return sizes

@@ -36,6 +36,8 @@ class Net:
     def take(self, sender: str, out: list) -> None:
         for item in out:
             if isinstance(item, Reply):
+                if item.token is None:  # the node's own write (an expiry, an eviction)
+                    continue
                 assert item.token not in self.replies, "a call is answered once"
                 self.replies[item.token] = item
             else:

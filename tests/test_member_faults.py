@@ -201,6 +201,24 @@ def test_every_message_type_answers_a_request_with_a_malformed_body(one_member):
     still_works(executor)
 
 
+def test_a_data_op_with_bad_limits_is_refused_and_the_link_stays(one_member):
+    """An Op's limits are computed with on the IO thread (now + ttl): a ttl that is not a number
+    used to be found only there."""
+    from grid.data.node import NotOwner
+    from grid.data.store import MAP, Op
+
+    cluster, raw, executor = one_member
+    conn = raw.connect()
+    for bad in (("soon", None, None), (None, None, -1), "ttl", (1, 2)):
+        op = Op(MAP, "m", "set", (b"k", b"v"), "call", 0, bad)
+        with pytest.raises(GridError, match="'data.op' body"):
+            messaging.request(conn, "data.op", (0, op)).result(RESULT_TIMEOUT)
+    assert conn.is_open
+    good = Op(MAP, "m", "set", (b"k", b"v"), "call", 0, (60, None, None))
+    with pytest.raises(NotOwner):  # (well-formed: routed by an old table, so answered with the newer one)
+        messaging.request(conn, "data.op", (0, good)).result(RESULT_TIMEOUT)
+
+
 # -- poison tasks --------------------------------------------------------------------------------------------------
 
 

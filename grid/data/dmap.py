@@ -23,16 +23,18 @@ from collections.abc import ItemsView, Iterable, Mapping, MutableMapping, Values
 from ..cluster.partitions import key_bytes, partition_of_bytes
 from ..net import serialize
 from . import processing
-from .store import MAP, CallIds, Op
+from .store import MAP, CallIds, Op, limits
 
 _MISSING = object()
+_SETS = frozenset({"put", "set", "put_if_absent", "replace", "replace_if_same", "put_all"})  # writes that set values
 RESERVED_PREFIX = "__grid."  # names of grid's own maps (the catalog of structures)
 
 
 class DMap(MutableMapping):
     """A distributed map named ``name``; make one with ``cluster.get_map(name)``."""
 
-    def __init__(self, name: str, backend, *, internal: bool = False, runner=None):
+    def __init__(self, name: str, backend, *, ttl=None, max_idle=None, max_size=None, internal: bool = False,
+                 runner=None):
         if not isinstance(name, str) or not name:
             raise TypeError(f"a map's name is a non-empty str, not {name!r}")
         if name.startswith(RESERVED_PREFIX) and not internal:
@@ -41,6 +43,8 @@ class DMap(MutableMapping):
         self._backend = backend
         self._calls = CallIds()
         self._runner = runner if runner is not None else processing.LocalRunner()  # where processors run
+        checked = limits(ttl, max_idle, max_size)
+        self._limits = checked if any(value is not None for value in checked) else ()
 
     def __repr__(self) -> str:
         return f"<DMap {self.name!r}>"
@@ -51,19 +55,28 @@ class DMap(MutableMapping):
         hash(key)  # dict's rule: a mutable key raises TypeError ("unhashable type: 'list'")
         return key_bytes(key)
 
-    def _run(self, key_data: bytes, action: str, *args, write: bool = False, call_id: str | None = None):
+    def _run(self, key_data: bytes, action: str, *args, write: bool = False, call_id: str | None = None,
+             ttl=None):
         return self._at(partition_of_bytes(key_data, self._backend.partitions), action, (key_data, *args), write,
-                        call_id)
+                        call_id, ttl)
 
-    def _at(self, partition: int, action: str, args: tuple, write: bool, call_id: str | None = None):
+    def _at(self, partition: int, action: str, args: tuple, write: bool, call_id: str | None = None, ttl=None):
         if call_id is None and write:
             call_id = self._calls.next()
-        return self._backend.execute(partition, Op(MAP, self.name, action, args, call_id))
+        return self._backend.execute(partition, Op(MAP, self.name, action, args, call_id, 0, self._limits_for(action, ttl)))
+
+    def _limits_for(self, action: str, ttl) -> tuple:
+        if action not in _SETS:
+            return ()
+        if ttl is None:
+            return self._limits
+        return limits(ttl, *(self._limits or (None, None, None))[1:])
 
     def _many(self, requests, write: bool) -> list:
         """``[(partition, action, args)]``' results, in order: sent together (one message per owner)."""
         return self._backend.execute_many([(partition, Op(MAP, self.name, action, args,
-                                                           self._calls.next() if write else None))
+                                                           self._calls.next() if write else None, 0,
+                                                           self._limits_for(action, None)))
                                            for partition, action, args in requests])
 
     def _everywhere(self, action: str, write: bool = False) -> list:
@@ -156,17 +169,18 @@ class DMap(MutableMapping):
 
     # -- beyond dict -----------------------------------------------------------------------------------
 
-    def put(self, key, value):
-        """Set ``key`` to ``value``; returns the old value (None if there was none)."""
-        return self._value(self._run(self._key(key), "put", self._dumps(value), write=True))
+    def put(self, key, value, ttl=None):
+        """Set ``key`` to ``value``; returns the old value (None if there was none). ``ttl``: seconds
+        this entry lives (instead of the map's ttl)."""
+        return self._value(self._run(self._key(key), "put", self._dumps(value), write=True, ttl=ttl))
 
-    def set(self, key, value) -> None:
+    def set(self, key, value, ttl=None) -> None:
         """Set ``key`` to ``value``, returning nothing (cheaper than ``put``: the old value stays there)."""
-        self[key] = value
+        self._run(self._key(key), "set", self._dumps(value), write=True, ttl=ttl)
 
-    def put_if_absent(self, key, value):
+    def put_if_absent(self, key, value, ttl=None):
         """Set ``key`` only if absent; returns the value already there, or None if it was set."""
-        return self._value(self._run(self._key(key), "put_if_absent", self._dumps(value), write=True))
+        return self._value(self._run(self._key(key), "put_if_absent", self._dumps(value), write=True, ttl=ttl))
 
     def replace(self, key, value):
         """Set ``key`` only if present; returns the old value, or None (nothing set)."""

@@ -30,7 +30,7 @@ import itertools
 from typing import Any
 
 from ..cluster.partitions import PartitionTable, empty_table
-from .store import Fenced, Op, OutOfOrder, Record, Replica, StoreError
+from .store import _SWEEP, MAP, Fenced, Op, OutOfOrder, Record, Replica, StoreError, over_capacity
 
 
 class NotOwner(StoreError):
@@ -90,6 +90,7 @@ class DataNode:
         self._syncing: dict[int, set] = {}  # partition -> backups sent a snapshot, not yet restored
         self._snapped_at: dict[tuple, float] = {}  # (partition, backup) -> when its snapshot went
         self._now = 0.0  # the time of the last tick
+        self._swept_at = 0.0
 
     @property
     def wanting(self) -> set:
@@ -202,6 +203,29 @@ class DataNode:
             for backup in list(backups):
                 if replica is not None and now - self._snapped_at.get((partition, backup), now) >= _RESEND:
                     out.append(self._snapshot_to(backup, partition, replica))
+        if now - self._swept_at >= _SWEEP:
+            self._swept_at = now
+            out += self._sweep()
+        return out
+
+    def _owned(self) -> dict:
+        return {partition: replica for partition, replica in self.replicas.items()
+                if self.table.owner(partition) == self.me and partition not in self._wanting}
+
+    def _sweep(self) -> list:
+        """Entries whose ttl or max_idle is up go, as writes of this owner (backed up, and seen by
+        listeners as "expired"); their calls answer nobody (token None)."""
+        out: list = []
+        for partition, replica in self._owned().items():
+            for name, keys in replica.due().items():
+                out += self.on_op(None, partition, Op(MAP, name, "expire", (keys,), None, self.table.version))
+        return out
+
+    def _evict(self, op: Op) -> list:
+        """After a write to a map with a max_size: its least recently used entries over this owner's share go."""
+        out: list = []
+        for partition, key in over_capacity(self._owned().values(), op.name, op.limits[2], self.table.partitions):
+            out += self.on_op(None, partition, Op(MAP, op.name, "evict", ((key,),), None, self.table.version))
         return out
 
     def _found_nothing(self, partition: int) -> None:
@@ -243,12 +267,13 @@ class DataNode:
             barrier = Record(partition, 0, self.table.version, op.call_id, outcome.result, ())
             self._writes[write_id] = _Write([token], partition, barrier, set(syncing), self._now)
             return []
+        evicted = self._evict(op) if op.limits and op.limits[2] and outcome.record is not None else []
         if outcome.record is None or not backups:
             changed = outcome.record is not None and bool(outcome.record.effects)
-            return [Reply(token, outcome.result, partition=partition, changed=changed)]
+            return [Reply(token, outcome.result, partition=partition, changed=changed)] + evicted
         write_id = next(self._write_ids)
         self._writes[write_id] = _Write([token], partition, outcome.record, set(backups), self._now)
-        return [Send(uuid, "data.rep", (write_id, outcome.record)) for uuid in backups]
+        return [Send(uuid, "data.rep", (write_id, outcome.record)) for uuid in backups] + evicted
 
     def on_ack(self, sender: str, write_id: int, answer: str, partition: int) -> list:
         """A backup's answer to ``data.rep`` or ``data.snap``: "ok", "fenced" or "want"."""

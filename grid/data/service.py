@@ -33,12 +33,23 @@ from ..cluster.members import local_target
 from ..errors import GridError
 from ..net import messaging
 from .node import DataNode, Reply, Send
-from .store import Op, Record, SplitBrainProtection, is_write
+from .store import Op, Record, SplitBrainProtection, is_write, limits
 
 log = logging.getLogger("grid.data")
 
 _TICK = 0.05  # seconds between looks at the table (and expired waits) when nothing else happens
 _MEMBER_MESSAGES = ("data.rep", "data.ack", "data.snap", "data.snapped", "data.want", "data.none")
+
+
+def _well_formed(op) -> bool:
+    if not isinstance(op, Op) or type(op.limits) is not tuple or len(op.limits) not in (0, 3):
+        return False
+    if op.limits:
+        try:
+            limits(*op.limits)
+        except (TypeError, ValueError):
+            return False
+    return True
 
 
 class DataService:
@@ -123,11 +134,20 @@ class DataService:
                 result.set_result({"table": node.table.version,
                                    "held": {p: replica.seq for p, replica in node.replicas.items()},
                                    "wanting": sorted(node.wanting), "syncing": node.syncing_count,
-                                   "pending": node.pending_writes})
+                                   "pending": node.pending_writes, "sizes": self._sizes()})
 
         with self._lock:
             job()
         return result
+
+    def _sizes(self) -> dict:
+        """``{map name: entries}`` held here, as owner and as backup (expired ones until swept)."""
+        sizes: dict = {}
+        for replica in self.node.replicas.values():
+            for kind, name, size in replica.structures():
+                if kind == "map":
+                    sizes[name] = sizes.get(name, 0) + size
+        return sizes
 
     def close(self) -> None:
         self._jobs.put(None)
@@ -141,13 +161,13 @@ class DataService:
 
     def _on_op(self, conn, body) -> Future:
         partition, op = body
-        if type(partition) is not int or not isinstance(op, Op):
+        if type(partition) is not int or not _well_formed(op):
             raise GridError(f"a 'data.op' body is (partition, Op), not {messaging.shorten(body)}")
         return self.submit(partition, op)
 
     def _on_ops(self, conn, body) -> Future:
         items = list(body)
-        if not all(type(item) is tuple and len(item) == 2 and type(item[0]) is int and isinstance(item[1], Op)
+        if not all(type(item) is tuple and len(item) == 2 and type(item[0]) is int and _well_formed(item[1])
                    for item in items):
             raise GridError(f"a 'data.ops' body is [(partition, Op)], not {messaging.shorten(body)}")
         return self.submit_many(items)
@@ -266,7 +286,7 @@ class DataService:
             self._changes[reply.partition] = self._changes.get(reply.partition, 0) + 1
             self._wake(reply.partition)
         token = reply.token
-        if token.done():
+        if token is None or token.done():  # (None: the node's own write, an expiry or an eviction)
             return
         if reply.error is not None:
             token.set_exception(reply.error)

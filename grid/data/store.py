@@ -29,7 +29,9 @@ from __future__ import annotations
 import collections
 import dataclasses
 import itertools
+import heapq
 import threading
+import time
 import uuid as uuid_module
 from typing import Any
 
@@ -67,6 +69,7 @@ class Op:
     args: tuple = ()
     call_id: str | None = None  # for writes: a retried call carries the same one
     table_version: int = 0
+    limits: tuple = ()  # a map's writes: (ttl, max_idle, max_size), see limits(); () for none
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,6 +90,21 @@ class Outcome:
     record: Record | None  # None for a read, or a write that changed nothing and needs no backup
 
 
+def limits(ttl=None, max_idle=None, max_size=None) -> tuple:
+    """A map's ``(ttl, max_idle, max_size)``, checked: seconds an entry lives after its write,
+    seconds it lives after its last read or write, and how many entries the map keeps (the
+    least recently used go first); None for no limit. (A plain tuple: it travels in every write.)"""
+    for what, value in (("ttl", ttl), ("max_idle", max_idle)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0):
+            raise ValueError(f"{what} is a number of seconds above 0, or None for none, not {value!r}")
+    if max_size is not None and (isinstance(max_size, bool) or not isinstance(max_size, int) or max_size < 1):
+        raise ValueError(f"max_size is an int of 1 or more, or None for none, not {max_size!r}")
+    return (ttl, max_idle, max_size)
+
+
+_NO_LIMITS = (None, None, None)
+_SWEEP = 0.5  # seconds between an owner's looks for entries whose time is up
+
 _READS = {
     MAP: {"get", "contains", "size", "keys", "entries", "get_all"},
     QUEUE: {"size", "peek", "unfinished"},
@@ -94,7 +112,7 @@ _READS = {
 }
 _WRITES = {
     MAP: {"put", "set", "put_if_absent", "replace", "replace_if_same", "remove", "remove_if_same", "delete",
-          "put_all", "clear"},
+          "put_all", "clear", "expire", "evict"},
     QUEUE: {"offer", "offer_all", "poll", "task_done", "clear"},
     COUNTER: {"set", "add_and_get", "get_and_add", "compare_and_set"},
 }
@@ -125,19 +143,31 @@ class LocalBackend:
     """Every partition's replica in this process, one op at a time: the structures' backend for tests
     and one-process use (any thread may use it); the cluster's backend routes ops to owners."""
 
-    def __init__(self, partitions: int):
+    def __init__(self, partitions: int, clock=time.time):
         self.partitions = partitions
+        self._clock = clock  # wall-clock seconds (entries' ttl and max_idle)
         self._replicas: dict[int, Replica] = {}
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)  # notified when a write changes some partition's data
         self._changes: dict[int, int] = {}  # per partition: the writes that changed its data
+        self._swept_at = 0.0
 
     def execute(self, partition: int, op: Op):
         with self._lock:
             replica = self._replicas.get(partition)
             if replica is None:
-                replica = self._replicas[partition] = Replica(partition)
+                replica = self._replicas[partition] = Replica(partition, self._clock)
             outcome = replica.execute(op)
+            if op.limits and op.limits[2] and outcome.record is not None:
+                for partition_, key in over_capacity(self._replicas.values(), op.name, op.limits[2], self.partitions,
+                                                     owned=self.partitions):
+                    self._replicas[partition_].execute(Op(MAP, op.name, "evict", ((key,),)))
+            now = self._clock()
+            if now - self._swept_at >= _SWEEP:
+                self._swept_at = now
+                for swept in self._replicas.values():
+                    for name, keys in swept.due().items():
+                        swept.execute(Op(MAP, name, "expire", (keys,)))
             # Not every record: a write with a call id makes one even when it changed nothing (an empty
             # poll), and counting those would wake a blocked poller with its own failed try.
             if outcome.record is not None and outcome.record.effects:
@@ -171,14 +201,25 @@ class LocalBackend:
 
 
 class Replica:
-    """One partition's data on this member: its structures, how far its records go, recent call ids."""
+    """One partition's data on this member: its structures, how far its records go, recent call ids.
 
-    def __init__(self, partition: int):
+    A map entry written with a ttl or max_idle has its times in ``_meta`` (replicated: the write's
+    wall-clock time, so a promoted backup expires it when the owner would have); its last use is
+    in ``_touched``, kept by the owner only (a new owner starts every idle clock when it takes the
+    partition: an entry may live longer after a failover, never shorter). An entry whose time is
+    up reads as absent at once, and the owner's sweep removes it (an "expire" write, backed up).
+    """
+
+    def __init__(self, partition: int, clock=time.time):
         self.partition = partition
         self.seq = 0  # records applied (as owner, or replicated)
         self.table_version = 0  # the newest table this replica knows of: older senders are fenced
         self._structures: dict[tuple[str, str], Any] = {}
         self._calls: collections.OrderedDict[str, Any] = collections.OrderedDict()
+        self._clock = clock
+        self._meta: dict[str, dict] = {}  # map name -> {key: (expires at or None, max_idle or None, written at)}
+        self._touched: dict[str, collections.OrderedDict] = {}  # map name -> {key: last use}, oldest first
+        self._idle_since = clock()  # idle clocks start no earlier than this replica
 
     # -- the table ---------------------------------------------------------------------------------
 
@@ -211,6 +252,7 @@ class Replica:
             raise StoreError(f"a {op.kind} has no operation {op.action!r} (it has: {', '.join(known)})")
         if op.call_id is not None and op.call_id in self._calls:
             return Outcome(self._calls[op.call_id], None)  # a retry: applied once already
+        self._limits = op.limits or _NO_LIMITS
         result, effects = getattr(self, f"_{op.kind}_{op.action}")(op.name, *op.args)
         if not effects and op.call_id is None:
             return Outcome(result, None)
@@ -260,7 +302,8 @@ class Replica:
             else:
                 structures.append((kind, name, value))
         return {"partition": self.partition, "seq": self.seq, "table_version": self.table_version,
-                "structures": structures, "calls": list(self._calls.items())}
+                "structures": structures, "calls": list(self._calls.items()),
+                "meta": {name: dict(meta) for name, meta in self._meta.items() if meta}}
 
     @classmethod
     def restore(cls, snapshot: dict) -> Replica:
@@ -276,7 +319,40 @@ class Replica:
             else:
                 replica._structures[kind, name] = value
         replica._calls.update(snapshot["calls"])
+        replica._meta = {name: dict(meta) for name, meta in snapshot.get("meta", {}).items()}
         return replica
+
+    # -- expiry and eviction (the owner) --------------------------------------------------------------------
+
+    def _alive(self, name: str, key: bytes, now: float) -> bool:
+        meta = self._meta.get(name)
+        times = meta.get(key) if meta else None
+        if times is None:
+            return True
+        expires_at, max_idle, written_at = times
+        if expires_at is not None and now >= expires_at:
+            return False
+        if max_idle is not None:
+            touched = self._touched.get(name)
+            last = max(written_at, self._idle_since, touched.get(key, 0.0) if touched else 0.0)
+            if now - last >= max_idle:
+                return False
+        return True
+
+    def _touch(self, name: str, key: bytes) -> None:
+        touched = self._touched.get(name)
+        if touched is not None:
+            touched[key] = self._clock()
+            touched.move_to_end(key)
+
+    def due(self) -> dict:
+        """``{map name: [keys]}`` whose time is up (the owner writes an "expire" for them)."""
+        now = self._clock()
+        return {name: keys for name, meta in self._meta.items()
+                if (keys := [key for key in meta if not self._alive(name, key, now)])}
+
+    def map_size(self, name: str) -> int:
+        return len(self._structures.get((MAP, name)) or ())
 
     def structures(self) -> list[tuple[str, str, int]]:
         """``(kind, name, size)`` of each structure here (a counter's size is 1)."""
@@ -294,6 +370,8 @@ class Replica:
         action, args = op.action, op.args
         if op.kind == MAP:
             entries = value or {}
+            if self._meta.get(op.name) or self._touched.get(op.name) is not None:
+                return self._read_timed(op.name, entries, action, args)
             if action == "get":
                 return entries.get(args[0])
             if action == "contains":
@@ -314,47 +392,100 @@ class Replica:
             return queue["unfinished"]
         return value or 0  # a counter's get
 
+    def _read_timed(self, name: str, entries: dict, action: str, args: tuple):
+        """A read of a map with times: an entry whose time is up is absent; a read entry is used."""
+        now = self._clock()
+        if name in self._meta:  # (a promoted owner has no uses yet: they start with its first read)
+            self._touched.setdefault(name, collections.OrderedDict())
+        if action in ("get", "contains"):
+            key = args[0]
+            if key not in entries or not self._alive(name, key, now):
+                return None if action == "get" else False
+            self._touch(name, key)
+            return entries[key] if action == "get" else True
+        if action == "get_all":
+            found = {key: entries[key] for key in args[0] if key in entries and self._alive(name, key, now)}
+            for key in found:
+                self._touch(name, key)
+            return found
+        live = [key for key in entries if self._alive(name, key, now)]
+        if action == "size":
+            return len(live)
+        if action == "keys":
+            return live
+        return [(key, entries[key]) for key in live]  # entries
+
     # -- map writes: (result, effects) -----------------------------------------------------------------
 
-    def _entries(self, name: str) -> dict:
-        return self._structures.get((MAP, name)) or {}
+    def _get(self, name: str, key: bytes):
+        """The value of ``key`` in map ``name`` (None if absent, or its time is up)."""
+        entries = self._structures.get((MAP, name))
+        value = entries.get(key) if entries else None
+        if value is not None and self._meta.get(name) and not self._alive(name, key, self._clock()):
+            return None
+        return value
+
+    def _set(self, name: str, key: bytes, value: bytes) -> list:
+        """The effects of setting ``key``: the value, and its times when the map's limits give it some."""
+        ttl, max_idle, max_size = self._limits
+        if max_idle is not None or max_size is not None:
+            self._touched.setdefault(name, collections.OrderedDict())
+            self._touch(name, key)
+        if ttl is None and max_idle is None:
+            return [(MAP, name, "set", (key, value))]
+        now = self._clock()
+        return [(MAP, name, "set", (key, value)),
+                (MAP, name, "meta", (key, None if ttl is None else now + ttl, max_idle, now))]
 
     def _map_put(self, name, key, value):
-        return self._entries(name).get(key), [(MAP, name, "set", (key, value))]
+        return self._get(name, key), self._set(name, key, value)
 
     def _map_set(self, name, key, value):
-        return None, [(MAP, name, "set", (key, value))]
+        return None, self._set(name, key, value)
 
     def _map_put_if_absent(self, name, key, value):
-        old = self._entries(name).get(key)
-        return old, ([] if old is not None else [(MAP, name, "set", (key, value))])
+        old = self._get(name, key)
+        return old, ([] if old is not None else self._set(name, key, value))
 
     def _map_replace(self, name, key, value):
-        old = self._entries(name).get(key)
-        return old, ([] if old is None else [(MAP, name, "set", (key, value))])
+        old = self._get(name, key)
+        return old, ([] if old is None else self._set(name, key, value))
 
     def _map_replace_if_same(self, name, key, expected, value):
-        same = self._entries(name).get(key) == expected
-        return same, ([(MAP, name, "set", (key, value))] if same else [])
+        same = self._get(name, key) == expected
+        return same, (self._set(name, key, value) if same else [])
 
     def _map_remove(self, name, key):
-        old = self._entries(name).get(key)
+        old = self._get(name, key)
         return old, ([] if old is None else [(MAP, name, "del", (key,))])
 
     def _map_remove_if_same(self, name, key, expected):
-        same = key in self._entries(name) and self._entries(name)[key] == expected
+        same = self._get(name, key) == expected and expected is not None
         return same, ([(MAP, name, "del", (key,))] if same else [])
 
     def _map_delete(self, name, key):
-        present = key in self._entries(name)
+        present = self._get(name, key) is not None
         return present, ([(MAP, name, "del", (key,))] if present else [])
 
     def _map_put_all(self, name, pairs):
-        return None, [(MAP, name, "set", (key, value)) for key, value in pairs]
+        return None, [effect for key, value in pairs for effect in self._set(name, key, value)]
 
     def _map_clear(self, name):
-        count = len(self._entries(name))
+        count = self.map_size(name)
         return count, ([(MAP, name, "clear", ())] if count else [])
+
+    def _map_expire(self, name, keys):
+        """The owner's sweep: the entries of ``keys`` whose time is still up go (as "expired")."""
+        now = self._clock()
+        entries = self._structures.get((MAP, name)) or {}
+        gone = [key for key in keys if key in entries and not self._alive(name, key, now)]
+        return len(gone), [(MAP, name, "expire", (key,)) for key in gone]
+
+    def _map_evict(self, name, keys):
+        """Over its max_size: the least recently used entries go (as "evicted")."""
+        entries = self._structures.get((MAP, name)) or {}
+        gone = [key for key in keys if key in entries]
+        return len(gone), [(MAP, name, "evict", (key,)) for key in gone]
 
     # -- queue writes ------------------------------------------------------------------------------------
 
@@ -416,6 +547,13 @@ class Replica:
 
 def _effect_set(replica: Replica, kind, name, key, value) -> None:
     replica._structures.setdefault((kind, name), {})[key] = value
+    meta = replica._meta.get(name)
+    if meta:  # a write without times drops the old ones (a "meta" effect after it sets new ones)
+        meta.pop(key, None)
+
+
+def _effect_meta(replica: Replica, kind, name, key, expires_at, max_idle, written_at) -> None:
+    replica._meta.setdefault(name, {})[key] = (expires_at, max_idle, written_at)
 
 
 def _effect_del(replica: Replica, kind, name, key) -> None:
@@ -424,10 +562,22 @@ def _effect_del(replica: Replica, kind, name, key) -> None:
         entries.pop(key, None)
         if not entries:
             del replica._structures[kind, name]
+    meta = replica._meta.get(name)
+    if meta is not None:
+        meta.pop(key, None)
+        if not meta:
+            del replica._meta[name]
+    touched = replica._touched.get(name)
+    if touched is not None:
+        touched.pop(key, None)
 
 
 def _effect_clear(replica: Replica, kind, name) -> None:
     replica._structures.pop((kind, name), None)
+    replica._meta.pop(name, None)
+    touched = replica._touched.get(name)
+    if touched is not None:
+        touched.clear()
 
 
 def _queue_state(replica: Replica, name) -> dict:
@@ -454,5 +604,50 @@ def _effect_value(replica: Replica, kind, name, value) -> None:
     replica._structures[kind, name] = value
 
 
-_EFFECTS = {"set": _effect_set, "del": _effect_del, "clear": _effect_clear, "push": _effect_push,
-            "pop": _effect_pop, "unfinished": _effect_unfinished, "value": _effect_value}
+_EFFECTS = {"set": _effect_set, "meta": _effect_meta, "del": _effect_del, "expire": _effect_del,
+            "evict": _effect_del, "clear": _effect_clear, "push": _effect_push, "pop": _effect_pop,
+            "unfinished": _effect_unfinished, "value": _effect_value}
+
+
+def over_capacity(replicas, name: str, max_size: int, partitions: int, owned: int | None = None) -> list:
+    """``[(partition, key)]`` to evict so that map ``name`` keeps its share of ``max_size`` in
+    ``replicas`` (the partitions one owner holds, ``owned`` of all ``partitions``: its share is
+    ``max_size`` times their part, rounded up), least recently used first."""
+    replicas = list(replicas)
+    share = max(1, -(-max_size * (len(replicas) if owned is None else owned) // partitions))
+    extra = sum(replica.map_size(name) for replica in replicas) - share
+    if extra <= 0:
+        return []
+    chosen = []
+    heads = []
+    for replica in replicas:
+        if replica.map_size(name):
+            ordered = _least_used_first(replica, name)
+            heads.append((ordered, replica.partition))
+    # Merge the replicas' orders, oldest use first, until enough are chosen.
+    heap = []
+    for ordered, partition in heads:
+        first = next(ordered, None)
+        if first is not None:
+            heap.append((first[0], partition, first[1], ordered))
+    heapq.heapify(heap)
+    while heap and len(chosen) < extra:
+        at, partition, key, ordered = heapq.heappop(heap)
+        chosen.append((partition, key))
+        following = next(ordered, None)
+        if following is not None:
+            heapq.heappush(heap, (following[0], partition, following[1], ordered))
+    return chosen
+
+
+def _least_used_first(replica: Replica, name: str):
+    entries = replica._structures.get((MAP, name)) or {}
+    touched = replica._touched.setdefault(name, collections.OrderedDict())
+    if len(touched) < len(entries):  # entries not used since this replica took them: before any use
+        for key in entries:
+            if key not in touched:
+                touched[key] = replica._idle_since
+                touched.move_to_end(key, last=False)
+    for key, at in touched.items():
+        if key in entries:
+            yield at, key
