@@ -28,6 +28,7 @@ from .cluster.partitions import PartitionTable, partition_of
 from .code.patches import Patch
 from .compute.services import service
 from .compute.worker import current_member
+from .data.events import EntryEvent
 from .data.remote import DataUnavailable
 from .data.store import SplitBrainProtection
 from .errors import (
@@ -43,7 +44,7 @@ from .peer import Peer
 from . import aggregators  # noqa: E402 - grid.aggregators.count() and the rest
 
 __all__ = [
-    "BrokenGrid", "Cluster", "CodeNotAllowed", "Config", "DataUnavailable", "GridError", "GridExecutor", "Member", "MembershipEvent",
+    "BrokenGrid", "Cluster", "CodeNotAllowed", "Config", "DataUnavailable", "EntryEvent", "GridError", "GridExecutor", "Member", "MembershipEvent",
     "PartitionTable", "Patch", "Peer", "RemoteError", "ServiceNotFound", "SomeMembersFailed", "SplitBrainProtection", "WorkerCrashed",
     "aggregators", "cluster", "connect",
     "current_member", "default_executor", "deploy", "eval_all", "exec_all", "fmap", "load_all", "load_config",

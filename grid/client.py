@@ -27,6 +27,7 @@ from .data import processing
 from .data.counter import Counter
 from .data.dmap import RESERVED_PREFIX, DMap
 from .data.dqueue import DQueue
+from .data.events import EventHub
 from .data.remote import RemoteBackend
 from .data.store import SplitBrainProtection
 from .compute.executor import ClusterExecutor
@@ -53,6 +54,8 @@ class Cluster:
         self._executor = None
         self._executor_lock = threading.Lock()
         self._data = None  # the RemoteBackend of the structures, made on first use
+        self._events = None  # its entry listeners (_HandleEvents), made on first use
+        self._near_maps: dict[str, DMap] = {}  # maps with a near cache: one per name (each has a listener)
         self._claimed: dict[str, str] = {}  # structure names this handle saw in the catalog, and their kinds
         self._owns_peer = member
         if member:
@@ -71,6 +74,7 @@ class Cluster:
         handle = cls.__new__(cls)
         handle.config, handle.is_member, handle._closed = peer.config, True, False
         handle._executor, handle._executor_lock, handle._data, handle._claimed = None, threading.Lock(), None, {}
+        handle._events, handle._near_maps = None, {}
         handle._owns_peer, handle._peer, handle._link = False, peer, None
         return handle
 
@@ -97,9 +101,11 @@ class Cluster:
 
     # -- distributed data -----------------------------------------------------------------------------
 
-    def get_map(self, name: str, *, ttl=None, max_idle=None, max_size=None) -> DMap:
+    def get_map(self, name: str, *, near_cache=False, ttl=None, max_idle=None, max_size=None) -> DMap:
         """The distributed map ``name`` (a ``MutableMapping``); see ``grid.data.dmap``.
 
+        ``near_cache``: keep the entries this handle reads (True, or how many: 10,000 by default),
+        dropped when their owners say they changed; this handle always reads its own writes.
         ``ttl``: seconds an entry lives after its write; ``max_idle``: seconds it lives after its
         last read or write; ``max_size``: entries the map keeps, the least recently used going
         first (each owner keeps its share). They apply to this handle's writes: open the map with
@@ -109,14 +115,34 @@ class Cluster:
             TypeError: ``name`` is a structure of another kind (a queue, a counter).
             ValueError: a limit that is not a positive number (or None).
         """
+        if near_cache:
+            with self._executor_lock:
+                known = self._near_maps.get(name)
+            if known is not None:
+                return known
         structure = DMap(name, self._data_backend(), ttl=ttl, max_idle=max_idle, max_size=max_size,
-                         runner=_ClusterRunner(self))
+                         near_cache=near_cache, runner=_ClusterRunner(self), events=self._event_hub)
         self._claim(name, "map")
+        if near_cache:
+            with self._executor_lock:
+                structure = self._near_maps.setdefault(name, structure)
         return structure
 
     def _map_here(self, name: str) -> DMap:
         """A map on this handle, known to exist (a task's processor or query reads it here)."""
-        return DMap(name, self._data_backend(), internal=True, runner=_ClusterRunner(self))
+        return DMap(name, self._data_backend(), internal=True, runner=_ClusterRunner(self), events=self._event_hub)
+
+    def _event_hub(self):
+        self._check_open()
+        with self._executor_lock:
+            if self._events is None:
+                if self._peer is not None:
+                    self._events = _HandleEvents(self._peer.event_hub(), owned=False)
+                else:
+                    link = self._link
+                    self._events = _HandleEvents(EventHub(transport=link.transport, router=link.router,
+                                                          members=lambda: link.members), owned=True)
+            return self._events
 
     def get_queue(self, name: str, maxsize: int = 0) -> DQueue:
         """The distributed queue ``name``, with ``queue.Queue``'s methods and errors."""
@@ -336,8 +362,11 @@ class Cluster:
         with self._executor_lock:
             executor, self._executor = self._executor, None
             data, self._data = self._data, None
+            events, self._events = self._events, None
         if executor is not None:
             executor.shutdown(wait=True)
+        if events is not None:
+            events.close()
         if data is not None:
             data.close()
         if self._peer:
@@ -360,6 +389,37 @@ class Cluster:
         role = "member" if self.is_member else "client"
         state = "closed" if self._closed else f"{len(self.members())} members"
         return f"<Cluster {self.config.id!r} {role}, {state}>"
+
+
+class _HandleEvents:
+    """A handle's view of an EventHub: the listeners it added go when it closes (a member's hub
+    outlives the handles on it)."""
+
+    def __init__(self, hub: EventHub, *, owned: bool):
+        self._hub, self._owned = hub, owned
+        self._ids: set[str] = set()
+        self._gaps: list = []
+
+    def add(self, name, fn, key, predicate, include_value) -> str:
+        listener_id = self._hub.add(name, fn, key, predicate, include_value)
+        self._ids.add(listener_id)
+        return listener_id
+
+    def remove(self, listener_id: str) -> bool:
+        self._ids.discard(listener_id)
+        return self._hub.remove(listener_id)
+
+    def on_gap(self, callback) -> None:
+        self._gaps.append(callback)
+        self._hub.on_gap(callback)
+
+    def close(self) -> None:
+        if self._owned:
+            self._hub.close()
+            return
+        for listener_id in list(self._ids):
+            self._hub.remove(listener_id)
+        self._hub.forget_gaps(self._gaps)
 
 
 class _ClusterRunner:

@@ -10,6 +10,7 @@ import importlib
 import logging
 import os
 import shutil
+import threading
 import socket
 import time
 import uuid as uuid_module
@@ -23,6 +24,7 @@ from .code.livecode import CodeService
 from .compute import services, worker
 from .compute.taskproc import TaskProcess
 from .compute.worker import TaskRunner
+from .data.events import EventHub
 from .data.service import DataService
 from .errors import ConfigError, TransportError
 from .net import messaging
@@ -33,6 +35,7 @@ from .net.transport import Transport
 
 log = logging.getLogger("grid.peer")
 
+_hub_lock = threading.Lock()
 _running = None  # the Peer of this process once it is in a cluster (grid.cluster() in a task is its handle)
 
 
@@ -183,6 +186,8 @@ class Peer:
         self.code.close()
         self.console.close()
         self.tasks.close()
+        if getattr(self, "_events", None) is not None:
+            self._events.close()
         if self.data is not None:
             self.data.close()
         self.transport.close()
@@ -192,6 +197,14 @@ class Peer:
         if _running is self:
             _running = None
         self._remove_socket_dir()
+
+    def event_hub(self) -> EventHub:
+        """The entry listeners of this process's handles on this member (made on first use)."""
+        with _hub_lock:
+            if getattr(self, "_events", None) is None:
+                self._events = EventHub(transport=self.transport, router=self.router,
+                                        members=self.membership.members, local=self.data)
+            return self._events
 
     def _remove_socket_dir(self) -> None:
         if getattr(self, "_socket_dir", None):

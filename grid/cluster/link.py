@@ -86,6 +86,11 @@ class ClusterLink:
         """The link's transport: more links to members (the data proxies' to owners) are made with it."""
         return self._transport
 
+    @property
+    def router(self):
+        """The handlers of what members send on this link's transport (a data member's entry events)."""
+        return self._router
+
     def _candidates(self) -> list:
         known = [m.address for m in self.members]
         return known + [address for address in self._discovery.candidates() if address not in known]

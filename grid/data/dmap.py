@@ -18,14 +18,23 @@ missing key (``del``, ``pop``, ``popitem`` on an empty map), TypeError for an un
 from __future__ import annotations
 
 import pickle
+import threading
 from collections.abc import ItemsView, Iterable, Mapping, MutableMapping, ValuesView
 
 from ..cluster.partitions import key_bytes, partition_of_bytes
 from ..net import serialize
 from . import processing
-from .store import MAP, CallIds, Op, limits
+from .events import local_hub
+from .store import _WRITES, MAP, CallIds, Op, limits
 
 _MISSING = object()
+NEAR_CACHE_SIZE = 10_000  # entries a near cache keeps by default (the oldest kept go first)
+
+
+def is_map_write(action: str) -> bool:
+    return action in _WRITES[MAP]
+
+
 _SETS = frozenset({"put", "set", "put_if_absent", "replace", "replace_if_same", "put_all"})  # writes that set values
 RESERVED_PREFIX = "__grid."  # names of grid's own maps (the catalog of structures)
 
@@ -33,8 +42,8 @@ RESERVED_PREFIX = "__grid."  # names of grid's own maps (the catalog of structur
 class DMap(MutableMapping):
     """A distributed map named ``name``; make one with ``cluster.get_map(name)``."""
 
-    def __init__(self, name: str, backend, *, ttl=None, max_idle=None, max_size=None, internal: bool = False,
-                 runner=None):
+    def __init__(self, name: str, backend, *, ttl=None, max_idle=None, max_size=None, near_cache=False,
+                 internal: bool = False, runner=None, events=None):
         if not isinstance(name, str) or not name:
             raise TypeError(f"a map's name is a non-empty str, not {name!r}")
         if name.startswith(RESERVED_PREFIX) and not internal:
@@ -45,6 +54,16 @@ class DMap(MutableMapping):
         self._runner = runner if runner is not None else processing.LocalRunner()  # where processors run
         checked = limits(ttl, max_idle, max_size)
         self._limits = checked if any(value is not None for value in checked) else ()
+        self._events = events if events is not None else (lambda: local_hub(backend))  # -> the EventHub
+        self._near: NearCache | None = None
+        if near_cache:
+            if isinstance(near_cache, bool) or not isinstance(near_cache, int) or near_cache < 1:
+                if near_cache is not True:
+                    raise ValueError(f"near_cache is True, or the entries it keeps (an int of 1 or more), not {near_cache!r}")
+            self._near = NearCache(NEAR_CACHE_SIZE if near_cache is True else near_cache)
+            hub = self._events()
+            hub.on_gap(self._near.clear)
+            hub.add(name, self._near.on_event, None, None, False)
 
     def __repr__(self) -> str:
         return f"<DMap {self.name!r}>"
@@ -61,9 +80,23 @@ class DMap(MutableMapping):
                         call_id, ttl)
 
     def _at(self, partition: int, action: str, args: tuple, write: bool, call_id: str | None = None, ttl=None):
-        if call_id is None and write:
+        near = self._near
+        if near is not None and action == "get":
+            data = near.get(args[0])
+            if data is not None:
+                return data
+            seen = near.generation
+            data = self._backend.execute(partition, Op(MAP, self.name, action, args))
+            near.keep(args[0], data, seen)
+            return data
+        if call_id is None and is_map_write(action):
             call_id = self._calls.next()
-        return self._backend.execute(partition, Op(MAP, self.name, action, args, call_id, 0, self._limits_for(action, ttl)))
+        try:
+            return self._backend.execute(partition, Op(MAP, self.name, action, args, call_id, 0,
+                                                       self._limits_for(action, ttl)))
+        finally:
+            if near is not None and is_map_write(action):
+                near.forget_written(action, args)
 
     def _limits_for(self, action: str, ttl) -> tuple:
         if action not in _SETS:
@@ -74,10 +107,15 @@ class DMap(MutableMapping):
 
     def _many(self, requests, write: bool) -> list:
         """``[(partition, action, args)]``' results, in order: sent together (one message per owner)."""
-        return self._backend.execute_many([(partition, Op(MAP, self.name, action, args,
-                                                           self._calls.next() if write else None, 0,
-                                                           self._limits_for(action, None)))
-                                           for partition, action, args in requests])
+        try:
+            return self._backend.execute_many([(partition, Op(MAP, self.name, action, args,
+                                                               self._calls.next() if write else None, 0,
+                                                               self._limits_for(action, None)))
+                                               for partition, action, args in requests])
+        finally:
+            if self._near is not None and write:
+                for _, action, args in requests:
+                    self._near.forget_written(action, args)
 
     def _everywhere(self, action: str, write: bool = False) -> list:
         return self._many([(partition, action, ()) for partition in range(self._backend.partitions)], write)
@@ -219,6 +257,29 @@ class DMap(MutableMapping):
                 found[originals[data]] = pickle.loads(value)
         return found
 
+    # -- listeners and the near cache ------------------------------------------------------------------
+
+    def add_entry_listener(self, fn, key=None, predicate=None, include_value: bool = True) -> str:
+        """Call ``fn(event)`` for each change of an entry (of ``key`` only, or those for which
+        ``predicate(key, value)`` is true); returns the listener's id. ``event`` is a
+        ``grid.EntryEvent``: ``kind`` ("added", "updated", "removed", "expired", "evicted",
+        "cleared"), ``key``, ``value`` (added and updated, with ``include_value``), ``map_name``.
+        Events of one key come in the order of its writes, on one thread ("grid-events"); the
+        listener is registered on every data member before this returns."""
+        if not callable(fn):
+            raise TypeError(f"add_entry_listener takes a function fn(event), not {fn!r:.80}")
+        processing.check_predicate(predicate)
+        return self._events().add(self.name, fn, None if key is None else self._key(key), predicate,
+                                  bool(include_value))
+
+    def remove_entry_listener(self, listener_id: str) -> bool:
+        """Stop the listener ``listener_id``; False if there was none."""
+        return self._events().remove(listener_id)
+
+    def stats(self) -> dict:
+        """This handle's near cache: ``{"near_cache": {"entries", "hits", "misses"}}`` (empty without one)."""
+        return {} if self._near is None else {"near_cache": self._near.stats()}
+
     # -- code at the data ------------------------------------------------------------------------------
 
     def execute_on_key(self, key, fn, /, *args):
@@ -267,6 +328,63 @@ class DMap(MutableMapping):
         for part in by_partition.values():
             combined.update(part)
         return combined
+
+
+class NearCache:
+    """A map's entries as this client last read them (values pickled), dropped when their owner
+    says they changed, when this client writes them, and all at once when events may have been
+    missed. A read kept only if nothing was dropped while it was on its way (``generation``)."""
+
+    def __init__(self, size: int):
+        self.size = size
+        self._entries: dict[bytes, bytes] = {}
+        self._lock = threading.Lock()
+        self.generation = 0
+        self.hits = self.misses = 0
+
+    def get(self, key: bytes):
+        data = self._entries.get(key)
+        if data is None:
+            self.misses += 1
+        else:
+            self.hits += 1
+        return data
+
+    def keep(self, key: bytes, data, seen: int) -> None:
+        if data is None:
+            return
+        with self._lock:
+            if self.generation != seen:
+                return
+            if len(self._entries) >= self.size and key not in self._entries:
+                self._entries.pop(next(iter(self._entries)))
+            self._entries[key] = data
+
+    def forget(self, key: bytes | None) -> None:
+        with self._lock:
+            self.generation += 1
+            if key is None:
+                self._entries.clear()
+            else:
+                self._entries.pop(key, None)
+
+    def clear(self) -> None:
+        self.forget(None)
+
+    def forget_written(self, action: str, args: tuple) -> None:
+        if action == "clear" or not args:
+            self.forget(None)
+        elif action == "put_all":
+            for key, _ in args[0]:
+                self.forget(key)
+        else:
+            self.forget(args[0])
+
+    def on_event(self, event) -> None:
+        self.forget(None if event.key is None else key_bytes(event.key))
+
+    def stats(self) -> dict:
+        return {"entries": len(self._entries), "hits": self.hits, "misses": self.misses}
 
 
 class _ItemsView(ItemsView):

@@ -59,6 +59,7 @@ class Reply:
     error: BaseException | None = None
     partition: int = -1
     changed: bool = False  # a write that changed the partition's data (waiters for a change wake)
+    effects: tuple = ()  # an acknowledged write's effects (on its first reply only: its listeners' events)
 
 
 _RESEND = 2.0  # seconds before a record or snapshot that got no answer is sent again
@@ -269,8 +270,8 @@ class DataNode:
             return []
         evicted = self._evict(op) if op.limits and op.limits[2] and outcome.record is not None else []
         if outcome.record is None or not backups:
-            changed = outcome.record is not None and bool(outcome.record.effects)
-            return [Reply(token, outcome.result, partition=partition, changed=changed)] + evicted
+            effects = outcome.record.effects if outcome.record is not None else ()
+            return [Reply(token, outcome.result, partition=partition, changed=bool(effects), effects=effects)] + evicted
         write_id = next(self._write_ids)
         self._writes[write_id] = _Write([token], partition, outcome.record, set(backups), self._now)
         return [Send(uuid, "data.rep", (write_id, outcome.record)) for uuid in backups] + evicted
@@ -318,7 +319,8 @@ class DataNode:
             return []
         del self._writes[write_id]
         changed = bool(write.record.effects)
-        return [Reply(token, write.record.result, partition=write.partition, changed=changed) for token in write.tokens]
+        return [Reply(token, write.record.result, partition=write.partition, changed=changed,
+                      effects=write.record.effects if number == 0 else ()) for number, token in enumerate(write.tokens)]
 
     # -- a backup ------------------------------------------------------------------------------------------
 

@@ -32,6 +32,7 @@ from concurrent.futures import Future
 from ..cluster.members import local_target
 from ..errors import GridError
 from ..net import messaging
+from .events import MemberListeners
 from .node import DataNode, Reply, Send
 from .store import Op, Record, SplitBrainProtection, is_write, limits
 
@@ -72,10 +73,13 @@ class DataService:
         self._held: dict[str, list] = {}  # uuid -> messages for a member the table names, not yet listed
         self._changes: dict[int, int] = {}  # partition -> writes that changed its data here
         self._waits: list = []  # (partition, seen mark, Future, deadline or None), parked
+        self.listeners = MemberListeners()  # the links listening to maps' changes
         router.register("data.op", self._on_op)
         router.register("data.ops", self._on_ops)
         router.register("data.wait", self._on_wait)
         router.register("data.state", lambda conn, body: self.state())
+        router.register("data.listen", self._on_listen)
+        router.register("data.unlisten", self._on_unlisten)
         for message_type in _MEMBER_MESSAGES:
             router.register(message_type, self._member_message(message_type))
         self._thread = threading.Thread(target=self._run, name="grid-data", daemon=True)
@@ -177,6 +181,20 @@ class DataService:
         if type(partition) is not int or (timeout is not None and not isinstance(timeout, (int, float))):
             raise GridError(f"a 'data.wait' body is (partition, seen, timeout), not {messaging.shorten(body)}")
         return self.wait(partition, seen, timeout)
+
+    def _on_listen(self, conn, body) -> bool:
+        listener_id, name, key, include_value = body
+        if type(listener_id) is not str or type(name) is not str or (key is not None and type(key) is not bytes):
+            raise GridError(f"a 'data.listen' body is (id, map name, key bytes or None, include value), "
+                            f"not {messaging.shorten(body)}")
+        with self._lock:
+            return self.listeners.listen(conn, listener_id, name, key, bool(include_value))
+
+    def _on_unlisten(self, conn, body) -> bool:
+        if type(body) is not str:
+            raise GridError(f"a 'data.unlisten' body is a listener id, not {messaging.shorten(body)}")
+        with self._lock:
+            return self.listeners.unlisten(conn, body)
 
     def _member_message(self, message_type: str):
         def handler(conn, body) -> None:
@@ -282,6 +300,8 @@ class DataService:
                 self._reply(output)
 
     def _reply(self, reply: Reply) -> None:
+        if reply.effects:
+            self.listeners.written(reply.effects)
         if reply.changed:
             self._changes[reply.partition] = self._changes.get(reply.partition, 0) + 1
             self._wake(reply.partition)

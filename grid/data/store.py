@@ -28,8 +28,8 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import itertools
 import heapq
+import itertools
 import threading
 import time
 import uuid as uuid_module
@@ -151,29 +151,41 @@ class LocalBackend:
         self._changed = threading.Condition(self._lock)  # notified when a write changes some partition's data
         self._changes: dict[int, int] = {}  # per partition: the writes that changed its data
         self._swept_at = 0.0
+        self.listeners = None  # events.MemberListeners, once a map on this backend has a listener
+        self.events = None  # the EventHub of the maps on this backend (events.local_hub)
 
     def execute(self, partition: int, op: Op):
         with self._lock:
             replica = self._replicas.get(partition)
             if replica is None:
                 replica = self._replicas[partition] = Replica(partition, self._clock)
-            outcome = replica.execute(op)
+            outcome = self._written(replica.execute(op))
             if op.limits and op.limits[2] and outcome.record is not None:
                 for partition_, key in over_capacity(self._replicas.values(), op.name, op.limits[2], self.partitions,
                                                      owned=self.partitions):
-                    self._replicas[partition_].execute(Op(MAP, op.name, "evict", ((key,),)))
+                    self._written(self._replicas[partition_].execute(Op(MAP, op.name, "evict", ((key,),))))
             now = self._clock()
             if now - self._swept_at >= _SWEEP:
                 self._swept_at = now
                 for swept in self._replicas.values():
                     for name, keys in swept.due().items():
-                        swept.execute(Op(MAP, name, "expire", (keys,)))
+                        self._written(swept.execute(Op(MAP, name, "expire", (keys,))))
             # Not every record: a write with a call id makes one even when it changed nothing (an empty
             # poll), and counting those would wake a blocked poller with its own failed try.
             if outcome.record is not None and outcome.record.effects:
                 self._changes[partition] = self._changes.get(partition, 0) + 1
                 self._changed.notify_all()
             return outcome.result
+
+    def close(self) -> None:
+        """Stop the listeners' thread, if a map on this backend had listeners."""
+        if self.events is not None:
+            self.events.close()
+
+    def _written(self, outcome: Outcome) -> Outcome:
+        if outcome.record is not None and outcome.record.effects and self.listeners is not None:
+            self.listeners.written(outcome.record.effects)
+        return outcome
 
     def execute_many(self, items) -> list:
         """Each ``(partition, op)``'s result, in order."""
@@ -428,14 +440,15 @@ class Replica:
     def _set(self, name: str, key: bytes, value: bytes) -> list:
         """The effects of setting ``key``: the value, and its times when the map's limits give it some."""
         ttl, max_idle, max_size = self._limits
+        # "add" and "set" do the same; listeners tell an entry added from one updated.
+        effect = (MAP, name, "add" if self._get(name, key) is None else "set", (key, value))
         if max_idle is not None or max_size is not None:
             self._touched.setdefault(name, collections.OrderedDict())
             self._touch(name, key)
         if ttl is None and max_idle is None:
-            return [(MAP, name, "set", (key, value))]
+            return [effect]
         now = self._clock()
-        return [(MAP, name, "set", (key, value)),
-                (MAP, name, "meta", (key, None if ttl is None else now + ttl, max_idle, now))]
+        return [effect, (MAP, name, "meta", (key, None if ttl is None else now + ttl, max_idle, now))]
 
     def _map_put(self, name, key, value):
         return self._get(name, key), self._set(name, key, value)
@@ -604,7 +617,7 @@ def _effect_value(replica: Replica, kind, name, value) -> None:
     replica._structures[kind, name] = value
 
 
-_EFFECTS = {"set": _effect_set, "meta": _effect_meta, "del": _effect_del, "expire": _effect_del,
+_EFFECTS = {"set": _effect_set, "add": _effect_set, "meta": _effect_meta, "del": _effect_del, "expire": _effect_del,
             "evict": _effect_del, "clear": _effect_clear, "push": _effect_push, "pop": _effect_pop,
             "unfinished": _effect_unfinished, "value": _effect_value}
 
