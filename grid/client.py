@@ -123,6 +123,7 @@ class Cluster:
         structure = DMap(name, self._data_backend(), ttl=ttl, max_idle=max_idle, max_size=max_size,
                          near_cache=near_cache, runner=_ClusterRunner(self), events=self._event_hub)
         self._claim(name, "map")
+        structure.on_destroy = lambda: self._forget_object(name)
         if near_cache:
             with self._executor_lock:
                 structure = self._near_maps.setdefault(name, structure)
@@ -148,17 +149,36 @@ class Cluster:
         """The distributed queue ``name``, with ``queue.Queue``'s methods and errors."""
         structure = DQueue(name, self._data_backend(), maxsize)
         self._claim(name, "queue")
+        structure.on_destroy = lambda: self._forget_object(name)
         return structure
 
     def get_counter(self, name: str) -> Counter:
         """The distributed counter ``name``: an int changed atomically, each change applied once."""
         structure = Counter(name, self._data_backend())
         self._claim(name, "counter")
+        structure.on_destroy = lambda: self._forget_object(name)
         return structure
 
     def objects(self) -> dict:
-        """``{name: kind}`` of every distributed structure made on this cluster (map, queue, counter)."""
-        return dict(self._catalog())
+        """``{name: {"kind": kind, "size": size}}`` of every distributed structure on this cluster:
+        a map's entries, a queue's items, 1 for a counter (each size is asked of the owners)."""
+        found = {}
+        for name, kind in dict(self._catalog()).items():
+            if kind == "map":
+                size = len(DMap(name, self._data_backend(), internal=True))
+            elif kind == "queue":
+                size = DQueue(name, self._data_backend()).qsize()
+            else:
+                size = 1
+            found[name] = {"kind": kind, "size": size}
+        return found
+
+    def _forget_object(self, name: str) -> None:
+        """``destroy()``: the structure is gone, and so is its name in the catalog."""
+        self._catalog().pop(name, None)
+        self._claimed.pop(name, None)
+        with self._executor_lock:
+            self._near_maps.pop(name, None)
 
     def _catalog(self) -> DMap:
         return DMap(CATALOG, self._data_backend(), internal=True)
@@ -166,6 +186,9 @@ class Cluster:
     def _claim(self, name: str, kind: str) -> None:
         """Note in the cluster's catalog that ``name`` is a ``kind`` (once), or refuse another kind."""
         known = self._claimed.get(name)
+        if known is not None and known != kind:  # (it may have been destroyed since: ask the catalog)
+            del self._claimed[name]
+            known = None
         if known is None:
             catalog = self._catalog()
             known = catalog.get(name)  # a read first: it answers on a side a split left too small

@@ -69,8 +69,19 @@ def test_a_name_is_one_kind_of_structure_and_objects_lists_them(local_cluster):
             second.get_counter("work")
         with pytest.raises(ValueError, match="grid's own"):
             second.get_map("__grid.catalog")
-        assert second.objects() == {"orders": "map", "work": "queue", "hits": "counter"}
+        assert second.objects() == {"orders": {"kind": "map", "size": 1}, "work": {"kind": "queue", "size": 1},
+                                    "hits": {"kind": "counter", "size": 1}}
         assert second.get_map("orders")["a"] == 1
+
+        first.get_map("orders").destroy()
+        first.get_queue("work").destroy()
+        first.get_counter("hits").increment_and_get()
+        first.get_counter("hits").destroy()
+        assert second.objects() == {}, "destroy() removes the structure and its name, cluster-wide"
+        second.get_queue("orders").put("a queue now: the name is free again")
+        assert second.get_counter("hits").get() == 0 and second.get_queue("work").qsize() == 0
+        assert first.objects() == {"orders": {"kind": "queue", "size": 1}, "work": {"kind": "queue", "size": 0},
+                                   "hits": {"kind": "counter", "size": 1}}
     finally:
         first.close()
         second.close()
@@ -408,3 +419,23 @@ def _structure_sizes(client):
     for uuid, state in client._data_backend().states(WAIT).items():
         sizes += [(uuid, name, size) for name, size in state.get("sizes", {}).items()]
     return sizes
+
+
+def test_map_stats_say_what_each_member_holds_and_answered(local_cluster):
+    cluster = local_cluster(2)
+    client = cluster.connect()
+    try:
+        data = client.get_map("counted")
+        data.update({n: "x" * 10 for n in range(100)})
+        for n in range(30):
+            data.get(n)
+        data.get("absent")
+        per_member = data.stats()["members"]
+        assert set(per_member) == set(client.partitions().members())
+        assert sum(s["entries"] for s in per_member.values()) == 100
+        assert sum(s["backup_entries"] for s in per_member.values()) == 100, "backup_count = 1: one copy each"
+        assert sum(s["hits"] for s in per_member.values()) == 30
+        assert sum(s["operations"] for s in per_member.values()) >= 31
+        assert all(s["bytes"] > 10 * s["entries"] for s in per_member.values())
+    finally:
+        client.close()

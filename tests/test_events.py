@@ -116,7 +116,8 @@ def test_a_near_cache_reads_locally_and_is_told_of_changes(local_cluster):
         assert cached["mode"] == "fast"
         for _ in range(100):
             assert cached["mode"] == "fast"
-        assert cached.stats()["near_cache"]["hits"] >= 100
+        # (one read may miss: the event of the first write may come after the first read cached it)
+        assert cached.stats()["near_cache"]["hits"] >= 99
         source["mode"] = "safe"
         wait_for(lambda: cached["mode"] == "safe", WAIT)
         cached["mode"] = "mine"

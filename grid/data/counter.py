@@ -53,6 +53,14 @@ class Counter:
     def decrement_and_get(self) -> int:
         return self._run("add_and_get", -1)
 
+    def destroy(self) -> None:
+        """Remove the counter cluster-wide (a later use starts it again at 0)."""
+        self._run("destroy")
+        if self.on_destroy is not None:
+            self.on_destroy()
+
+    on_destroy = None  # set by the cluster handle: the catalog forgets the name
+
     def compare_and_set(self, expected: int, new: int) -> bool:
         """Set it to ``new`` only if it is ``expected``; True if it was set."""
         return self._run("compare_and_set", expected, new)

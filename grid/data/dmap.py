@@ -25,14 +25,14 @@ from ..cluster.partitions import key_bytes, partition_of_bytes
 from ..net import serialize
 from . import processing
 from .events import local_hub
-from .store import _WRITES, MAP, CallIds, Op, limits
+from .store import MAP, MAP_WRITES, CallIds, Op, limits
 
 _MISSING = object()
 NEAR_CACHE_SIZE = 10_000  # entries a near cache keeps by default (the oldest kept go first)
 
 
 def is_map_write(action: str) -> bool:
-    return action in _WRITES[MAP]
+    return action in MAP_WRITES
 
 
 _SETS = frozenset({"put", "set", "put_if_absent", "replace", "replace_if_same", "put_all"})  # writes that set values
@@ -257,6 +257,14 @@ class DMap(MutableMapping):
                 found[originals[data]] = pickle.loads(value)
         return found
 
+    on_destroy = None  # set by the cluster handle: the catalog forgets the name
+
+    def destroy(self) -> None:
+        """Remove the map and its entries cluster-wide (a later write starts it again, empty)."""
+        self.clear()
+        if self.on_destroy is not None:
+            self.on_destroy()
+
     # -- listeners and the near cache ------------------------------------------------------------------
 
     def add_entry_listener(self, fn, key=None, predicate=None, include_value: bool = True) -> str:
@@ -276,9 +284,19 @@ class DMap(MutableMapping):
         """Stop the listener ``listener_id``; False if there was none."""
         return self._events().remove(listener_id)
 
-    def stats(self) -> dict:
-        """This handle's near cache: ``{"near_cache": {"entries", "hits", "misses"}}`` (empty without one)."""
-        return {} if self._near is None else {"near_cache": self._near.stats()}
+    def stats(self, timeout: float = 5.0) -> dict:
+        """``{"members": {uuid: {"entries", "backup_entries", "bytes", "operations", "hits"}}}``: what
+        each data member owns and backs up of this map, the bytes of the entries it owns (keys and
+        values, pickled), and the operations and hits (gets that found their entry) it answered;
+        and with a near cache, this handle's ``"near_cache": {"entries", "hits", "misses"}``.
+        A member that did not answer within ``timeout`` seconds has its error instead."""
+        found: dict = {}
+        map_stats = getattr(self._backend, "map_stats", None)
+        if map_stats is not None:
+            found["members"] = map_stats(self.name, timeout)
+        if self._near is not None:
+            found["near_cache"] = self._near.stats()
+        return found
 
     # -- code at the data ------------------------------------------------------------------------------
 

@@ -62,6 +62,14 @@ class DQueue:
         """This handle's bound on the queue's size; <= 0 for none."""
         return self._maxsize
 
+    on_destroy = None  # set by the cluster handle: the catalog forgets the name
+
+    def destroy(self) -> None:
+        """Remove the queue and its items cluster-wide (a later put starts it again, empty)."""
+        self._write("destroy")
+        if self.on_destroy is not None:
+            self.on_destroy()
+
     # -- plumbing ------------------------------------------------------------------------------------
 
     def _read(self, action: str):

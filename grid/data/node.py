@@ -30,7 +30,7 @@ import itertools
 from typing import Any
 
 from ..cluster.partitions import PartitionTable, empty_table
-from .store import _SWEEP, MAP, Fenced, Op, OutOfOrder, Record, Replica, StoreError, over_capacity
+from .store import MAP, SWEEP_INTERVAL, Fenced, Op, OutOfOrder, Record, Replica, StoreError, over_capacity
 
 
 class NotOwner(StoreError):
@@ -204,7 +204,7 @@ class DataNode:
             for backup in list(backups):
                 if replica is not None and now - self._snapped_at.get((partition, backup), now) >= _RESEND:
                     out.append(self._snapshot_to(backup, partition, replica))
-        if now - self._swept_at >= _SWEEP:
+        if now - self._swept_at >= SWEEP_INTERVAL:
             self._swept_at = now
             out += self._sweep()
         return out

@@ -162,14 +162,22 @@ class RemoteBackend:
     def states(self, timeout: float) -> dict:
         """``{uuid: state}`` of every member the table names (``DataService.state``), or
         ``{uuid: exception}`` for one that did not answer within ``timeout`` seconds."""
+        return self.ask_all("data.state", None, lambda local: local.state(), timeout)
+
+    def map_stats(self, name: str, timeout: float) -> dict:
+        """``{uuid: stats}`` of map ``name`` on every member the table names (``DataService.map_stats``)."""
+        return self.ask_all("data.stats", name, lambda local: local.map_stats(name), timeout)
+
+    def ask_all(self, message_type: str, body, run_local, timeout: float) -> dict:
+        """``{uuid: answer or exception}`` of every member the table names, asked at once."""
         table = self._table()
         asked = {}
         for uuid in sorted(table.members()):
             try:
                 if self._local is not None and uuid == self._local.me.uuid:
-                    asked[uuid] = self._local.state()
+                    asked[uuid] = run_local(self._local)
                 else:
-                    asked[uuid] = self._request(uuid, "data.state", None)
+                    asked[uuid] = self._request(uuid, message_type, body)
             except Exception as exc:  # noqa: BLE001 - reported as that member's answer
                 asked[uuid] = exc
         end = self._clock.monotonic() + timeout

@@ -74,10 +74,12 @@ class DataService:
         self._changes: dict[int, int] = {}  # partition -> writes that changed its data here
         self._waits: list = []  # (partition, seen mark, Future, deadline or None), parked
         self.listeners = MemberListeners()  # the links listening to maps' changes
+        self._counts: dict[str, list] = {}  # map name -> [operations, hits (gets that found the entry)] here
         router.register("data.op", self._on_op)
         router.register("data.ops", self._on_ops)
         router.register("data.wait", self._on_wait)
         router.register("data.state", lambda conn, body: self.state())
+        router.register("data.stats", self._on_stats)
         router.register("data.listen", self._on_listen)
         router.register("data.unlisten", self._on_unlisten)
         for message_type in _MEMBER_MESSAGES:
@@ -182,6 +184,31 @@ class DataService:
             raise GridError(f"a 'data.wait' body is (partition, seen, timeout), not {messaging.shorten(body)}")
         return self.wait(partition, seen, timeout)
 
+    def _on_stats(self, conn, body) -> Future:
+        if type(body) is not str:
+            raise GridError(f"a 'data.stats' body is a map's name, not {messaging.shorten(body)}")
+        return self.map_stats(body)
+
+    def map_stats(self, name: str) -> Future:
+        """Map ``name`` here: entries and bytes (keys and values) it owns, entries it backs up, and
+        the operations and hits (gets that found their entry) this member answered."""
+        result: Future = Future()
+        with self._lock:
+            owned = backed = size = 0
+            for partition, replica in self.node.replicas.items():
+                entries = replica._structures.get(("map", name))
+                if not entries:
+                    continue
+                if self.node.table.owner(partition) == self.me.uuid:
+                    owned += len(entries)
+                    size += sum(len(key) + len(value) for key, value in entries.items())
+                else:
+                    backed += len(entries)
+            operations, hits = self._counts.get(name, (0, 0))
+        result.set_result({"entries": owned, "backup_entries": backed, "bytes": size, "operations": operations,
+                           "hits": hits})
+        return result
+
     def _on_listen(self, conn, body) -> bool:
         listener_id, name, key, include_value = body
         if type(listener_id) is not str or type(name) is not str or (key is not None and type(key) is not bytes):
@@ -266,7 +293,15 @@ class DataService:
                 f"member{'s' if members != 1 else ''}, and split_brain_protection asks for at least "
                 f"{self._quorum} (a network split, or members down; it goes on once they are back)"))
             return
-        self._emit(self.node.on_op(result, partition, op))
+        out = self.node.on_op(result, partition, op)
+        if op.kind == "map":
+            counts = self._counts.get(op.name)
+            if counts is None:
+                counts = self._counts[op.name] = [0, 0]
+            counts[0] += 1
+            if op.action == "get" and out and type(out[0]) is Reply and out[0].result is not None:
+                counts[1] += 1
+        self._emit(out)
 
     def _from_member(self, message_type: str, sender: str, body) -> None:
         node = self.node

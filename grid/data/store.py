@@ -103,7 +103,7 @@ def limits(ttl=None, max_idle=None, max_size=None) -> tuple:
 
 
 _NO_LIMITS = (None, None, None)
-_SWEEP = 0.5  # seconds between an owner's looks for entries whose time is up
+SWEEP_INTERVAL = 0.5  # seconds between an owner's looks for entries whose time is up
 
 _READS = {
     MAP: {"get", "contains", "size", "keys", "entries", "get_all"},
@@ -113,9 +113,12 @@ _READS = {
 _WRITES = {
     MAP: {"put", "set", "put_if_absent", "replace", "replace_if_same", "remove", "remove_if_same", "delete",
           "put_all", "clear", "expire", "evict"},
-    QUEUE: {"offer", "offer_all", "poll", "task_done", "clear"},
-    COUNTER: {"set", "add_and_get", "get_and_add", "compare_and_set"},
+    QUEUE: {"offer", "offer_all", "poll", "task_done", "clear", "destroy"},
+    COUNTER: {"set", "add_and_get", "get_and_add", "compare_and_set", "destroy"},
 }
+
+
+MAP_WRITES = frozenset(_WRITES[MAP])
 
 
 def is_write(op: Op) -> bool:
@@ -165,7 +168,7 @@ class LocalBackend:
                                                      owned=self.partitions):
                     self._written(self._replicas[partition_].execute(Op(MAP, op.name, "evict", ((key,),))))
             now = self._clock()
-            if now - self._swept_at >= _SWEEP:
+            if now - self._swept_at >= SWEEP_INTERVAL:
                 self._swept_at = now
                 for swept in self._replicas.values():
                     for name, keys in swept.due().items():
@@ -534,6 +537,10 @@ class Replica:
         # Items cleared were never got, and will never be done: join no longer waits for them.
         return count, [(QUEUE, name, "pop", (count,)), (QUEUE, name, "unfinished", (max(0, queue["unfinished"] - count),))]
 
+    def _queue_destroy(self, name):
+        present = (QUEUE, name) in self._structures
+        return present, ([(QUEUE, name, "clear", ())] if present else [])
+
     # -- counter writes ----------------------------------------------------------------------------------
 
     def _count(self, name: str) -> int:
@@ -549,6 +556,10 @@ class Replica:
     def _counter_get_and_add(self, name, delta):
         old = self._count(name)
         return old, [(COUNTER, name, "value", (old + delta,))]
+
+    def _counter_destroy(self, name):
+        present = (COUNTER, name) in self._structures
+        return present, ([(COUNTER, name, "clear", ())] if present else [])
 
     def _counter_compare_and_set(self, name, expected, value):
         same = self._count(name) == expected
