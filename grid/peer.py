@@ -101,7 +101,8 @@ class Peer:
                 backup_count=self.config.backup_count)
             # A lite member (data = false) holds no partitions: no data service answers there.
             self.data = DataService(router=self.router, transport=self.transport, membership=self.membership,
-                                    split_brain_protection=self.config.split_brain_protection) \
+                                    split_brain_protection=self.config.split_brain_protection,
+                                    merge_policy=self.config.merge_policy) \
                 if self.config.data else None
             # Tasks wait until the patch log is replayed (CodeService calls on_ready).
             self.tasks = TaskRunner(self.router, workers=task_threads, hold=True, processes=[

@@ -439,3 +439,35 @@ def test_map_stats_say_what_each_member_holds_and_answered(local_cluster):
         assert all(s["bytes"] > 10 * s["entries"] for s in per_member.values())
     finally:
         client.close()
+
+
+@pytest.mark.parametrize("policy", ["put_if_absent", "latest_update"])
+def test_after_a_split_heals_the_smaller_sides_writes_merge_by_the_merge_policy(local_cluster, policy):
+    """Without split_brain_protection both sides take writes. The smaller side used to drop all of
+    it on the heal (it rejoined as if frozen); now its entries, queues and counters merge in."""
+    cluster = local_cluster(3, merge_policy=policy, heartbeat_interval=0.2, failure_timeout=1.5)
+    client = cluster.connect()
+    lonely = grid.connect(cluster.config(2))
+    try:
+        wait_for(lambda: cluster.peers[2].uuid in client.partitions().members(), WAIT)
+        client.get_map("split")["before"] = "both sides"
+        cluster.partition([0, 1], [2])
+        wait_for(lambda: len(lonely.members()) == 1 and len(client.members()) == 2, WAIT)
+        wait_for(lambda: len(lonely.partitions().members()) == 1 and len(client.partitions().members()) == 2, WAIT)
+        client.get_map("split")["contested"] = "majority"
+        lonely.get_map("split")["contested"] = "minority, later"
+        lonely.get_map("split").update({f"minority-{n}": n for n in range(50)})
+        lonely.get_counter("minority-count").add_and_get(7)
+        lonely.get_queue("minority-jobs").put("job")
+        cluster.heal()
+        wait_for(lambda: len(client.members()) == 3, WAIT)
+        merged = client.get_map("split")
+        wait_for(lambda: all(merged.get(f"minority-{n}") == n for n in range(50)), WAIT)
+        expected = "majority" if policy == "put_if_absent" else "minority, later"
+        wait_for(lambda: merged.get("contested") == expected, WAIT)
+        assert merged["before"] == "both sides"
+        wait_for(lambda: client.get_counter("minority-count").get() == 7, WAIT)
+        assert client.get_queue("minority-jobs").get(timeout=WAIT) == "job"
+    finally:
+        lonely.close()
+        client.close()

@@ -233,3 +233,28 @@ def test_bad_operations_are_refused_saying_what_exists():
     replica.execute(Op(MAP, "m", "set", (b"k", b"v")))
     assert replica.destroy(MAP, "m") is True and replica.structures() == []
     assert store.KINDS == (MAP, QUEUE, COUNTER)
+
+
+def test_a_merge_sets_an_absent_entry_or_with_latest_update_a_later_one():
+    from grid.data.store import COUNTER, MAP, QUEUE, Op, Replica
+
+    replica = Replica(0, clock=lambda: 100.0)
+    replica.keep_times = True
+    replica.execute(Op(MAP, "m", "set", (b"k", b"here"), "c1"))
+    assert replica.written_at("m", b"k") == 100.0
+
+    def merge(key, value, at, policy):
+        return replica.execute(Op(MAP, "m", "merge", (key, value, at, policy), None)).result
+
+    assert merge(b"k", b"theirs", 200.0, "put_if_absent") is False, "present: put_if_absent keeps it"
+    assert merge(b"k", b"older", 50.0, "latest_update") is False, "written before this side's"
+    assert merge(b"k", b"newer", 200.0, "latest_update") is True
+    assert replica.execute(Op(MAP, "m", "get", (b"k",))).result == b"newer" and replica.written_at("m", b"k") == 200.0
+    assert merge(b"new", b"v", None, "put_if_absent") is True
+    assert replica.execute(Op(MAP, "m", "get", (b"new",))).result == b"v"
+    # A queue or a counter merges only where this side has none.
+    assert replica.execute(Op(QUEUE, "q", "merge", ((b"a",),), None)).result is True
+    assert replica.execute(Op(QUEUE, "q", "merge", ((b"b",),), None)).result is False
+    assert replica.execute(Op(COUNTER, "c", "merge", (5,), None)).result is True
+    assert replica.execute(Op(COUNTER, "c", "merge", (9,), None)).result is False
+    assert replica.execute(Op(COUNTER, "c", "get")).result == 5

@@ -37,6 +37,8 @@ MAX_ID_LENGTH = 255
 MIN_FRAME_LIMIT = 4096  # below this, ordinary control messages would not fit
 MAX_FRAME_LIMIT = 2**32 - 1 - MAC_SIZE  # the header's length field is 32 bits and counts the MAC
 
+MERGE_POLICIES = ("put_if_absent", "latest_update")
+
 
 # ---------------------------------------------------------------- from_mapping helpers
 
@@ -227,6 +229,10 @@ def validate_config(config: Any, source: str) -> None:
     check.integer(config.split_brain_protection, "split_brain_protection", 0, None,
                   "an integer >= 0: with N > 0, writes fail on a side of the cluster with fewer than N members "
                   "(0: off)")
+    if config.merge_policy not in MERGE_POLICIES:
+        raise check.fail("merge_policy", f"{config.merge_policy!r} is not a merge policy; allowed: "
+                         f"{' or '.join(MERGE_POLICIES)} (after a split heals, the smaller side's entries are "
+                         "set where the key is absent, or where theirs were written later)")
     if config.workers is not None:
         check.integer(config.workers, "workers", 1, None, "an integer >= 1, or leave it out for one per CPU")
     check.integer(config.task_processes, "task_processes", 0, 256,

@@ -82,6 +82,7 @@ class Membership(Joiner):
         # How often this member left the member list to join again: what it held of the data before
         # is stale then (the cluster went on without it), and the data layer drops it.
         self.epoch = 0
+        self.merging = False  # the last rejoin merges this member's side into another cluster
         self._told_shape: tuple | None = None  # a table shape unlike the config's, once warned of
         self.partition_table: PartitionTable = empty_table(partitions, backup_count)
         self.transport = transport
@@ -337,6 +338,7 @@ class Membership(Joiner):
         # The table goes before the epoch moves: the data layer reads the epoch, the table, and the
         # epoch again, so a table it takes with a new epoch is never the one from before.
         self.partition_table = empty_table(*self._shape)  # the cluster it joins has its own
+        self.merging = target is not None  # into another cluster (a healed split), not back into its own
         self.epoch += 1  # the data layer drops what it held before it sees the next table
         self._merge_target = target
         self.listeners.emit_changes(self._members, [self.me], self.version, default=REMOVED)

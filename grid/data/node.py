@@ -78,8 +78,9 @@ class _Write:
 class DataNode:
     """The replicas member ``me`` holds and the writes waiting for their backups."""
 
-    def __init__(self, me: str, partitions: int, backup_count: int = 1):
+    def __init__(self, me: str, partitions: int, backup_count: int = 1, *, keep_times: bool = False):
         self.me = me
+        self.keep_times = keep_times  # entries' write times (merge_policy = latest_update)
         self.table: PartitionTable = empty_table(partitions, backup_count)
         self.replicas: dict[int, Replica] = {}
         self._wanting: set[int] = set()  # partitions this member owns and waits to receive
@@ -232,6 +233,7 @@ class DataNode:
     def _found_nothing(self, partition: int) -> None:
         self._wanting.discard(partition)
         replica = self.replicas[partition] = Replica(partition)
+        replica.keep_times = self.keep_times
         replica.follow(self.table.version)
 
     # -- the owner ---------------------------------------------------------------------------------------
@@ -372,6 +374,7 @@ class DataNode:
         elif not self._vouched(sender, partition, snapshot["table_version"], owner=True):
             return []
         replica = self.replicas[partition] = Replica.restore(snapshot)
+        replica.keep_times = self.keep_times
         replica.follow(self.table.version)
         if partition in self._wanting:  # the owner received its data: nothing to acknowledge
             self._wanting.discard(partition)

@@ -34,7 +34,8 @@ from ..errors import GridError
 from ..net import messaging
 from .events import MemberListeners
 from .node import DataNode, Reply, Send
-from .store import Op, Record, SplitBrainProtection, is_write, limits
+from .remote import RemoteBackend
+from .store import COUNTER, MAP, QUEUE, CallIds, Op, Record, SplitBrainProtection, is_write, limits
 
 log = logging.getLogger("grid.data")
 
@@ -56,14 +57,19 @@ def _well_formed(op) -> bool:
 class DataService:
     """The partitions member ``membership.me`` holds, served to proxies and replicated to its peers."""
 
-    def __init__(self, *, router, transport, membership, split_brain_protection: int = 0, clock=time):
+    def __init__(self, *, router, transport, membership, split_brain_protection: int = 0,
+                 merge_policy: str = "put_if_absent", clock=time):
         self.me = membership.me
         self._quorum = split_brain_protection
         self._transport = transport
         self._membership = membership
         self._clock = clock
         table = membership.partitions()
-        self.node = DataNode(self.me.uuid, table.partitions, table.backup_count)
+        self._merge_policy = merge_policy
+        self.node = DataNode(self.me.uuid, table.partitions, table.backup_count,
+                             keep_times=merge_policy == "latest_update")
+        self._to_merge: list = []  # replicas this member owned on its side of a split, merged once it joined
+        self._merger = None
         self._epoch = getattr(membership, "epoch", 0)
         self._jobs: queue.SimpleQueue = queue.SimpleQueue()
         self._lock = threading.RLock()  # every call into the node, and the links' state
@@ -268,16 +274,56 @@ class DataService:
         if table.version > self.node.table.version:
             self._emit(self.node.take_table(table))
             self._wake_moved()
+            if self._to_merge and table.replicas and self._merger is None:
+                replicas, self._to_merge = self._to_merge, []
+                self._merger = threading.Thread(target=self._merge, args=(replicas,), name="grid-merge", daemon=True)
+                self._merger.start()
 
     def _drop_everything(self) -> None:
         """This member left the member list and joins again: the cluster went on without it, so
         what it holds is stale (owning a partition again, it would hand out and snapshot old data)."""
         old = self.node
-        log.warning("this member rejoins the cluster: dropping the %d partition replicas it held "
-                    "(the cluster kept their data)", len(old.replicas))
-        self.node = DataNode(self.me.uuid, old.table.partitions, old.table.backup_count)
+        if getattr(self._membership, "merging", False):
+            # Its side of a split merges into the other: what it owned there (written on this side,
+            # maybe only here) goes into the cluster it joins, by merge_policy.
+            self._to_merge += [replica for partition, replica in old.replicas.items()
+                               if old.table.owner(partition) == self.me.uuid]
+            log.warning("this member's side of a split merges into another cluster: the %d partitions it owned "
+                        "merge into it (merge_policy = %s)", len(self._to_merge), self._merge_policy)
+        else:
+            log.warning("this member rejoins the cluster: dropping the %d partition replicas it held "
+                        "(the cluster kept their data)", len(old.replicas))
+        self.node = DataNode(self.me.uuid, old.table.partitions, old.table.backup_count, keep_times=old.keep_times)
         self._emit(old.abandon())
         self._wake_moved()
+
+    def _merge(self, replicas) -> None:
+        """The data of this member's side of a healed split, into the cluster it joined (thread
+        "grid-merge"): each entry, queue and counter as a "merge" write at its owner, by merge_policy."""
+        backend = RemoteBackend(transport=self._transport, members=self._membership.members,
+                                table=self._membership.partitions, local=self, timeout=60.0)
+        calls, merged, items = CallIds(), 0, []
+        try:
+            for replica in replicas:
+                for kind, name, value in replica.snapshot()["structures"]:
+                    if kind == MAP:
+                        items += [(replica.partition, Op(MAP, name, "merge", (key, data, replica.written_at(name, key),
+                                                                               self._merge_policy), calls.next()))
+                                  for key, data in value.items()]
+                    elif kind == QUEUE:
+                        items.append((replica.partition, Op(QUEUE, name, "merge", (tuple(value["items"]),), calls.next())))
+                    else:
+                        items.append((replica.partition, Op(COUNTER, name, "merge", (value,), calls.next())))
+            for start in range(0, len(items), 500):
+                merged += sum(1 for took in backend.execute_many(items[start:start + 500]) if took)
+            log.warning("merged the smaller side's data: %d of %d entries, queues and counters taken "
+                        "(merge_policy = %s)", merged, len(items), self._merge_policy)
+        except Exception:  # noqa: BLE001 - said, with what was lost
+            log.exception("merging the smaller side's data failed after %d of %d", merged, len(items))
+        finally:
+            backend.close()
+            with self._lock:
+                self._merger = None
 
     def _op(self, result: Future, partition: int, op: Op) -> None:
         if not result.set_running_or_notify_cancel():

@@ -112,9 +112,9 @@ _READS = {
 }
 _WRITES = {
     MAP: {"put", "set", "put_if_absent", "replace", "replace_if_same", "remove", "remove_if_same", "delete",
-          "put_all", "clear", "expire", "evict"},
-    QUEUE: {"offer", "offer_all", "poll", "task_done", "clear", "destroy"},
-    COUNTER: {"set", "add_and_get", "get_and_add", "compare_and_set", "destroy"},
+          "put_all", "clear", "expire", "evict", "merge"},
+    QUEUE: {"offer", "offer_all", "poll", "task_done", "clear", "destroy", "merge"},
+    COUNTER: {"set", "add_and_get", "get_and_add", "compare_and_set", "destroy", "merge"},
 }
 
 
@@ -235,6 +235,8 @@ class Replica:
         self._meta: dict[str, dict] = {}  # map name -> {key: (expires at or None, max_idle or None, written at)}
         self._touched: dict[str, collections.OrderedDict] = {}  # map name -> {key: last use}, oldest first
         self._idle_since = clock()  # idle clocks start no earlier than this replica
+        self.keep_times = False  # the owner notes each entry's write time (merge_policy = latest_update)
+        self._written: dict[str, dict] = {}  # map name -> {key: wall-clock time of its write}, kept_times only
 
     # -- the table ---------------------------------------------------------------------------------
 
@@ -318,7 +320,8 @@ class Replica:
                 structures.append((kind, name, value))
         return {"partition": self.partition, "seq": self.seq, "table_version": self.table_version,
                 "structures": structures, "calls": list(self._calls.items()),
-                "meta": {name: dict(meta) for name, meta in self._meta.items() if meta}}
+                "meta": {name: dict(meta) for name, meta in self._meta.items() if meta},
+                "written": {name: dict(times) for name, times in self._written.items() if times}}
 
     @classmethod
     def restore(cls, snapshot: dict) -> Replica:
@@ -335,6 +338,7 @@ class Replica:
                 replica._structures[kind, name] = value
         replica._calls.update(snapshot["calls"])
         replica._meta = {name: dict(meta) for name, meta in snapshot.get("meta", {}).items()}
+        replica._written = {name: dict(times) for name, times in snapshot.get("written", {}).items()}
         return replica
 
     # -- expiry and eviction (the owner) --------------------------------------------------------------------
@@ -444,7 +448,8 @@ class Replica:
         """The effects of setting ``key``: the value, and its times when the map's limits give it some."""
         ttl, max_idle, max_size = self._limits
         # "add" and "set" do the same; listeners tell an entry added from one updated.
-        effect = (MAP, name, "add" if self._get(name, key) is None else "set", (key, value))
+        effect = (MAP, name, "add" if self._get(name, key) is None else "set",
+                  (key, value, self._clock()) if self.keep_times else (key, value))
         if max_idle is not None or max_size is not None:
             self._touched.setdefault(name, collections.OrderedDict())
             self._touch(name, key)
@@ -489,6 +494,22 @@ class Replica:
     def _map_clear(self, name):
         count = self.map_size(name)
         return count, ([(MAP, name, "clear", ())] if count else [])
+
+    def _map_merge(self, name, key, value, written_at, policy):
+        """After a split healed: an entry of the smaller side, set here if the key is absent
+        (put_if_absent), or also if this side's was written before it (latest_update)."""
+        old = self._get(name, key)
+        if old is not None:
+            mine = (self._written.get(name) or {}).get(key)
+            if policy != "latest_update" or written_at is None or (mine is not None and mine >= written_at):
+                return False, []
+        at = written_at if written_at is not None else self._clock()
+        args = (key, value, at) if self.keep_times or written_at is not None else (key, value)
+        return True, [(MAP, name, "add" if old is None else "set", args)]
+
+    def written_at(self, name: str, key: bytes):
+        """When the entry ``key`` was written (kept with merge_policy = latest_update), or None."""
+        return (self._written.get(name) or {}).get(key)
 
     def _map_expire(self, name, keys):
         """The owner's sweep: the entries of ``keys`` whose time is still up go (as "expired")."""
@@ -537,6 +558,12 @@ class Replica:
         # Items cleared were never got, and will never be done: join no longer waits for them.
         return count, [(QUEUE, name, "pop", (count,)), (QUEUE, name, "unfinished", (max(0, queue["unfinished"] - count),))]
 
+    def _queue_merge(self, name, items):
+        """After a split healed: the smaller side's items, if this side has no such queue."""
+        if (QUEUE, name) in self._structures or not items:
+            return False, []
+        return True, [(QUEUE, name, "push", (tuple(items),))]
+
     def _queue_destroy(self, name):
         present = (QUEUE, name) in self._structures
         return present, ([(QUEUE, name, "clear", ())] if present else [])
@@ -557,6 +584,12 @@ class Replica:
         old = self._count(name)
         return old, [(COUNTER, name, "value", (old + delta,))]
 
+    def _counter_merge(self, name, value):
+        """After a split healed: the smaller side's count, if this side has no such counter."""
+        if (COUNTER, name) in self._structures:
+            return False, []
+        return True, [(COUNTER, name, "value", (value,))]
+
     def _counter_destroy(self, name):
         present = (COUNTER, name) in self._structures
         return present, ([(COUNTER, name, "clear", ())] if present else [])
@@ -569,8 +602,12 @@ class Replica:
 # -- effects: what a record does to a replica (owner and backups alike) -----------------------------------
 
 
-def _effect_set(replica: Replica, kind, name, key, value) -> None:
+def _effect_set(replica: Replica, kind, name, key, value, written_at=None) -> None:
     replica._structures.setdefault((kind, name), {})[key] = value
+    if written_at is not None:
+        replica._written.setdefault(name, {})[key] = written_at
+    elif replica._written:
+        (replica._written.get(name) or {}).pop(key, None)
     meta = replica._meta.get(name)
     if meta:  # a write without times drops the old ones (a "meta" effect after it sets new ones)
         meta.pop(key, None)
@@ -594,11 +631,14 @@ def _effect_del(replica: Replica, kind, name, key) -> None:
     touched = replica._touched.get(name)
     if touched is not None:
         touched.pop(key, None)
+    if replica._written:
+        (replica._written.get(name) or {}).pop(key, None)
 
 
 def _effect_clear(replica: Replica, kind, name) -> None:
     replica._structures.pop((kind, name), None)
     replica._meta.pop(name, None)
+    replica._written.pop(name, None)
     touched = replica._touched.get(name)
     if touched is not None:
         touched.clear()
