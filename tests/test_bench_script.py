@@ -224,3 +224,11 @@ def test_the_data_bench_measures_grid_and_managers_and_prints_ratios(capsys, mon
     assert all(key in grid_line for key in ("get_us", "put_us", "put_all_us", "get_all_us", "bytes_per_entry"))
     assert "redis-server is not installed" in out
     assert "vs managers: get_us" in out
+    near_row = next(line for line in out.splitlines() if line.startswith("near-cache get of a hot key ("))
+    grid_cell = near_row.split(")")[-1].split()[0]  # the columns follow the label: grid, redis, managers
+    assert float(grid_cell) > 0
+    near_target = next(line for line in out.splitlines() if "near-cache get of a hot key >=" in line)
+    hits = int(near_target.split("near-cache hits ")[1].split()[0])
+    assert hits == 20, "the 20 timed reads of the hot key come from the near cache"
+    assert "memory per entry at 2,000 entries" in out
+    assert "throughput under a join and a kill: skipped (full run only)" in out
