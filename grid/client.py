@@ -22,6 +22,7 @@ from .cluster.config import Config, load_config
 from .cluster.link import ClusterLink
 from .cluster.members import Member
 from .cluster.partitions import PartitionTable, partition_of
+from .cluster.partitions import width as partition_width
 from .code import livecode, patches
 from .data import processing
 from .data.counter import Counter
@@ -210,6 +211,9 @@ class Cluster:
         and no write or snapshot is on its way. A member that does not answer makes it False."""
         table = self.partitions()
         if not table.replicas:
+            return False
+        keep = partition_width(table, sum(1 for m in self.members() if m.data))
+        if any(len(row) > keep for row in table.replicas):  # old replicas kept while new ones fill
             return False
         states = self._data_backend().states(timeout)
         if any(not isinstance(state, dict) or state["table"] != table.version or state["wanting"]

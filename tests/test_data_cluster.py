@@ -471,3 +471,35 @@ def test_after_a_split_heals_the_smaller_sides_writes_merge_by_the_merge_policy(
     finally:
         lonely.close()
         client.close()
+
+
+def test_a_kill_while_a_joiner_still_receives_its_partitions_loses_nothing(local_cluster):
+    """The table a join makes used to drop an old replica at once: a row [A, B] became [D, A]
+    with D, the joiner, still empty. Here D is frozen before it can receive anything, and A or B
+    is killed: some partitions then had no holder left, and started empty."""
+    timing = {"heartbeat_interval": 0.2, "failure_timeout": 1.5}
+    cluster = local_cluster(3, **timing)
+    client = cluster.connect()
+    try:
+        data, jobs = client.get_map("moving"), client.get_queue("moving-jobs")
+        data.put_all({n: n for n in range(300)})
+        for n in range(20):
+            jobs.put(n)
+        wait_for(client.is_safe, WAIT)
+        joiner = cluster.add(**timing)
+        wait_for(lambda: joiner.uuid in client.partitions().members(), WAIT)
+        cluster.pause(joiner.index)  # it never gets its data
+        try:
+            table = client.partitions()
+            victim = next(index for index, peer in enumerate(cluster.peers)
+                          if peer.uuid != joiner.uuid and peer.uuid in table.members())
+            cluster.kill(victim)
+            wait_for(lambda: len(client.members()) == 2, WAIT)  # the joiner removed too
+        finally:
+            cluster.resume(joiner.index)
+        wait_for(lambda: len(client.members()) == 3, WAIT)
+        lost = [n for n in range(300) if data.get(n) != n]
+        assert not lost, f"{len(lost)} of 300 entries lost, e.g. {lost[:5]}"
+        assert [jobs.get(timeout=WAIT) for _ in range(20)] == list(range(20))
+    finally:
+        client.close()

@@ -147,6 +147,8 @@ def test_a_paused_ex_owner_cannot_acknowledge_a_write():
 
     token = net.op("a", 0, add(7, "late"))
     net.deliver()
+    assert token not in net.replies, "its backup follows a newer table: not acknowledged"
+    net.table(table(2, ("b", "c")), "a")  # a catches up: the write moved away
     with pytest.raises(NotOwner):
         net.result(token)
     assert net.read("b", 0, get(2)) == 0, "the write was not acknowledged, and is nowhere else"
@@ -344,6 +346,44 @@ def test_a_write_in_flight_when_its_backup_leaves_waits_for_the_new_backup():
     net.deliver()
     assert net.result(token) == 4
     assert net.nodes["c"].replicas[0].snapshot() == net.nodes["a"].replicas[0].snapshot()
+
+
+def test_an_owner_waiting_for_its_data_takes_no_snapshot_sent_by_an_older_table():
+    """b backed up partition 0 (table 1) and froze with a's snapshot unread; it rejoined (a new node)
+    and table 3 made it the owner. Reading that old snapshot as the answer to its want, it took a
+    stale copy, and its own snapshot then overwrote a's and c's newer data."""
+    net = Net("a", "b", "c")
+    net.start(table(1, ("a", "b")))
+    old_snapshot = ("a", Send("b", "data.snap", (0, net.nodes["a"].replicas[0].snapshot())))
+    net.nodes["b"] = DataNode("b", PARTITIONS)  # b rejoined with nothing
+    net.table(table(2, ("a", "c")), "a", "c")
+    net.deliver()
+    token = net.op("a", 0, add(5, "w", 2))
+    net.deliver()
+    assert net.result(token) == 5
+    net.queue.append(old_snapshot)  # read late, before b's want is answered
+    net.table(table(3, ("b", "a", "c")))
+    net.queue.insert(0, net.queue.pop())
+    net.deliver()
+    assert net.read("b", 0, get(3)) == 5
+    assert all(net.nodes[name].replicas[0].snapshot()["structures"] == net.nodes["b"].replicas[0].snapshot()["structures"]
+               for name in "ac")
+
+
+def test_a_backup_a_table_ahead_of_its_owner_still_gets_the_write():
+    """c took table 2 (a still owns partition 0) before a did, and refused a's record of table 1
+    ("fenced"). a failed the write, and answered its retry from the stored result: acknowledged
+    without c, which, promoted later, lost it. Now a waits, and sends it again by table 2."""
+    net = Net("a", "b", "c")
+    net.start(table(1, ("a", "b", "c")))
+    net.table(table(2, ("a", "b", "c"), ("b", "a")), "b", "c")  # a hears of table 2 later
+    token = net.op("a", 0, add(3, "w"))
+    net.deliver()
+    assert token not in net.replies, "not acknowledged without c"
+    net.table(table(2, ("a", "b", "c"), ("b", "a")), "a")
+    net.deliver()
+    assert net.result(token) == 3
+    assert net.nodes["c"].replicas[0].snapshot()["structures"] == net.nodes["a"].replicas[0].snapshot()["structures"]
 
 
 # -- any sequence of writes, lost messages and owners killed -------------------------------------------------------

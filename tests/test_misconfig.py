@@ -219,7 +219,7 @@ class _ProbeConn:
         pass
 
 
-@pytest.mark.parametrize("named", ["this master", "a master that is gone"])
+@pytest.mark.parametrize("named", ["this master", "a master that is gone", "itself, a frozen master"])
 def test_a_member_the_master_removed_is_not_taken_for_another_cluster(tmp_path, named):
     """A frozen member is removed; the master probes its address (still discovered) before it
     notices, and it answers with its old view: a cluster of 3, whose master is this master (or
@@ -234,8 +234,11 @@ def test_a_member_the_master_removed_is_not_taken_for_another_cluster(tmp_path, 
         gone = ("127.0.0.1", 9)  # nothing listens there
         master = list(peer.address) if named == "this master" else list(gone)
         answered: Future = Future()
-        answered.set_result({"uuid": "removed-member", "address": ["127.0.0.1", 10], "state": "member",
-                             "master": master, "size": 3, "version": 7})
+        # (a frozen master answers as a master: its own address, and its old list, with this member in it)
+        address = list(gone) if named.startswith("itself") else ["127.0.0.1", 10]
+        answered.set_result({"uuid": "removed-member", "address": address, "state": "member",
+                             "master": master, "size": 3, "version": 7,
+                             "members": ["removed-member", peer.uuid, "another"]})
         epoch, handled = membership.epoch, threading.Event()
         membership._post(lambda: membership._merge_answer(_ProbeConn(), answered))
         membership._post(handled.set)

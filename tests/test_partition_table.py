@@ -177,3 +177,25 @@ def test_a_malformed_table_in_a_member_list_is_ignored_and_logged(caplog):
     assert "ignoring a partition table" in caplog.text
     table = plan(empty_table(partitions=5), members(2))
     assert partitions.received_table(table.to_wire()) == table
+
+
+def test_a_join_keeps_the_replicas_it_drops_until_they_are_trimmed():
+    """A join's table used to drop a holder at once ([A, B] -> [D, A], D still empty): kill A then,
+    and the partition had no copy. The dropped holder now stays at the end of the row."""
+    from grid.cluster.partitions import keep_holders, trimmed, width
+
+    members = [("a", "h1"), ("b", "h2"), ("c", "h3")]
+    before = plan(plan(empty_table(31, 1), members), members)
+    joined = members + [("d", "h4")]
+    planned = plan(plan(before, joined), joined)
+    kept = keep_holders(planned, before, {uuid for uuid, _ in joined})
+    moved = [p for p in range(31) if set(planned.replicas[p]) != set(before.replicas[p])]
+    assert moved, "the joiner takes some replicas"
+    for p in range(31):
+        assert kept.replicas[p][:2] == planned.replicas[p], "the planned row first"
+        assert set(kept.replicas[p]) == set(planned.replicas[p]) | set(before.replicas[p]), "every old holder kept"
+    assert width(kept, 4) == 2 and any(len(row) > 2 for row in kept.replicas)
+    settled = trimmed(kept, moved, 4)
+    assert settled.version == kept.version + 1 and settled.replicas == planned.replicas
+    gone = keep_holders(planned, before, {uuid for uuid, _ in joined if uuid != "b"})
+    assert all("b" not in row[2:] for row in gone.replicas), "a holder that is gone is not kept"

@@ -34,7 +34,7 @@ from ..net.address import format_address
 from ..net.security import HandshakeFailed
 from .joining import Joiner
 from .members import CRASHED, LEFT, REMOVED, Departures, Listeners, Member, departures_from_wire
-from .partitions import PartitionTable, empty_table, plan, received_table
+from .partitions import PartitionTable, empty_table, keep_holders, plan, received_table, trimmed
 
 log = logging.getLogger("grid.membership")
 
@@ -309,15 +309,31 @@ class Membership(Joiner):
     def _replan(self) -> None:
         """Master: the partition table for this member list (the data members, kept on distinct hosts).
 
-        Until the data layer holds partitions, a replica has nothing to copy, so the table is
-        settled at once: planned twice, the second time with the first's new replicas holding
-        the data (the data layer will settle it once its migrations are done).
+        Planned twice (the second time with the first's new replicas holding the data, so owners
+        even out), and every replica it drops that is still a member stays at the end of its row
+        until the new replicas have the data: the master's data service then trims it
+        (``trim_partitions``). A join never leaves a partition with only a joiner that is still
+        receiving it.
         """
         data = [(m.uuid, m.host) for m in self._members if m.data]
         first = plan(self.partition_table, data)
-        settled = plan(first, data)
-        if settled is not self.partition_table:
+        settled = keep_holders(plan(first, data), self.partition_table, {uuid for uuid, _ in data})
+        if settled is not self.partition_table and settled.replicas != self.partition_table.replicas:
             self.partition_table = dataclasses.replace(settled, version=self.partition_table.version + 1)
+
+    def trim_partitions(self, version: int, partitions) -> None:
+        """Master (any thread): the owners of ``partitions`` hold them with every new replica in
+        sync, by table ``version``: their old replicas may go (a newer table since: nothing)."""
+        partitions = list(partitions)
+
+        def trim():
+            if self.state is not State.MEMBER or not self.is_master or self.partition_table.version != version:
+                return
+            data = sum(1 for m in self._members if m.data)
+            self.partition_table = trimmed(self.partition_table, partitions, data)
+            self._publish(self._members)
+
+        self._post(trim)
 
     def _take_table(self, wire) -> None:
         """A member list's partition table, if newer than the one held. A table of another shape
@@ -557,8 +573,12 @@ class Membership(Joiner):
         if any(m.uuid == other.get("uuid") for m in self._members):
             return
         target = tuple(other["master"])
-        if target == self.me.address or any(m.address == target for m in self._members):
-            return  # a member this cluster removed (frozen, cut off) that has not noticed yet: it rejoins
+        ours = {m.uuid for m in self._members}
+        if target == self.me.address or any(m.address == target for m in self._members) or \
+                ours & set(other.get("members") or ()):
+            # A member this cluster removed (frozen, cut off; its master's, too) that has not
+            # noticed yet: its view still lists members of this cluster. It rejoins by itself.
+            return
         if tuple(other.get("address") or ()) != target:
             # Only a master speaks for its cluster: a member may answer from a view gone stale
             # (removed while frozen, its master dead since). Its master is asked instead.
@@ -660,6 +680,7 @@ class Membership(Joiner):
             "master": list(master.address) if master and self.state is State.MEMBER else None,
             "size": len(self._members),
             "version": self.version,
+            "members": [m.uuid for m in self._members],
         }
 
     def _on_join(self, conn, body) -> Future:

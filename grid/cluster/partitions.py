@@ -189,6 +189,34 @@ def plan(previous: PartitionTable, members: Sequence[tuple[str, str]], *, partit
     return PartitionTable(previous.version + 1, count, backups, replicas)
 
 
+def keep_holders(planned: PartitionTable, previous: PartitionTable, alive) -> PartitionTable:
+    """``planned`` with each row followed by the replicas of ``previous``'s row it dropped that are
+    still ``alive``: they hold the partition's data until the new replicas have it (a kill in
+    between must not take the last copy). The master trims them once the owner says its
+    replicas are in sync (``trimmed``). ``planned`` itself when it drops nobody alive."""
+    if not planned.replicas or not previous.replicas:
+        return planned
+    rows = tuple(new + tuple(uuid for uuid in old if uuid in alive and uuid not in new)
+                 for new, old in zip(planned.replicas, previous.replicas))
+    if rows == planned.replicas:
+        return planned
+    return dataclasses.replace(planned, replicas=rows)
+
+
+def width(table: PartitionTable, data_members: int) -> int:
+    """Replicas a settled row has: the owner and ``backup_count`` backups, as members allow."""
+    return min(table.backup_count + 1, max(1, data_members))
+
+
+def trimmed(table: PartitionTable, partitions, data_members: int) -> PartitionTable:
+    """``table`` (next version) with the rows of ``partitions`` cut back to their settled width."""
+    keep = width(table, data_members)
+    rows = list(table.replicas)
+    for partition in partitions:
+        rows[partition] = rows[partition][:keep]
+    return dataclasses.replace(table, version=table.version + 1, replicas=tuple(rows))
+
+
 def _host_clash(row: list[str], hosts: dict, uuid: str, skip: int = -1) -> bool:
     host = hosts[uuid]
     return any(hosts[other] == host for index, other in enumerate(row) if index != skip and other != uuid)

@@ -100,6 +100,11 @@ class DataNode:
         return set(self._wanting)
 
     @property
+    def syncing_partitions(self) -> list:
+        """The partitions with a backup still restoring this owner's snapshot."""
+        return sorted(self._syncing)
+
+    @property
     def syncing_count(self) -> int:
         """Backups sent a snapshot that have not restored it yet (over all partitions)."""
         return sum(len(backups) for backups in self._syncing.values())
@@ -162,7 +167,14 @@ class DataNode:
                     table.version)) for token in write.tokens]
                 continue
             # A backup that left no longer counts; a new one does: it restores a snapshot that holds the write.
-            write.waiting = (write.waiting & set(row[1:])) | self._syncing.get(write.partition, set())
+            syncing = self._syncing.get(write.partition, set())
+            write.waiting = (write.waiting & set(row[1:])) | syncing
+            if write.record.seq and write.waiting - syncing:
+                # Still this member's: the record goes again by this table (a backup that took it
+                # first refused it as "fenced", and waits for it).
+                write.record = dataclasses.replace(write.record, table_version=table.version)
+                write.sent_at = self._now
+                out += [Send(uuid, "data.rep", (write_id, write.record)) for uuid in write.waiting - syncing]
             out += self._maybe_done(write_id)
         for (sender, partition), version in list(self._early_wants.items()):
             if version <= table.version:  # this member knows that table now: it can answer
@@ -286,13 +298,9 @@ class DataNode:
                 return []  # (not a backup by this table: a record sent before it left, read by it since)
             return [self._snapshot_to(sender, partition, replica)]
         out: list = []
-        if answer == "fenced":  # it follows a newer table: this member no longer owns the partition
-            write = self._writes.get(write_id)
-            if write is not None and sender in write.waiting:
-                del self._writes[write_id]
-                out += [Reply(token, error=NotOwner(
-                    f"partition {partition}: a backup follows a newer table than this member", self.table.version))
-                    for token in write.tokens]
+        if answer == "fenced":
+            # The backup follows a newer table than this member: the write waits until this member
+            # has it too (take_table: moved away -> NotOwner; still its own -> the record goes again).
             return out
         write = self._writes.get(write_id)
         if write is not None:
@@ -367,7 +375,10 @@ class DataNode:
         promoted owner), or from a backup for an owner that holds nothing of it yet. It replaces
         what this member held: the sender's is the one acknowledged writes are in."""
         if partition in self._wanting:  # this member owns it and asked its replicas
-            if not self._vouched(sender, partition, self.table.version, owner=False):
+            # Only an answer to that ask will do: one sent by its table or a newer one (a snapshot
+            # sent to this member under an older table, read only now, is stale).
+            if snapshot["table_version"] < self.table.version or not self._vouched(
+                    sender, partition, self.table.version, owner=False):
                 return []
         elif self._too_early(snapshot["table_version"], "data.snap", sender, (partition, snapshot)):
             return []
@@ -376,10 +387,10 @@ class DataNode:
         replica = self.replicas[partition] = Replica.restore(snapshot)
         replica.keep_times = self.keep_times
         replica.follow(self.table.version)
-        if partition in self._wanting:  # the owner received its data: nothing to acknowledge
+        if partition in self._wanting:  # the owner received its data: its backups start from it
             self._wanting.discard(partition)
             self._answered_none.pop(partition, None)
-            return []
+            return [self._snapshot_to(uuid, partition, replica) for uuid in self.table.backups(partition)]
         return [Send(sender, "data.snapped", (partition, replica.seq))]
 
     def on_want(self, sender: str, partition: int, table_version: int) -> list:

@@ -30,6 +30,7 @@ import time
 from concurrent.futures import Future
 
 from ..cluster.members import local_target
+from ..cluster.partitions import width
 from ..errors import GridError
 from ..net import messaging
 from .events import MemberListeners
@@ -40,6 +41,7 @@ from .store import COUNTER, MAP, QUEUE, CallIds, Op, Record, SplitBrainProtectio
 log = logging.getLogger("grid.data")
 
 _TICK = 0.05  # seconds between looks at the table (and expired waits) when nothing else happens
+_SETTLE = 0.2  # seconds between the master's looks at partitions whose rows still carry old replicas
 _MEMBER_MESSAGES = ("data.rep", "data.ack", "data.snap", "data.snapped", "data.want", "data.none")
 
 
@@ -69,6 +71,7 @@ class DataService:
         self.node = DataNode(self.me.uuid, table.partitions, table.backup_count,
                              keep_times=merge_policy == "latest_update")
         self._to_merge: list = []  # replicas this member owned on its side of a split, merged once it joined
+        self._settling, self._settled_at = False, 0.0  # the master's looks at migrations (_settle)
         self._merger = None
         self._epoch = getattr(membership, "epoch", 0)
         self._jobs: queue.SimpleQueue = queue.SimpleQueue()
@@ -146,6 +149,7 @@ class DataService:
                 result.set_result({"table": node.table.version,
                                    "held": {p: replica.seq for p, replica in node.replicas.items()},
                                    "wanting": sorted(node.wanting), "syncing": node.syncing_count,
+                                   "syncing_partitions": node.syncing_partitions,
                                    "pending": node.pending_writes, "sizes": self._sizes()})
 
         with self._lock:
@@ -256,6 +260,7 @@ class DataService:
                         fn, args = job
                         fn(*args)
                     self._emit(self.node.tick(self._clock.monotonic()))
+                    self._settle()
                     if self._held:
                         self._release_held()
                     self._expire_waits()
@@ -278,6 +283,63 @@ class DataService:
                 replicas, self._to_merge = self._to_merge, []
                 self._merger = threading.Thread(target=self._merge, args=(replicas,), name="grid-merge", daemon=True)
                 self._merger.start()
+
+    def _settle(self) -> None:
+        """The master, every _SETTLE seconds while rows carry old replicas (a migration): ask each
+        such partition's owner for its state, and trim the rows whose owner holds the partition
+        with every backup restored (membership publishes the trimmed table)."""
+        table = self.node.table
+        now = self._clock.monotonic()
+        if self._settling and now - self._settled_at > 10 * _SETTLE:
+            self._settling = False  # an owner that never answered: ask again
+        if (self._settling or now - self._settled_at < _SETTLE or not table.replicas
+                or not getattr(self._membership, "is_master", False)):
+            return
+        self._settled_at = now
+        data = sum(1 for m in self._membership.members() if m.data)
+        keep = width(table, data)
+        wide = [partition for partition, row in enumerate(table.replicas) if len(row) > keep]
+        if not wide:
+            return
+        owners = {table.replicas[partition][0] for partition in wide}
+        answers: dict = {}
+        for uuid in owners:
+            if uuid == self.me.uuid:
+                answers[uuid] = self.state()
+                continue
+            link = self._link(uuid)
+            if link is None or not link.done() or link.exception() is not None:
+                continue  # (asked at the next look, once linked)
+            try:
+                answers[uuid] = messaging.request(link.result(), "data.state", None)
+            except GridError:
+                continue
+        if not answers:
+            return
+        self._settling = True
+        left = [len(answers)]
+
+        def answered(_):
+            with self._lock:
+                left[0] -= 1
+                if left[0]:
+                    return
+                self._settling = False
+                ready = []
+                for partition in wide:
+                    answer = answers.get(table.replicas[partition][0])
+                    if answer is None or answer.exception() is not None:
+                        continue
+                    state = answer.result()
+                    if (isinstance(state, dict) and state.get("table") == table.version
+                            and partition not in state.get("wanting", ()) and partition in state.get("held", {})
+                            and partition not in state.get("syncing_partitions", ())):
+                        ready.append(partition)
+            if ready:
+                self._membership.trim_partitions(table.version, ready)
+
+        for answer in answers.values():
+            answer.add_done_callback(answered)
 
     def _drop_everything(self) -> None:
         """This member left the member list and joins again: the cluster went on without it, so
