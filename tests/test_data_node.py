@@ -386,6 +386,22 @@ def test_a_backup_a_table_ahead_of_its_owner_still_gets_the_write():
     assert net.nodes["c"].replicas[0].snapshot()["structures"] == net.nodes["a"].replicas[0].snapshot()["structures"]
 
 
+def test_a_record_fenced_after_its_owner_caught_up_goes_again_at_once():
+    """a sent its record by table 1, then took table 2 (still the owner) before b's "fenced" came
+    back: nothing sent it again, and the write waited for good."""
+    net = Net("a", "b")
+    net.start(table(1, ("a", "b")))
+    token = net.op("a", 0, add(2, "w"))
+    record = [message for _, message in net.queue if message.message_type == "data.rep"]
+    net.queue.clear()
+    net.table(table(2, ("a", "b"), ("b", "a")), "b")
+    net.take("a", net.nodes["a"].take_table(table(2, ("a", "b"), ("b", "a"))))
+    net.queue.clear()  # (its own resend of the record is lost)
+    net.queue += [("a", message) for message in record]  # b reads the old record now: "fenced"
+    net.deliver()
+    assert net.result(token) == 2
+
+
 # -- any sequence of writes, lost messages and owners killed -------------------------------------------------------
 
 from hypothesis import given, settings  # noqa: E402

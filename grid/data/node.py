@@ -290,8 +290,9 @@ class DataNode:
         self._writes[write_id] = _Write([token], partition, outcome.record, set(backups), self._now)
         return [Send(uuid, "data.rep", (write_id, outcome.record)) for uuid in backups] + evicted
 
-    def on_ack(self, sender: str, write_id: int, answer: str, partition: int) -> list:
-        """A backup's answer to ``data.rep`` or ``data.snap``: "ok", "fenced" or "want"."""
+    def on_ack(self, sender: str, write_id: int, answer: str, partition: int, table_version: int | None = None) -> list:
+        """A backup's answer to ``data.rep`` or ``data.snap``: "ok", "fenced" (with the table it
+        follows) or "want"."""
         if answer == "want":  # it lacks what comes before: all of it, as a snapshot
             replica = self.replicas.get(partition)
             if replica is None or self.table.owner(partition) != self.me or sender not in self.table.backups(partition):
@@ -299,9 +300,20 @@ class DataNode:
             return [self._snapshot_to(sender, partition, replica)]
         out: list = []
         if answer == "fenced":
-            # The backup follows a newer table than this member: the write waits until this member
-            # has it too (take_table: moved away -> NotOwner; still its own -> the record goes again).
-            return out
+            write = self._writes.get(write_id)
+            if write is None or sender not in write.waiting or not write.record.seq:
+                return out
+            if table_version is not None and table_version > self.table.version:
+                # The backup follows a newer table: the write waits until this member has it too
+                # (take_table: moved away -> NotOwner; still its own -> the record goes again).
+                return out
+            # The record was sent by an older table than this member follows now (it took a table
+            # while the record travelled): it goes again, by this table.
+            if self.table.owner(partition) != self.me or sender not in self.table.backups(partition):
+                return out  # (take_table answers it)
+            write.record = dataclasses.replace(write.record, table_version=self.table.version)
+            write.sent_at = self._now
+            return [Send(sender, "data.rep", (write_id, write.record))]
         write = self._writes.get(write_id)
         if write is not None:
             write.waiting.discard(sender)
@@ -358,14 +370,14 @@ class DataNode:
         if self._too_early(record.table_version, "data.rep", sender, (write_id, record)):
             return []
         if not self._vouched(sender, record.partition, record.table_version, owner=True):
-            return [Send(sender, "data.ack", (write_id, "fenced", record.partition))]
+            return [Send(sender, "data.ack", (write_id, "fenced", record.partition, self.table.version))]
         replica = self.replicas.get(record.partition)
         if replica is None:
             return [Send(sender, "data.ack", (write_id, "want", record.partition))]
         try:
             replica.replicate(record)
         except Fenced:
-            return [Send(sender, "data.ack", (write_id, "fenced", record.partition))]
+            return [Send(sender, "data.ack", (write_id, "fenced", record.partition, self.table.version))]
         except OutOfOrder:
             return [Send(sender, "data.ack", (write_id, "want", record.partition))]
         return [Send(sender, "data.ack", (write_id, "ok", record.partition))]

@@ -419,8 +419,8 @@ class DataService:
                 raise GridError(f"a 'data.rep' record is a Record, not {messaging.shorten(record)}")
             out = node.on_replicate(sender, write_id, record)
         elif message_type == "data.ack":
-            write_id, answer, partition = body
-            out = node.on_ack(sender, write_id, answer, partition)
+            write_id, answer, partition, *version = body  # ("fenced" also says the table the backup follows)
+            out = node.on_ack(sender, write_id, answer, partition, *version[:1])
         elif message_type == "data.snap":
             partition, snapshot = body
             out = node.on_snapshot(sender, partition, snapshot)
