@@ -402,6 +402,20 @@ def test_a_record_fenced_after_its_owner_caught_up_goes_again_at_once():
     assert net.result(token) == 2
 
 
+def test_a_record_of_the_owners_own_table_refused_is_not_sent_again_at_once():
+    """Refused though sent by the owner's newest table (a member of another cluster with a table
+    of the same number, before a merge): sending it again at once would bounce without end."""
+    node = DataNode("a", PARTITIONS)
+    node.take_table(table(2, ("a", "b")))
+    node.on_none("b", 0, 2)  # (b held nothing: a starts the partition)
+    out = node.on_op(1, 0, add(1, "w", 2))
+    write_id = next(iter(node._writes))
+    assert [m.message_type for m in out] == ["data.rep"]
+    assert node.on_ack("b", write_id, "fenced", 0, 2, 2) == [], "the tick sends it again, in a while"
+    again = node.on_ack("b", write_id, "fenced", 0, 2, 1)  # one sent by table 1 refused: it goes by table 2
+    assert [(m.message_type, m.body[1].table_version) for m in again] == [("data.rep", 2)]
+
+
 # -- any sequence of writes, lost messages and owners killed -------------------------------------------------------
 
 from hypothesis import given, settings  # noqa: E402

@@ -290,9 +290,10 @@ class DataNode:
         self._writes[write_id] = _Write([token], partition, outcome.record, set(backups), self._now)
         return [Send(uuid, "data.rep", (write_id, outcome.record)) for uuid in backups] + evicted
 
-    def on_ack(self, sender: str, write_id: int, answer: str, partition: int, table_version: int | None = None) -> list:
+    def on_ack(self, sender: str, write_id: int, answer: str, partition: int, table_version: int | None = None,
+               refused: int | None = None) -> list:
         """A backup's answer to ``data.rep`` or ``data.snap``: "ok", "fenced" (with the table it
-        follows) or "want"."""
+        follows, and the table of the record it refused) or "want"."""
         if answer == "want":  # it lacks what comes before: all of it, as a snapshot
             replica = self.replicas.get(partition)
             if replica is None or self.table.owner(partition) != self.me or sender not in self.table.backups(partition):
@@ -309,6 +310,8 @@ class DataNode:
                 return out
             # The record was sent by an older table than this member follows now (it took a table
             # while the record travelled): it goes again, by this table.
+            if refused is not None and refused >= self.table.version:
+                return out  # (a record of this table refused: another cluster's table, no ping-pong)
             if self.table.owner(partition) != self.me or sender not in self.table.backups(partition):
                 return out  # (take_table answers it)
             write.record = dataclasses.replace(write.record, table_version=self.table.version)
@@ -370,14 +373,16 @@ class DataNode:
         if self._too_early(record.table_version, "data.rep", sender, (write_id, record)):
             return []
         if not self._vouched(sender, record.partition, record.table_version, owner=True):
-            return [Send(sender, "data.ack", (write_id, "fenced", record.partition, self.table.version))]
+            return [Send(sender, "data.ack", (write_id, "fenced", record.partition, self.table.version,
+                                              record.table_version))]
         replica = self.replicas.get(record.partition)
         if replica is None:
             return [Send(sender, "data.ack", (write_id, "want", record.partition))]
         try:
             replica.replicate(record)
         except Fenced:
-            return [Send(sender, "data.ack", (write_id, "fenced", record.partition, self.table.version))]
+            return [Send(sender, "data.ack", (write_id, "fenced", record.partition, self.table.version,
+                                              record.table_version))]
         except OutOfOrder:
             return [Send(sender, "data.ack", (write_id, "want", record.partition))]
         return [Send(sender, "data.ack", (write_id, "ok", record.partition))]

@@ -420,7 +420,7 @@ class DataService:
             out = node.on_replicate(sender, write_id, record)
         elif message_type == "data.ack":
             write_id, answer, partition, *version = body  # ("fenced" also says the table the backup follows)
-            out = node.on_ack(sender, write_id, answer, partition, *version[:1])
+            out = node.on_ack(sender, write_id, answer, partition, *version[:2])
         elif message_type == "data.snap":
             partition, snapshot = body
             out = node.on_snapshot(sender, partition, snapshot)
