@@ -316,7 +316,7 @@ class DMap(MutableMapping):
         owners; returns ``{key: fn's result}``."""
         self._check_callable(fn, "execute_on_entries")
         processing.check_predicate(predicate)
-        return self._combined(self._runner.on_partitions(self, ("process", fn, args, predicate, self._calls.next())))
+        return self._combined(self._runner.on_partitions(self, ("process", predicate, fn, args, self._calls.next())))
 
     def select(self, predicate) -> dict:
         """``{key: value}`` of the entries for which ``predicate(key, value)`` is true, filtered on
@@ -332,7 +332,7 @@ class DMap(MutableMapping):
         combine)`` pair, run on the members in parallel (one piece per partition travels)."""
         aggregator = processing.as_aggregator(aggregator)
         processing.check_predicate(predicate)
-        pieces = self._runner.on_partitions(self, ("aggregate", aggregator, predicate))
+        pieces = self._runner.on_partitions(self, ("aggregate", predicate, aggregator))
         return aggregator.result(pieces[partition] for partition in sorted(pieces))
 
     @staticmethod

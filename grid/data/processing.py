@@ -224,11 +224,10 @@ def run_on_key(dmap, key, fn, args: tuple, base: str):
 
 
 def scan(dmap, partition: int, job: tuple):
-    """One partition's part of a query job: ``("select", predicate)`` -> {key: value},
-    ``("aggregate", aggregator, predicate)`` -> a piece, ``("process", fn, args, predicate, base)`` ->
-    {key: fn's result}."""
-    kind = job[0]
-    predicate = job[-1] if kind != "process" else job[3]
+    """One partition's part of a query job ``(kind, predicate, ...)``: ``("select", predicate)`` ->
+    {key: value}, ``("aggregate", predicate, aggregator)`` -> a piece, ``("process", predicate, fn,
+    args, base)`` -> {key: fn's result}."""
+    kind, predicate = job[0], job[1]
     entries = dmap._at(partition, "entries", (), False)
 
     def matching():
@@ -240,8 +239,8 @@ def scan(dmap, partition: int, job: tuple):
     if kind == "select":
         return dict(matching())
     if kind == "aggregate":
-        return job[1].fold(matching())
-    fn, args, base = job[1], job[2], job[4]
+        return job[2].fold(matching())
+    fn, args, base = job[2:5]
     return {key: run_on_key(dmap, key, fn, args, base) for key, _ in list(matching())}
 
 

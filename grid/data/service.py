@@ -206,7 +206,7 @@ class DataService:
         with self._lock:
             owned = backed = size = 0
             for partition, replica in self.node.replicas.items():
-                entries = replica._structures.get(("map", name))
+                entries = replica.map_entries(name)
                 if not entries:
                     continue
                 if self.node.table.owner(partition) == self.me.uuid:

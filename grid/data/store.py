@@ -373,6 +373,10 @@ class Replica:
     def map_size(self, name: str) -> int:
         return len(self._structures.get((MAP, name)) or ())
 
+    def map_entries(self, name: str) -> dict:
+        """Map ``name``'s entries here, ``{key bytes: value bytes}`` (read only; expired ones until swept)."""
+        return self._structures.get((MAP, name)) or {}
+
     def structures(self) -> list[tuple[str, str, int]]:
         """``(kind, name, size)`` of each structure here (a counter's size is 1)."""
         return [(kind, name, len(value) if kind == MAP else len(value["items"]) if kind == QUEUE else 1)
@@ -682,29 +686,13 @@ def over_capacity(replicas, name: str, max_size: int, partitions: int, owned: in
     extra = sum(replica.map_size(name) for replica in replicas) - share
     if extra <= 0:
         return []
-    chosen = []
-    heads = []
-    for replica in replicas:
-        if replica.map_size(name):
-            ordered = _least_used_first(replica, name)
-            heads.append((ordered, replica.partition))
-    # Merge the replicas' orders, oldest use first, until enough are chosen.
-    heap = []
-    for ordered, partition in heads:
-        first = next(ordered, None)
-        if first is not None:
-            heap.append((first[0], partition, first[1], ordered))
-    heapq.heapify(heap)
-    while heap and len(chosen) < extra:
-        at, partition, key, ordered = heapq.heappop(heap)
-        chosen.append((partition, key))
-        following = next(ordered, None)
-        if following is not None:
-            heapq.heappush(heap, (following[0], partition, following[1], ordered))
-    return chosen
+    # The replicas' orders merged, oldest use first (each is lazy: only the first few are made).
+    oldest = heapq.merge(*(_least_used_first(replica, name) for replica in replicas if replica.map_size(name)))
+    return [(partition, key) for _, partition, key in itertools.islice(oldest, extra)]
 
 
 def _least_used_first(replica: Replica, name: str):
+    """``(last use, partition, key)`` of map ``name``'s entries in ``replica``, least recently used first."""
     entries = replica._structures.get((MAP, name)) or {}
     touched = replica._touched.setdefault(name, collections.OrderedDict())
     if len(touched) < len(entries):  # entries not used since this replica took them: before any use
@@ -714,4 +702,4 @@ def _least_used_first(replica: Replica, name: str):
                 touched.move_to_end(key, last=False)
     for key, at in touched.items():
         if key in entries:
-            yield at, key
+            yield at, replica.partition, key
