@@ -145,14 +145,14 @@ def test_a_blocked_get_sleeps_on_the_owner_and_wakes_on_another_clients_put(loca
     cluster = local_cluster(2)
     getter, putter = cluster.connect(), cluster.connect()
     asked = {"data.op": 0, "data.wait": 0}
-    request = messaging.request
+    call = messaging.call
 
-    def counting(conn, message_type, body):
+    def counting(conn, message_type, body, *args):
         if message_type in asked:
             asked[message_type] += 1
-        return request(conn, message_type, body)
+        return call(conn, message_type, body, *args)
 
-    monkeypatch.setattr(messaging, "request", counting)
+    monkeypatch.setattr(messaging, "call", counting)
     got = []
     try:
         jobs = getter.get_queue("jobs")

@@ -8,17 +8,21 @@ thread; TLS links are never lent.
 
 from __future__ import annotations
 
+import logging
 import queue
 import sys
 import threading
+import time
+from concurrent.futures import Future
 
 import pytest
 
+from grid.errors import ConnectionClosed, GridError
 from grid.net import messaging, serialize
 from grid.net.lending import LinkReader
 from grid.net.wire import Kind
-from tests.test_transport import (LOOPBACK, WAIT, Recorder, client, client_events, connect, make_transport,  # noqa: F401
-                                  server, server_events)
+from tests.test_transport import (LOOPBACK, WAIT, Recorder, client, client_events, connect, logs,  # noqa: F401
+                                  make_transport, server, server_events)
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="links are lent only with epoll")
 
@@ -220,3 +224,141 @@ def test_a_signal_after_close_writes_nowhere(tmp_path):
         for fd in files:
             os.close(fd)
     assert [path.stat().st_size for path in paths] == [0, 0, 0, 0]
+
+
+# -- the lean pair: messaging.call on the caller's side, messaging.Answer on the handler's ---------------------
+
+
+def answering_server(make_transport, handlers: dict):
+    router = messaging.Router()
+    for name, handler in handlers.items():
+        router.register(name, handler)
+    opened: queue.Queue = queue.Queue()
+    server = make_transport(info={"uuid": "server"}, on_frame=router.on_frame, on_open=opened.put)
+    server.listen(LOOPBACK, 0)
+    return server, opened
+
+
+def await_call(reader: LinkReader, call, timeout: float = WAIT):
+    """What a data proxy does: read the lent link on this thread until the answer is in."""
+    end = time.monotonic() + timeout
+    while not call.ready and time.monotonic() < end:
+        reader.wait(0.05)
+    assert call.ready, "no answer in time"
+    return call.result()
+
+
+def test_a_call_read_on_its_own_thread_is_answered_without_a_signal(make_transport, client):
+    server, _ = answering_server(make_transport, {"double": lambda conn, body: body * 2})
+    conn = connect(client, server)
+    reader = LinkReader()
+    signals = []
+    try:
+        assert reader.lend(conn)
+        calls = [messaging.call(conn, "double", n, lambda: signals.append(1)) for n in range(50)]
+        assert [await_call(reader, c) for c in calls] == [2 * n for n in range(50)]
+        assert signals == [], "the caller read its own answers: nobody needed waking"
+        assert conn._pending == {}
+    finally:
+        reader.stop()
+        reader.close()
+
+
+def test_a_call_answered_on_another_thread_wakes_its_caller(make_transport, client):
+    """A link that is not lent (TLS, say) is read by the IO thread: the caller sleeping in the reader's
+    wait must be woken, else it sleeps the whole timeout."""
+    server, _ = answering_server(make_transport, {"double": lambda conn, body: body * 2})
+    conn = connect(client, server)  # (never lent: the IO thread reads the answer)
+    reader = LinkReader()
+    woken = []
+    try:
+        call = messaging.call(conn, "double", 21, lambda: (woken.append(threading.current_thread().name),
+                                                           reader.signal()))
+        assert await_call(reader, call) == 42
+        assert len(woken) == 1 and woken[0].startswith("grid-io")
+    finally:
+        reader.stop()
+        reader.close()
+
+
+def test_a_call_carries_the_handlers_error_and_the_links_failure(make_transport, client):
+    def refuse(conn, body):
+        raise GridError(f"no {body}")
+
+    server, opened = answering_server(make_transport, {"refuse": refuse, "hold": lambda conn, body: Future()})
+    conn = connect(client, server)
+    reader = LinkReader()
+    try:
+        with pytest.raises(GridError, match="no thanks"):
+            await_call(reader, messaging.call(conn, "refuse", "thanks", reader.signal))
+        held = messaging.call(conn, "hold", None, reader.signal)
+        opened.get(timeout=WAIT).close("the server went")
+        with pytest.raises(ConnectionClosed):
+            await_call(reader, held)
+        with pytest.raises(ConnectionClosed):  # (a call on a closed link fails at once, not in a wait)
+            messaging.call(conn, "refuse", "more").result()
+    finally:
+        reader.stop()
+        reader.close()
+
+
+def test_an_abandoned_call_is_forgotten_and_its_late_answer_dropped(make_transport, client, logs):
+    held: queue.Queue = queue.Queue()
+
+    def hold(conn, body):
+        later = Future()
+        held.put(later)
+        return later
+
+    server, _ = answering_server(make_transport, {"hold": hold, "double": lambda conn, body: body * 2})
+    conn = connect(client, server)
+    reader = LinkReader()
+    try:
+        call = messaging.call(conn, "hold", None, reader.signal)
+        later = held.get(timeout=WAIT)
+        call.abandon()
+        assert conn._pending == {}
+        later.set_result("too late")
+        assert await_call(reader, messaging.call(conn, "double", 4, reader.signal)) == 8
+        assert not call.ready
+    finally:
+        reader.stop()
+        reader.close()
+    assert not [record for record in logs.records if record.levelno >= logging.WARNING]
+
+
+@pytest.mark.parametrize("early", [True, False], ids=["completed-before-the-handler-returns", "completed-later"])
+def test_an_answer_is_sent_whether_it_completes_before_or_after_its_handler_returns(make_transport, client, early):
+    later: queue.Queue = queue.Queue()
+
+    def handler(conn, body):
+        answer = messaging.Answer()
+        if early:
+            answer.set_result(body + 1)
+        else:
+            later.put((answer, body))
+        return answer
+
+    server, _ = answering_server(make_transport, {"next": handler})
+    conn = connect(client, server)
+    answers = [messaging.request(conn, "next", n) for n in range(5)]
+    if not early:
+        for _ in range(5):
+            answer, body = later.get(timeout=WAIT)
+            completer = threading.Thread(target=answer.set_result, args=(body + 1,))  # (another thread, as an ack's)
+            completer.start()
+            completer.join(WAIT)
+            answer.set_exception(GridError("a second completion is ignored"))
+    assert [a.result(WAIT) for a in answers] == [1, 2, 3, 4, 5]
+
+
+def test_an_answer_carries_an_error(make_transport, client):
+    def handler(conn, body):
+        answer = messaging.Answer()
+        answer.set_exception(GridError(f"refused {body}"))
+        return answer
+
+    server, _ = answering_server(make_transport, {"refuse": handler})
+    conn = connect(client, server)
+    with pytest.raises(GridError, match="refused 7"):
+        messaging.request(conn, "refuse", 7).result(WAIT)

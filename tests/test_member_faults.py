@@ -202,19 +202,28 @@ def test_every_message_type_answers_a_request_with_a_malformed_body(one_member):
 
 
 def test_a_data_op_with_bad_limits_is_refused_and_the_link_stays(one_member):
-    """An Op's limits are computed with on the IO thread (now + ttl): a ttl that is not a number
-    used to be found only there."""
+    """An op's limits are computed with on the IO thread (now + ttl): a ttl that is not a number
+    used to be found only there. So is any other field of the wrong type."""
     from grid.data.node import NotOwner
-    from grid.data.store import MAP, Op
+    from grid.data.store import MAP, Op, op_fields
 
     cluster, raw, executor = one_member
     conn = raw.connect()
     for bad in (("soon", None, None), (None, None, -1), "ttl", (1, 2)):
-        op = Op(MAP, "m", "set", (b"k", b"v"), "call", 0, bad)
+        fields = (MAP, "m", "set", (b"k", b"v"), "call", 0, bad)
         with pytest.raises(GridError, match="'data.op' body"):
-            messaging.request(conn, "data.op", (0, op)).result(RESULT_TIMEOUT)
+            messaging.request(conn, "data.op", (0, fields)).result(RESULT_TIMEOUT)
+    for fields in ((MAP, "m", "set", [b"k", b"v"], "call", 0, ()), (MAP, 7, "set", (), None, 0, ()),
+                   (MAP, "m", "set", (), None, "0", ()), (MAP, "m", "set", (), None, 0), "fields"):
+        with pytest.raises(GridError, match="'data.op' body"):
+            messaging.request(conn, "data.op", (0, fields)).result(RESULT_TIMEOUT)
+    with pytest.raises(GridError, match="'data.op' body"):  # (an Op itself does not travel: its fields do)
+        messaging.request(conn, "data.op", (0, Op(MAP, "m", "get", (b"k",)))).result(RESULT_TIMEOUT)
+    with pytest.raises(GridError, match="'data.ops' body"):
+        messaging.request(conn, "data.ops", [(0, (MAP, "m", "get", (b"k",), None, 0, ())), (1, "x")]).result(
+            RESULT_TIMEOUT)
     assert conn.is_open
-    good = Op(MAP, "m", "set", (b"k", b"v"), "call", 0, (60, None, None))
+    good = op_fields(Op(MAP, "m", "set", (b"k", b"v"), "call", 0, (60, None, None)), 0)
     with pytest.raises(NotOwner):  # (well-formed: routed by an old table, so answered with the newer one)
         messaging.request(conn, "data.op", (0, good)).result(RESULT_TIMEOUT)
 

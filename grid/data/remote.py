@@ -26,7 +26,7 @@ from ..errors import ConnectionClosed, GridError, TransportError
 from ..net import messaging
 from ..net.lending import LinkReader
 from .node import NotOwner
-from .store import Op, StoreError
+from .store import Op, StoreError, op_fields
 
 _FIRST_PAUSE = 0.005  # seconds before a retry, doubling ...
 _LONGEST_PAUSE = 0.1  # ... up to this
@@ -66,6 +66,7 @@ class RemoteBackend:
         self._default_partitions = default_partitions
         self._clock = clock
         self._links: dict[str, Future] = {}
+        self._open: dict[str, object] = {}  # uuid -> its open connection, the quick way to _links' result
         self._lock = threading.Lock()
         self._closed = False
         # The callers read their links themselves (net/lending.py): the owner's answer wakes the
@@ -85,8 +86,9 @@ class RemoteBackend:
             DataUnavailable: no owner answered within the timeout.
             StoreError: the op itself was refused (bad arguments, a full queue's limit, ...).
         """
-        return self._ask(partition, "data.op", lambda table: (partition, dataclasses.replace(
-            op, table_version=table.version)), lambda local, body: local.submit(*body), None)
+        return self._ask(partition, "data.op", lambda table: (partition, op_fields(op, table.version)),
+                         lambda local, table: local.submit(partition, dataclasses.replace(
+                             op, table_version=table.version)), None)
 
     def execute_many(self, items) -> list:
         """Run each ``(partition, op)``; their results in order. One "data.ops" message per owner,
@@ -106,14 +108,15 @@ class RemoteBackend:
             by_owner.setdefault(owner, []).append(index)
         asked = []
         for owner, indexes in by_owner.items():
-            body = [(items[i][0], dataclasses.replace(items[i][1], table_version=table.version)) for i in indexes]
             answer = None
             if owner is not None:
                 try:
                     if self._local is not None and owner == self._local.me.uuid:
-                        answer = self._local.submit_many(body)
+                        answer = self._local.submit_many([(items[i][0], dataclasses.replace(
+                            items[i][1], table_version=table.version)) for i in indexes])
                     else:
-                        answer = self._request(owner, "data.ops", body)
+                        answer = self._request(owner, "data.ops", [(items[i][0], op_fields(
+                            items[i][1], table.version)) for i in indexes])
                 except (GridError, OSError) as exc:
                     if isinstance(exc, GridError) and not _is_link_error(exc):
                         raise
@@ -149,13 +152,13 @@ class RemoteBackend:
         """The partition's change mark once it differs from ``seen`` (None: now), or after ``timeout``."""
         if seen is None:
             return self._ask(partition, "data.wait", lambda table: (partition, None, None),
-                             lambda local, body: local.wait(*body), None)
+                             lambda local, table: local.wait(partition, None, None), None)
         end = None if timeout is None else self._clock.monotonic() + timeout
         while True:
             remaining = None if end is None else max(0.0, end - self._clock.monotonic())
             piece = _WAIT_SLICE if remaining is None else min(remaining, _WAIT_SLICE)
             mark = self._ask(partition, "data.wait", lambda table: (partition, seen, piece),
-                             lambda local, body: local.wait(*body), piece + self._timeout)
+                             lambda local, table: local.wait(partition, seen, piece), piece + self._timeout)
             if mark != seen or remaining is not None and remaining <= piece:
                 return mark
 
@@ -197,6 +200,7 @@ class RemoteBackend:
         with self._lock:
             self._closed = True
             links, self._links = self._links, {}
+            self._open = {}
             if not self._waiting:
                 self._reader.close()
         for future in links.values():
@@ -214,12 +218,11 @@ class RemoteBackend:
             table = self._table()
             owner = table.owner(partition) if table.replicas else None
             if owner is not None:
-                body = make_body(table)
                 try:
                     if self._local is not None and owner == self._local.me.uuid:
-                        answer = run_local(self._local, body)
+                        answer = run_local(self._local, table)
                     else:
-                        answer = self._request(owner, message_type, body)
+                        answer = self._request(owner, message_type, make_body(table))
                     if answer is None:
                         why = f"owner {owner[:8]} is not in the member list"
                     else:
@@ -249,17 +252,53 @@ class RemoteBackend:
             self._pause(table.version, min(pause, remaining))
             pause = min(2 * pause, _LONGEST_PAUSE)
 
-    def _await(self, future: Future, timeout: float, moved=None):
-        """``future.result()``, reading the lent links on this thread meanwhile (at most ``timeout``).
+    def _await(self, answer, timeout: float, moved=None):
+        """The answer's result (a ``messaging.Call``, or the local service's Future), reading the
+        lent links on this thread meanwhile (at most ``timeout`` seconds).
 
         Raises:
             _Moved: ``moved()`` (looked at every _LOOK seconds) said to stop waiting.
+            TimeoutError: no answer within ``timeout``.
         """
+        if type(answer) is not messaging.Call:
+            return self._await_future(answer, timeout, moved)
+        if answer.ready:  # (a fellow caller read it, or the link failed as it was sent)
+            return answer.result()
+        reader = self._reader
+        with self._lock:
+            self._waiting += 1
+        try:
+            end = self._clock.monotonic() + timeout
+            while not answer.ready:
+                remaining = end - self._clock.monotonic()
+                if remaining <= 0 or reader.stopping:
+                    break
+                # Alone, this thread reads everything; with others, one may take this one's answer
+                # (and signal one of the waiters, maybe not this one): look again soon.
+                alone = remaining if moved is None else min(remaining, _LOOK)
+                reader.wait(alone if self._waiting == 1 else min(remaining, 0.002))
+                if moved is not None and not answer.ready and moved():
+                    answer.abandon()
+                    raise _Moved()
+        finally:
+            with self._lock:
+                self._waiting -= 1
+                last = self._closed and not self._waiting
+            if last:
+                reader.close()
+        if not answer.ready:
+            answer.abandon()
+            if reader.stopping:
+                raise GridError("the cluster handle is closed")
+            raise TimeoutError(f"no answer within {timeout:g} s")
+        return answer.result()
+
+    def _await_future(self, future: Future, timeout: float, moved=None):
         if future.done():
             return future.result()
         me = threading.get_ident()
-        # Completed by another thread (the IO thread, or a fellow caller that read the answer):
-        # wake a waiting thread, which may be this one.
+        # Completed by another thread (the member's IO or data thread): wake a waiting thread,
+        # which may be this one.
         future.add_done_callback(lambda done: threading.get_ident() != me and self._reader.signal())
         with self._lock:
             self._waiting += 1
@@ -269,8 +308,6 @@ class RemoteBackend:
                 remaining = end - self._clock.monotonic()
                 if remaining <= 0:
                     break
-                # Alone, this thread reads everything; with others, one may take this one's answer
-                # (and signal one of the waiters, maybe not this one): look again soon.
                 alone = remaining if moved is None else min(remaining, _LOOK)
                 self._reader.wait(alone if self._waiting == 1 else min(remaining, 0.002))
                 if moved is not None and not future.done() and moved():
@@ -292,12 +329,14 @@ class RemoteBackend:
         while self._table().version <= version and self._clock.monotonic() < end:
             threading.Event().wait(step)
 
-    def _request(self, uuid: str, message_type: str, body) -> Future | None:
-        link = self._link(uuid)
-        if link is None:
-            return None
-        conn = link.result(self._timeout)
-        return messaging.request(conn, message_type, body)
+    def _request(self, uuid: str, message_type: str, body) -> messaging.Call | None:
+        conn = self._open.get(uuid)
+        if conn is None or not conn.is_open:
+            link = self._link(uuid)
+            if link is None:
+                return None
+            conn = link.result(self._timeout)
+        return messaging.call(conn, message_type, body, self._reader.signal)
 
     def _link(self, uuid: str) -> Future | None:
         with self._lock:
@@ -308,12 +347,16 @@ class RemoteBackend:
             if member is None:
                 return None
             future = self._links[uuid] = self._transport.connect(local_target(member))
-        future.add_done_callback(self._lend)
+        future.add_done_callback(lambda connected: self._opened(uuid, connected))
         return future
 
-    def _lend(self, connected: Future) -> None:
+    def _opened(self, uuid: str, connected: Future) -> None:
         if connected.exception() is None:
-            self._reader.lend(connected.result())  # (not a TLS link: then the IO thread reads it)
+            conn = connected.result()
+            with self._lock:
+                if self._links.get(uuid) is connected:
+                    self._open[uuid] = conn
+            self._reader.lend(conn)  # (not a TLS link: then the IO thread reads it)
 
     def _forget(self, uuid: str) -> None:
         with self._lock:
@@ -321,6 +364,7 @@ class RemoteBackend:
             if future is not None and future.done() and (future.exception() is not None or
                                                          not future.result().is_open):
                 del self._links[uuid]
+                self._open.pop(uuid, None)
 
 
 def _is_link_error(exc: GridError) -> bool:

@@ -2,14 +2,16 @@
 
 ::
 
-    proxy --"data.op" (partition, op)------> IO thread, under the lock: node.on_op(token=Future, ...)
+    proxy --"data.op" (partition, op fields)-> IO thread, under the lock: node.on_op(token=Answer, ...)
                                                --> outputs (a read is answered before the handler returns)
-    proxy --"data.ops" [(partition, op)]---> the same for each; answered once all are
+    proxy --"data.ops" [(partition, fields)]-> the same for each; answered once all are
     proxy --"data.wait" (partition, seen, s)-> parked here until the partition's data changes
     member <-> member: "data.rep" "data.ack" "data.snap" "data.snapped" "data.want" "data.none"
+                       or several of them in order in one "data.batch" [(type, body), ...]
                                                the sender is the link's authenticated uuid
-    outputs: Send(to, type, body) --> the link to member ``to`` (made on first use; in order)
-             Reply(token, result, error) --> the op's Future: the IO thread answers the proxy
+    outputs: Send(to, type, body) --> the link to member ``to`` (made on first use; in order;
+                                      one call's several Sends to a member go as one batch)
+             Reply(token, result, error) --> the op's Future or Answer: the proxy is answered
     the "grid-data" thread: every _TICK seconds, the table from membership, resends (node.tick),
                           expired waits, messages held for members not listed yet
 
@@ -36,7 +38,7 @@ from ..net import messaging
 from .events import MemberListeners
 from .node import DataNode, Reply, Send
 from .remote import RemoteBackend
-from .store import COUNTER, MAP, QUEUE, CallIds, Op, Record, SplitBrainProtection, is_write, limits
+from .store import COUNTER, MAP, QUEUE, CallIds, Op, Record, SplitBrainProtection, is_write, op_from_fields
 
 log = logging.getLogger("grid.data")
 
@@ -45,15 +47,46 @@ _SETTLE = 0.2  # seconds between the master's looks at partitions whose rows sti
 _MEMBER_MESSAGES = ("data.rep", "data.ack", "data.snap", "data.snapped", "data.want", "data.none")
 
 
-def _well_formed(op) -> bool:
-    if not isinstance(op, Op) or type(op.limits) is not tuple or len(op.limits) not in (0, 3):
-        return False
-    if op.limits:
-        try:
-            limits(*op.limits)
-        except (TypeError, ValueError):
-            return False
-    return True
+class _Batch:
+    """The outcomes of a ``submit_many``: ``done`` (a Future or an Answer) gets them once all are in."""
+
+    __slots__ = ("outcomes", "left", "done")
+
+    def __init__(self, count: int, done):
+        self.outcomes: list = [None] * count
+        self.left = count
+        self.done = done
+
+    def settle(self, index: int, outcome: tuple) -> None:  # (under the service's lock, as every reply)
+        self.outcomes[index] = outcome
+        self.left -= 1
+        if not self.left:
+            self.done.set_result(self.outcomes)
+
+
+class _Slot:
+    """One op's token in a batch: what the node replies to (lighter than a Future each)."""
+
+    __slots__ = ("_batch", "_index", "_done")
+
+    def __init__(self, batch: _Batch, index: int):
+        self._batch, self._index, self._done = batch, index, False
+
+    def done(self) -> bool:
+        return self._done
+
+    def set_running_or_notify_cancel(self) -> bool:
+        return True
+
+    def set_result(self, value) -> None:
+        if not self._done:
+            self._done = True
+            self._batch.settle(self._index, (True, value))
+
+    def set_exception(self, error: BaseException) -> None:
+        if not self._done:
+            self._done = True
+            self._batch.settle(self._index, (False, error))
 
 
 class DataService:
@@ -91,7 +124,7 @@ class DataService:
         router.register("data.stats", self._on_stats)
         router.register("data.listen", self._on_listen)
         router.register("data.unlisten", self._on_unlisten)
-        for message_type in _MEMBER_MESSAGES:
+        for message_type in (*_MEMBER_MESSAGES, "data.batch"):
             router.register(message_type, self._member_message(message_type))
         self._thread = threading.Thread(target=self._run, name="grid-data", daemon=True)
         self._thread.start()
@@ -106,28 +139,21 @@ class DataService:
             self._op(result, partition, op)
         return result
 
-    def submit_many(self, items) -> Future:
-        """Run each ``(partition, op)``; the Future gives ``[(True, result) | (False, error)]`` in order."""
-        combined: Future = Future()
-        futures = [Future() for _ in items]
-        left = [len(futures)]
-
-        def one_done(_):
-            with self._lock:
-                left[0] -= 1
-                last = left[0] == 0
-            if last:
-                combined.set_result([(True, f.result()) if f.exception() is None else (False, f.exception())
-                                     for f in futures])
-
-        if not futures:
+    def submit_many(self, items, answer=None) -> Future:
+        """Run each ``(partition, op)``; the Future (or ``answer``, a ``messaging.Answer``) gives
+        ``[(True, result) | (False, error)]`` in order."""
+        combined = Future() if answer is None else answer
+        items = list(items)
+        if not items:
             combined.set_result([])
             return combined
+        batch = _Batch(len(items), combined)
         with self._lock:
             self._follow_table()
-            for future, (partition, op) in zip(futures, items):
-                future.add_done_callback(one_done)
-                self._op(future, partition, op)
+            out: list = []  # (emitted together: one message per backup for all of them)
+            for index, (partition, op) in enumerate(items):
+                self._op(_Slot(batch, index), partition, op, out)
+            self._emit(out)
         return combined
 
     def wait(self, partition: int, seen, timeout: float | None) -> Future:
@@ -175,18 +201,30 @@ class DataService:
 
     # -- handlers (IO thread): queue a job ---------------------------------------------------------------
 
-    def _on_op(self, conn, body) -> Future:
-        partition, op = body
-        if type(partition) is not int or not _well_formed(op):
-            raise GridError(f"a 'data.op' body is (partition, Op), not {messaging.shorten(body)}")
-        return self.submit(partition, op)
+    def _on_op(self, conn, body) -> messaging.Answer:
+        op = None
+        if type(body) is tuple and len(body) == 2 and type(body[0]) is int:
+            partition, op = body[0], op_from_fields(body[1])
+        if op is None:
+            raise GridError(f"a 'data.op' body is (partition, op fields), not {messaging.shorten(body)}")
+        answer = messaging.Answer()  # (no Future: answered by the IO thread or an ack, see messaging.Answer)
+        with self._lock:
+            self._follow_table()
+            self._op(answer, partition, op)
+        return answer
 
-    def _on_ops(self, conn, body) -> Future:
-        items = list(body)
-        if not all(type(item) is tuple and len(item) == 2 and type(item[0]) is int and _well_formed(item[1])
-                   for item in items):
-            raise GridError(f"a 'data.ops' body is [(partition, Op)], not {messaging.shorten(body)}")
-        return self.submit_many(items)
+    def _on_ops(self, conn, body) -> messaging.Answer:
+        items = []
+        for item in body if type(body) is list else ():
+            op = None
+            if type(item) is tuple and len(item) == 2 and type(item[0]) is int:
+                op = op_from_fields(item[1])
+            if op is None:
+                break
+            items.append((item[0], op))
+        if type(body) is not list or len(items) != len(body):
+            raise GridError(f"a 'data.ops' body is [(partition, op fields)], not {messaging.shorten(body)}")
+        return self.submit_many(items, messaging.Answer())
 
     def _on_wait(self, conn, body) -> Future:
         partition, seen, timeout = body
@@ -240,7 +278,23 @@ class DataService:
                 raise GridError(f"{message_type!r} comes from members only, not from {conn!r}")
             with self._lock:
                 self._follow_table()
-                self._from_member(message_type, sender, body)
+                if message_type != "data.batch":
+                    self._emit(self._from_member(message_type, sender, body))
+                    return
+                if type(body) is not list or not all(type(item) is tuple and len(item) == 2
+                                                     and item[0] in _MEMBER_MESSAGES for item in body):
+                    raise GridError(f"a 'data.batch' body is [(member message type, body)], not "
+                                    f"{messaging.shorten(body)}")
+                out: list = []
+                failed = None
+                for inner_type, inner_body in body:
+                    try:
+                        out += self._from_member(inner_type, sender, inner_body)
+                    except Exception as exc:  # noqa: BLE001 - the rest still counts; the Router logs it
+                        failed = failed or exc
+                self._emit(out)
+                if failed is not None:
+                    raise failed
         return handler
 
     # -- the data thread ---------------------------------------------------------------------------------
@@ -387,7 +441,8 @@ class DataService:
             with self._lock:
                 self._merger = None
 
-    def _op(self, result: Future, partition: int, op: Op) -> None:
+    def _op(self, result: Future, partition: int, op: Op, emit: list | None = None) -> None:
+        """Run ``op`` for ``result`` (a Future or an Answer); its outputs emitted, or added to ``emit``."""
         if not result.set_running_or_notify_cancel():
             return
         if not 0 <= partition < self.node.table.partitions:
@@ -402,6 +457,8 @@ class DataService:
                 f"{self._quorum} (a network split, or members down; it goes on once they are back)"))
             return
         out = self.node.on_op(result, partition, op)
+        if emit is not None:
+            emit += out
         if op.kind == "map":
             counts = self._counts.get(op.name)
             if counts is None:
@@ -409,9 +466,10 @@ class DataService:
             counts[0] += 1
             if op.action == "get" and out and type(out[0]) is Reply and out[0].result is not None:
                 counts[1] += 1
-        self._emit(out)
+        if emit is None:
+            self._emit(out)
 
-    def _from_member(self, message_type: str, sender: str, body) -> None:
+    def _from_member(self, message_type: str, sender: str, body) -> list:
         node = self.node
         if message_type == "data.rep":
             write_id, record = body
@@ -433,14 +491,25 @@ class DataService:
         else:  # "data.none"
             partition, table_version = body
             out = node.on_none(sender, partition, table_version)
-        self._emit(out)
+        return out
 
     def _emit(self, outputs) -> None:
+        """Replies, then each member's messages: in their order, in one "data.batch" when several
+        (a put_all's records to a backup, and its acks back, travel as one message each way)."""
+        sends = None
         for output in outputs:
-            if isinstance(output, Send):
-                self._send(output.to, output.message_type, output.body)
-            elif isinstance(output, Reply):
+            if type(output) is Send:
+                if sends is None:
+                    sends = {}
+                sends.setdefault(output.to, []).append((output.message_type, output.body))
+            elif type(output) is Reply:
                 self._reply(output)
+        if sends is not None:
+            for uuid, messages in sends.items():
+                if len(messages) == 1:
+                    self._send(uuid, *messages[0])
+                else:
+                    self._send(uuid, "data.batch", messages)
 
     def _reply(self, reply: Reply) -> None:
         if reply.effects:

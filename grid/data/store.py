@@ -72,6 +72,29 @@ class Op:
     limits: tuple = ()  # a map's writes: (ttl, max_idle, max_size), see limits(); () for none
 
 
+def op_fields(op: Op, table_version: int) -> tuple:
+    """``op`` as it travels, for ``table_version``: a plain tuple, which pickles in a fifth of the
+    time a dataclass does (on both ends, for every op)."""
+    return (op.kind, op.name, op.action, op.args, op.call_id, table_version, op.limits)
+
+
+def op_from_fields(fields) -> Op | None:
+    """The Op that ``op_fields`` made, or None if ``fields`` is not well formed (off the wire)."""
+    if type(fields) is not tuple or len(fields) != 7:
+        return None
+    kind, name, action, args, call_id, table_version, op_limits = fields
+    if (type(kind) is not str or type(name) is not str or type(action) is not str or type(args) is not tuple
+            or call_id is not None and type(call_id) is not str or type(table_version) is not int
+            or type(op_limits) is not tuple or len(op_limits) not in (0, 3)):
+        return None
+    if op_limits:
+        try:
+            limits(*op_limits)
+        except (TypeError, ValueError):
+            return None
+    return Op(kind, name, action, args, call_id, table_version, op_limits)
+
+
 @dataclasses.dataclass(frozen=True)
 class Record:
     """A write as its owner applied it: what a backup applies, in ``seq`` order."""

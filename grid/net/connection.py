@@ -343,23 +343,34 @@ class Connection:
         The Future fails with ConnectionClosed if the connection closes first.
         """
         future: Future = Future()
-        with self._lock:
-            request_id = next(self._request_ids)
-            self._pending[request_id] = future
 
         def forget_if_cancelled(done: Future) -> None:  # a caller that gives up must not leak its entry
             if done.cancelled():
-                with self._lock:
-                    self._pending.pop(request_id, None)
+                self.forget_request(future.request_id)
 
         future.add_done_callback(forget_if_cancelled)
+        self.request_into(future, payload, flags=flags)
+        return future
+
+    def request_into(self, slot, payload, *, flags: int = 0) -> None:
+        """Send a REQUEST frame whose RESPONSE ``Frame`` goes to ``slot`` (``set_result``, or
+        ``set_exception`` once the connection closes): a Future, or anything as lean with those
+        methods and ``set_running_or_notify_cancel`` (``messaging.Call``). Sets ``slot.request_id``."""
+        with self._lock:
+            request_id = next(self._request_ids)
+            self._pending[request_id] = slot
+        slot.request_id = request_id
         try:
             self.send_frame(Kind.REQUEST, payload, request_id=request_id, flags=flags)
         except ConnectionClosed as exc:
             with self._lock:
                 self._pending.pop(request_id, None)
-            future.set_exception(exc)
-        return future
+            slot.set_exception(exc)
+
+    def forget_request(self, request_id: int) -> None:
+        """Stop waiting for the answer to ``request_id`` (it is dropped when it comes)."""
+        with self._lock:
+            self._pending.pop(request_id, None)
 
     def respond(self, request_id: int, payload, *, error: bool = False) -> None:
         """Answer the REQUEST ``request_id``; ``error`` marks the payload as a failure.

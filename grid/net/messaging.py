@@ -8,6 +8,7 @@ message type nobody registered with an error that names it.
 from __future__ import annotations
 
 import logging
+import threading
 from concurrent.futures import Future
 
 from ..errors import GridError, RemoteError
@@ -30,7 +31,7 @@ class Router:
     """The table of message handlers: ``handler(conn, body) -> result``.
 
     A handler runs on the IO thread and must be quick. For a REQUEST it may
-    return a ``Future``; the response is sent when the Future completes.
+    return a ``Future`` or an ``Answer``; the response is sent when it completes.
 
     Frames normally arrive on the IO thread. A link whose reading is lent to another
     thread (``Connection.lend_reading``) delivers them there: the message is decoded on
@@ -100,7 +101,9 @@ class Router:
                 self._failed(conn, message_type, body, exc)
             _respond_error(conn, frame.request_id, exc)
             return
-        if isinstance(result, Future):
+        if type(result) is Answer:
+            result.attach(conn, frame.request_id)
+        elif isinstance(result, Future):
             result.add_done_callback(lambda done: _respond_future(conn, frame.request_id, done))
         else:
             _respond(conn, frame.request_id, result)
@@ -152,6 +155,24 @@ def _respond_future(conn, request_id: int, done: Future) -> None:
         _respond(conn, request_id, done.result())
 
 
+def response_value(frame, message_type: str = "a request"):
+    """A RESPONSE frame's value (the answer to ``message_type``): the handler's result, or its error raised.
+
+    Raises:
+        GridError: the response cannot be decoded.
+    """
+    try:
+        if frame.flags & MULTIPART_BIT:
+            value = serialize.loads_parts(split_parts(frame))
+        else:
+            value = serialize.loads(frame.payload)
+    except Exception as exc:
+        raise GridError(f"undecodable response to {message_type!r}: {exc}") from exc
+    if frame.flags & ERROR_BIT:
+        raise value if isinstance(value, BaseException) else RemoteError(str(value))
+    return value
+
+
 def close_with_goodbye(conn, reason: str) -> None:
     """Close ``conn`` after a ``goodbye`` saying why, so the peer's error can name the reason."""
     try:
@@ -188,19 +209,135 @@ def request(conn, message_type: str, body) -> Future:
         if error is not None:
             result.set_exception(error)
             return
-        frame = done.result()
         try:
-            if frame.flags & MULTIPART_BIT:
-                value = serialize.loads_parts(split_parts(frame))
-            else:
-                value = serialize.loads(frame.payload)
-        except Exception as exc:
-            result.set_exception(GridError(f"undecodable response to {message_type!r}: {exc}"))
-            return
-        if frame.flags & ERROR_BIT:
-            result.set_exception(value if isinstance(value, BaseException) else RemoteError(str(value)))
+            value = response_value(done.result(), message_type)
+        except BaseException as exc:  # noqa: BLE001 - the handler's error, or an undecodable answer
+            result.set_exception(exc)
         else:
             result.set_result(value)
 
     raw.add_done_callback(decode)
     return result
+
+
+# -- the lean pair: a request's answer without a Future on either side ---------------------------------
+# A Future costs about 8 µs to make, wait on and complete (a Condition, a lock, a list of
+# callbacks), and a request made of Futures had four of them on its way: as much as the rest of
+# a small request's trip through Python. The data ops, which are that small and that many, use
+# these instead.
+
+_get_ident = threading.get_ident
+
+
+class Call:
+    """A request's answer, awaited by the thread that made it (``call``).
+
+    ``ready`` turns True once the response frame, or the link's failure, is in. The thread that
+    reads the response may be the caller itself (a lent link, ``net/lending.py``): then nothing
+    else happens. Read by another thread, ``wake()`` is called, to wake the caller.
+    """
+
+    __slots__ = ("ready", "frame", "error", "request_id", "_conn", "_caller", "_wake")
+
+    def __init__(self, wake=None):
+        self.ready = False
+        self.frame = None
+        self.error: BaseException | None = None
+        self.request_id = 0
+        self._conn = None
+        self._caller = _get_ident()
+        self._wake = wake
+
+    # (the connection's side: what it does with a pending request)
+    def done(self) -> bool:
+        return self.ready
+
+    def set_running_or_notify_cancel(self) -> bool:
+        return True
+
+    def set_result(self, frame) -> None:
+        self.frame = frame
+        self.ready = True
+        if self._wake is not None and _get_ident() != self._caller:
+            self._wake()
+
+    def set_exception(self, error: BaseException) -> None:
+        self.error = error
+        self.ready = True
+        if self._wake is not None and _get_ident() != self._caller:
+            self._wake()
+
+    def result(self):
+        """The handler's result, or its error raised (only once ``ready``)."""
+        if self.error is not None:
+            raise self.error
+        return response_value(self.frame)
+
+    def abandon(self) -> None:
+        """The caller stopped waiting: forget the request (a late answer is dropped)."""
+        if self._conn is not None and not self.ready:
+            self._conn.forget_request(self.request_id)
+
+
+def call(conn, message_type: str, body, wake=None) -> Call:
+    """Send a request; the returned ``Call`` turns ``ready`` with its answer (see ``Call``).
+
+    Raises:
+        SerializationError: the body cannot travel.
+    """
+    slot = Call(wake)
+    slot._conn = conn
+    conn.request_into(slot, serialize.dumps((message_type, body)))
+    return slot
+
+
+class Answer:
+    """What a handler returns for an answer that comes later, lighter than a Future.
+
+    The handler's side completes it with ``set_result``/``set_exception`` (from any thread, at
+    most once); the Router sends it as the response once both that and ``attach`` happened.
+    """
+
+    __slots__ = ("_lock", "_state", "_value", "_conn", "_request_id")
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._state = 0  # 0: waiting, 1: a result, 2: an error
+        self._value = None
+        self._conn = None
+        self._request_id = 0
+
+    def done(self) -> bool:
+        return self._state != 0
+
+    def set_running_or_notify_cancel(self) -> bool:
+        return True  # (an Answer is never cancelled)
+
+    def set_result(self, value) -> None:
+        self._complete(1, value)
+
+    def set_exception(self, error: BaseException) -> None:
+        self._complete(2, error)
+
+    def _complete(self, state: int, value) -> None:
+        with self._lock:
+            if self._state:
+                return
+            self._state, self._value = state, value
+            conn = self._conn
+        if conn is not None:
+            self._send(conn)
+
+    def attach(self, conn, request_id: int) -> None:
+        """(The Router) the request this answers; sent now if it is complete already."""
+        with self._lock:
+            self._conn, self._request_id = conn, request_id
+            state = self._state
+        if state:
+            self._send(conn)
+
+    def _send(self, conn) -> None:
+        if self._state == 1:
+            _respond(conn, self._request_id, self._value)
+        else:
+            _respond_error(conn, self._request_id, self._value)

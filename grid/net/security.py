@@ -52,7 +52,7 @@ import ssl
 from ..errors import ConfigError, HandshakeError
 from .wire import HANDSHAKE_LIMIT, Kind
 
-PROTOCOL_VERSION = 4  # 2: the session keys and the frame MAC, `to` and `at`; 3: a map chunk may be a range; 4: a data Op carries its map's limits
+PROTOCOL_VERSION = 5  # 2: the session keys and the frame MAC, `to` and `at`; 3: a map chunk may be a range; 4: a data Op carries its map's limits; 5: a data op travels as a tuple of its fields
 MAC_SIZE = 32
 _NONCE_BYTES = 16
 
