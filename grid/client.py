@@ -26,8 +26,10 @@ from .cluster.partitions import width as partition_width
 from .code import livecode, patches
 from .data import processing
 from .data.counter import Counter
+from .data.dlist import DList
 from .data.dmap import RESERVED_PREFIX, DMap
 from .data.dqueue import DQueue
+from .data.dset import DSet
 from .data.events import EventHub
 from .data.remote import RemoteBackend
 from .data.store import SplitBrainProtection
@@ -160,15 +162,33 @@ class Cluster:
         structure.on_destroy = lambda: self._forget_object(name)
         return structure
 
+    def get_list(self, name: str) -> DList:
+        """The distributed list ``name`` (a ``MutableSequence``), with list's methods and errors."""
+        structure = DList(name, self._data_backend())
+        self._claim(name, "list")
+        structure.on_destroy = lambda: self._forget_object(name)
+        return structure
+
+    def get_set(self, name: str) -> DSet:
+        """The distributed set ``name`` (a ``MutableSet``), with set's methods and errors; its
+        operators return plain sets."""
+        structure = DSet(name, self._data_backend())
+        self._claim(name, "set")
+        structure.on_destroy = lambda: self._forget_object(name)
+        return structure
+
     def objects(self) -> dict:
         """``{name: {"kind": kind, "size": size}}`` of every distributed structure on this cluster:
-        a map's entries, a queue's items, 1 for a counter (each size is asked of the owners)."""
+        a map's entries, a queue's, list's or set's items, 1 for a counter (each size is asked of
+        the owners)."""
         found = {}
         for name, kind in dict(self._catalog()).items():
             if kind == "map":
                 size = len(DMap(name, self._data_backend(), internal=True))
             elif kind == "queue":
                 size = DQueue(name, self._data_backend()).qsize()
+            elif kind in ("list", "set"):
+                size = len((DList if kind == "list" else DSet)(name, self._data_backend()))
             else:
                 size = 1
             found[name] = {"kind": kind, "size": size}

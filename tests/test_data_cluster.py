@@ -63,20 +63,29 @@ def test_a_name_is_one_kind_of_structure_and_objects_lists_them(local_cluster):
         first.get_map("orders")["a"] = 1
         first.get_queue("work").put("job")
         first.get_counter("hits")
+        first.get_list("steps").extend(["a", "b"])
+        first.get_set("tags").update({"x", "y", "z"})
         with pytest.raises(TypeError, match="'orders' is a distributed map on this cluster, not a queue"):
             second.get_queue("orders")
+        with pytest.raises(TypeError, match="get_list\\('steps'\\)"):
+            second.get_set("steps")
+        with pytest.raises(TypeError, match="'tags' is a distributed set on this cluster, not a list"):
+            second.get_list("tags")
         with pytest.raises(TypeError, match="get_queue\\('work'\\)"):
             second.get_counter("work")
         with pytest.raises(ValueError, match="grid's own"):
             second.get_map("__grid.catalog")
         assert second.objects() == {"orders": {"kind": "map", "size": 1}, "work": {"kind": "queue", "size": 1},
-                                    "hits": {"kind": "counter", "size": 1}}
+                                    "hits": {"kind": "counter", "size": 1}, "steps": {"kind": "list", "size": 2},
+                                    "tags": {"kind": "set", "size": 3}}
         assert second.get_map("orders")["a"] == 1
 
         first.get_map("orders").destroy()
         first.get_queue("work").destroy()
         first.get_counter("hits").increment_and_get()
         first.get_counter("hits").destroy()
+        first.get_list("steps").destroy()
+        first.get_set("tags").destroy()
         assert second.objects() == {}, "destroy() removes the structure and its name, cluster-wide"
         second.get_queue("orders").put("a queue now: the name is free again")
         assert second.get_counter("hits").get() == 0 and second.get_queue("work").qsize() == 0
@@ -97,6 +106,11 @@ def _fill(client, keys: int = 300):
     items = client.get_queue("items")
     for item in range(10):
         items.put(item)
+    steps, seen = client.get_list("steps"), client.get_set("seen")
+    for item in range(10):
+        steps.insert(0, item)
+        seen.add(item % 4)
+    steps.sort()
 
 
 def _check(client, keys: int = 300):
@@ -105,6 +119,7 @@ def _check(client, keys: int = 300):
     assert not missing, f"{len(missing)} acknowledged writes lost, e.g. keys {missing[:5]}"
     assert client.get_counter("writes").get() == 60
     assert client.get_queue("items").qsize() == 10
+    assert client.get_list("steps") == list(range(10)) and client.get_set("seen") == {0, 1, 2, 3}
 
 
 @pytest.mark.parametrize("victim", [0, 2], ids=["the master", "another member"])
@@ -446,7 +461,7 @@ def test_map_stats_say_what_each_member_holds_and_answered(local_cluster):
 @pytest.mark.parametrize("policy", ["put_if_absent", "latest_update"])
 def test_after_a_split_heals_the_smaller_sides_writes_merge_by_the_merge_policy(local_cluster, policy):
     """Without split_brain_protection both sides take writes. The smaller side used to drop all of
-    it on the heal (it rejoined as if frozen); now its entries, queues and counters merge in."""
+    it on the heal (it rejoined as if frozen); now its entries, queues, lists, sets and counters merge in."""
     cluster = local_cluster(3, merge_policy=policy, heartbeat_interval=0.2, failure_timeout=1.5)
     client = cluster.connect()
     lonely = grid.connect(cluster.config(2))
@@ -462,6 +477,9 @@ def test_after_a_split_heals_the_smaller_sides_writes_merge_by_the_merge_policy(
         lonely.get_map("split").update({f"minority-{n}": n for n in range(50)})
         lonely.get_counter("minority-count").add_and_get(7)
         lonely.get_queue("minority-jobs").put("job")
+        lonely.get_list("minority-list").extend([1, 2])
+        client.get_set("both-sets").add("majority")
+        lonely.get_set("both-sets").update({"minority", "majority"})
         cluster.heal()
         wait_for(lambda: len(client.members()) == 3, WAIT)
         merged = client.get_map("split")
@@ -471,6 +489,8 @@ def test_after_a_split_heals_the_smaller_sides_writes_merge_by_the_merge_policy(
         assert merged["before"] == "both sides"
         wait_for(lambda: client.get_counter("minority-count").get() == 7, WAIT)
         assert client.get_queue("minority-jobs").get(timeout=WAIT) == "job"
+        wait_for(lambda: client.get_list("minority-list") == [1, 2], WAIT)
+        wait_for(lambda: client.get_set("both-sets") == {"majority", "minority"}, WAIT)  # (a set merges member by member)
     finally:
         lonely.close()
         client.close()

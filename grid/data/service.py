@@ -38,7 +38,7 @@ from ..net import messaging
 from .events import MemberListeners
 from .node import DataNode, Reply, Send
 from .remote import RemoteBackend
-from .store import COUNTER, MAP, QUEUE, CallIds, Op, Record, SplitBrainProtection, is_write, op_from_fields
+from .store import COUNTER, LIST, MAP, QUEUE, SET, CallIds, Op, Record, SplitBrainProtection, is_write, op_from_fields
 
 log = logging.getLogger("grid.data")
 
@@ -415,7 +415,7 @@ class DataService:
 
     def _merge(self, replicas) -> None:
         """The data of this member's side of a healed split, into the cluster it joined (thread
-        "grid-merge"): each entry, queue and counter as a "merge" write at its owner, by merge_policy."""
+        "grid-merge"): each entry, queue, list, set and counter as a "merge" write at its owner, by merge_policy."""
         backend = RemoteBackend(transport=self._transport, members=self._membership.members,
                                 table=self._membership.partitions, local=self, timeout=60.0)
         calls, merged, items = CallIds(), 0, []
@@ -428,6 +428,10 @@ class DataService:
                                   for key, data in value.items()]
                     elif kind == QUEUE:
                         items.append((replica.partition, Op(QUEUE, name, "merge", (tuple(value["items"]),), calls.next())))
+                    elif kind == LIST:  # (as a queue: taken whole, if the other side has no such list)
+                        items.append((replica.partition, Op(LIST, name, "merge", (tuple(value["items"]),), calls.next())))
+                    elif kind == SET:  # (member by member: the ones the other side lacks)
+                        items.append((replica.partition, Op(SET, name, "merge", (tuple(value),), calls.next())))
                     else:
                         items.append((replica.partition, Op(COUNTER, name, "merge", (value,), calls.next())))
             for start in range(0, len(items), 500):

@@ -36,9 +36,11 @@ import uuid as uuid_module
 from typing import Any
 
 from ..errors import GridError
+from . import lists
+from .lists import LIST, SET
 
 MAP, QUEUE, COUNTER = "map", "queue", "counter"
-KINDS = (MAP, QUEUE, COUNTER)
+KINDS = (MAP, QUEUE, COUNTER, LIST, SET)
 _CALL_IDS = 4096  # call ids (and their results) a replica remembers, the newest
 
 
@@ -49,6 +51,18 @@ class StoreError(Exception):
 class Fenced(StoreError):
     """A record or op from a partition table older than the one this replica follows: its sender is
     no longer the owner (a paused or partitioned ex-owner), so it must not be applied or acknowledged."""
+
+
+class Refused(StoreError):
+    """An op refused as the Python structure refuses it (a list's IndexError, say): ``error`` names
+    the error the caller raises, with this message."""
+
+    def __init__(self, message: str, error: str):
+        super().__init__(message)
+        self.error = error
+
+    def __reduce__(self):
+        return (Refused, (str(self), self.error))
 
 
 class OutOfOrder(StoreError):
@@ -132,12 +146,14 @@ _READS = {
     MAP: {"get", "contains", "size", "keys", "entries", "get_all"},
     QUEUE: {"size", "peek", "unfinished"},
     COUNTER: {"get"},
+    **lists.READS,
 }
 _WRITES = {
     MAP: {"put", "set", "put_if_absent", "replace", "replace_if_same", "remove", "remove_if_same", "delete",
           "put_all", "clear", "expire", "evict", "merge"},
     QUEUE: {"offer", "offer_all", "poll", "task_done", "clear", "destroy", "merge"},
     COUNTER: {"set", "add_and_get", "get_and_add", "compare_and_set", "destroy", "merge"},
+    **lists.WRITES,
 }
 
 
@@ -286,6 +302,12 @@ class Replica:
         if op.kind not in KINDS:
             raise StoreError(f"unknown structure kind {op.kind!r} (known: {', '.join(KINDS)})")
         if op.action in _READS[op.kind]:
+            if op.kind in _LISTS:
+                try:
+                    return Outcome(lists.read(op.kind, self._structures.get((op.kind, op.name)), op.action, op.args),
+                                   None)
+                except lists.Refused as exc:
+                    raise Refused(str(exc), exc.error) from None
             return Outcome(self._read(op), None)
         if op.action not in _WRITES[op.kind]:
             known = sorted(_READS[op.kind] | _WRITES[op.kind])
@@ -293,7 +315,15 @@ class Replica:
         if op.call_id is not None and op.call_id in self._calls:
             return Outcome(self._calls[op.call_id], None)  # a retry: applied once already
         self._limits = op.limits or _NO_LIMITS
-        result, effects = getattr(self, f"_{op.kind}_{op.action}")(op.name, *op.args)
+        if op.kind in _LISTS:
+            stamp = (max(op.table_version, self.table_version), self.seq + 1)  # (the record's, if it makes one)
+            try:
+                result, effects = lists.write(op.kind, op.name, self._structures.get((op.kind, op.name)), op.action,
+                                              op.args, stamp)
+            except lists.Refused as exc:
+                raise Refused(str(exc), exc.error) from None
+        else:
+            result, effects = getattr(self, f"_{op.kind}_{op.action}")(op.name, *op.args)
         if not effects and op.call_id is None:
             return Outcome(result, None)
         self.seq += 1
@@ -339,6 +369,8 @@ class Replica:
                 structures.append((kind, name, dict(value)))
             elif kind == QUEUE:
                 structures.append((kind, name, {"items": list(value["items"]), "unfinished": value["unfinished"]}))
+            elif kind in _LISTS:
+                structures.append((kind, name, lists.copy(kind, value)))
             else:
                 structures.append((kind, name, value))
         return {"partition": self.partition, "seq": self.seq, "table_version": self.table_version,
@@ -357,6 +389,8 @@ class Replica:
             elif kind == QUEUE:
                 replica._structures[kind, name] = {"items": collections.deque(value["items"]),
                                                    "unfinished": value["unfinished"]}
+            elif kind in _LISTS:
+                replica._structures[kind, name] = lists.copy(kind, value)
             else:
                 replica._structures[kind, name] = value
         replica._calls.update(snapshot["calls"])
@@ -402,7 +436,8 @@ class Replica:
 
     def structures(self) -> list[tuple[str, str, int]]:
         """``(kind, name, size)`` of each structure here (a counter's size is 1)."""
-        return [(kind, name, len(value) if kind == MAP else len(value["items"]) if kind == QUEUE else 1)
+        return [(kind, name, len(value) if kind == MAP else len(value["items"]) if kind == QUEUE else
+                 lists.size(kind, value) if kind in _LISTS else 1)
                 for (kind, name), value in self._structures.items()]
 
     def destroy(self, kind: str, name: str) -> bool:
@@ -695,9 +730,17 @@ def _effect_value(replica: Replica, kind, name, value) -> None:
     replica._structures[kind, name] = value
 
 
+def _on_structures(effect):
+    """A list or set effect (``lists``), which works on the replica's structures."""
+    return lambda replica, kind, name, *args: effect(replica._structures, name, *args)
+
+
 _EFFECTS = {"set": _effect_set, "add": _effect_set, "meta": _effect_meta, "del": _effect_del, "expire": _effect_del,
             "evict": _effect_del, "clear": _effect_clear, "push": _effect_push, "pop": _effect_pop,
-            "unfinished": _effect_unfinished, "value": _effect_value}
+            "unfinished": _effect_unfinished, "value": _effect_value,
+            **{name: _on_structures(getattr(lists, f"effect_{name}")) for name in
+               ("list_insert", "list_delete", "list_put", "list_value", "set_add", "set_discard")}}
+_LISTS = (LIST, SET)
 
 
 def over_capacity(replicas, name: str, max_size: int, partitions: int, owned: int | None = None) -> list:
