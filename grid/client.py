@@ -30,6 +30,7 @@ from .data.dlist import DList
 from .data.dmap import RESERVED_PREFIX, DMap
 from .data.dqueue import DQueue
 from .data.dset import DSet
+from .data.multimap import MultiMap
 from .data.events import EventHub
 from .data.remote import RemoteBackend
 from .data.store import SplitBrainProtection
@@ -177,18 +178,25 @@ class Cluster:
         structure.on_destroy = lambda: self._forget_object(name)
         return structure
 
+    def get_multimap(self, name: str) -> MultiMap:
+        """The distributed multimap ``name``: keys with a list of values each, partitioned by key."""
+        structure = MultiMap(name, self._data_backend())
+        self._claim(name, "multimap")
+        structure.on_destroy = lambda: self._forget_object(name)
+        return structure
+
     def objects(self) -> dict:
         """``{name: {"kind": kind, "size": size}}`` of every distributed structure on this cluster:
-        a map's entries, a queue's, list's or set's items, 1 for a counter (each size is asked of
-        the owners)."""
+        a map's entries, a queue's, list's or set's items, a multimap's values, 1 for a counter (each
+        size is asked of the owners)."""
         found = {}
         for name, kind in dict(self._catalog()).items():
             if kind == "map":
                 size = len(DMap(name, self._data_backend(), internal=True))
             elif kind == "queue":
                 size = DQueue(name, self._data_backend()).qsize()
-            elif kind in ("list", "set"):
-                size = len((DList if kind == "list" else DSet)(name, self._data_backend()))
+            elif kind in ("list", "set", "multimap"):
+                size = len({"list": DList, "set": DSet, "multimap": MultiMap}[kind](name, self._data_backend()))
             else:
                 size = 1
             found[name] = {"kind": kind, "size": size}

@@ -65,6 +65,8 @@ def test_a_name_is_one_kind_of_structure_and_objects_lists_them(local_cluster):
         first.get_counter("hits")
         first.get_list("steps").extend(["a", "b"])
         first.get_set("tags").update({"x", "y", "z"})
+        first.get_multimap("owners").put("ann", 1)
+        first.get_multimap("owners").put("ann", 2)
         with pytest.raises(TypeError, match="'orders' is a distributed map on this cluster, not a queue"):
             second.get_queue("orders")
         with pytest.raises(TypeError, match="get_list\\('steps'\\)"):
@@ -77,7 +79,7 @@ def test_a_name_is_one_kind_of_structure_and_objects_lists_them(local_cluster):
             second.get_map("__grid.catalog")
         assert second.objects() == {"orders": {"kind": "map", "size": 1}, "work": {"kind": "queue", "size": 1},
                                     "hits": {"kind": "counter", "size": 1}, "steps": {"kind": "list", "size": 2},
-                                    "tags": {"kind": "set", "size": 3}}
+                                    "tags": {"kind": "set", "size": 3}, "owners": {"kind": "multimap", "size": 2}}
         assert second.get_map("orders")["a"] == 1
 
         first.get_map("orders").destroy()
@@ -86,6 +88,7 @@ def test_a_name_is_one_kind_of_structure_and_objects_lists_them(local_cluster):
         first.get_counter("hits").destroy()
         first.get_list("steps").destroy()
         first.get_set("tags").destroy()
+        first.get_multimap("owners").destroy()
         assert second.objects() == {}, "destroy() removes the structure and its name, cluster-wide"
         second.get_queue("orders").put("a queue now: the name is free again")
         assert second.get_counter("hits").get() == 0 and second.get_queue("work").qsize() == 0
@@ -111,6 +114,9 @@ def _fill(client, keys: int = 300):
         steps.insert(0, item)
         seen.add(item % 4)
     steps.sort()
+    owners = client.get_multimap("owners")
+    for item in range(30):
+        owners.put(item % 7, item)
 
 
 def _check(client, keys: int = 300):
@@ -120,6 +126,8 @@ def _check(client, keys: int = 300):
     assert client.get_counter("writes").get() == 60
     assert client.get_queue("items").qsize() == 10
     assert client.get_list("steps") == list(range(10)) and client.get_set("seen") == {0, 1, 2, 3}
+    owners = client.get_multimap("owners")
+    assert len(owners) == 30 and all(owners.get(key) == list(range(key, 30, 7)) for key in range(7))
 
 
 @pytest.mark.parametrize("victim", [0, 2], ids=["the master", "another member"])
@@ -480,6 +488,7 @@ def test_after_a_split_heals_the_smaller_sides_writes_merge_by_the_merge_policy(
         lonely.get_list("minority-list").extend([1, 2])
         client.get_set("both-sets").add("majority")
         lonely.get_set("both-sets").update({"minority", "majority"})
+        lonely.get_multimap("minority-multimap").put("k", "v")
         cluster.heal()
         wait_for(lambda: len(client.members()) == 3, WAIT)
         merged = client.get_map("split")
@@ -491,6 +500,7 @@ def test_after_a_split_heals_the_smaller_sides_writes_merge_by_the_merge_policy(
         assert client.get_queue("minority-jobs").get(timeout=WAIT) == "job"
         wait_for(lambda: client.get_list("minority-list") == [1, 2], WAIT)
         wait_for(lambda: client.get_set("both-sets") == {"majority", "minority"}, WAIT)  # (a set merges member by member)
+        wait_for(lambda: client.get_multimap("minority-multimap").get("k") == ["v"], WAIT)
     finally:
         lonely.close()
         client.close()

@@ -1,4 +1,5 @@
-"""The list and set kinds of the store: what their ops read and write in a replica, as data without IO.
+"""The list, set and multimap kinds of the store: what their ops read and write in a replica, as data
+without IO.
 
 ::
 
@@ -8,8 +9,10 @@
               ("list_put", stamp, index, item) ("list_value", stamp, items)
               each sets the list's version to its stamp: (table version, record seq) of the write
         set:  ("set_add", items) ("set_discard", items)
+        multimap: ("mm_add", key, value) ("mm_remove", key, value or None for all of the key's)
 
-A list or a set lives wholly in the partition of its name (as a queue does). Items are bytes,
+A list or a set lives wholly in the partition of its name (as a queue does); a multimap's keys
+are spread over the partitions as a map's, each with the list of its values. Items are bytes,
 pickled by the caller: an owner never unpickles one, so it can do by position what a list does by
 position (index, insert, pop, slices, reverse) and by equal bytes what a set does by equal members
 (the serialized form, as a map's keys: ``1`` and ``1.0`` are two members). What needs Python's
@@ -24,16 +27,18 @@ An op that the Python structure would refuse raises ``Refused`` naming the error
 
 from __future__ import annotations
 
-LIST, SET = "list", "set"
+LIST, SET, MULTIMAP = "list", "set", "multimap"
 
 READS = {
     LIST: {"len", "all", "get", "slice"},
     SET: {"len", "contains", "all"},
+    MULTIMAP: {"get", "count", "size", "keys", "entries", "contains_entry"},
 }
 WRITES = {
     LIST: {"append", "extend", "insert", "set", "set_slice", "delete", "delete_slice", "pop", "reverse",
            "delete_if_version", "replace_if_version", "clear", "destroy", "merge"},
     SET: {"add", "add_all", "discard", "discard_all", "retain", "pop", "clear", "destroy", "merge"},
+    MULTIMAP: {"put", "remove", "clear", "merge"},
 }
 
 
@@ -50,6 +55,8 @@ def empty(kind: str):
 
 
 def size(kind: str, value) -> int:
+    if kind == MULTIMAP:
+        return sum(len(values) for values in value.values())
     return len(value["items"]) if kind == LIST else len(value)
 
 
@@ -57,6 +64,8 @@ def copy(kind: str, value):
     """A copy that shares nothing mutable with ``value`` (a snapshot's, or a restored replica's)."""
     if kind == LIST:
         return {"items": list(value["items"]), "version": value["version"]}
+    if kind == MULTIMAP:
+        return {key: list(values) for key, values in value.items()}
     return dict(value)
 
 
@@ -67,6 +76,18 @@ def read(kind: str, value, action: str, args: tuple):
     """A read's result (``value`` None: the structure does not exist, which reads as empty)."""
     if value is None:
         value = empty(kind)
+    if kind == MULTIMAP:
+        if action == "get":
+            return list(value.get(args[0], ()))
+        if action == "count":
+            return len(value.get(args[0], ()))
+        if action == "size":
+            return size(MULTIMAP, value)
+        if action == "keys":
+            return list(value)
+        if action == "contains_entry":
+            return args[1] in value.get(args[0], ())
+        return [(key, list(values)) for key, values in value.items()]  # entries
     if kind == SET:
         if action == "len":
             return len(value)
@@ -97,6 +118,8 @@ def write(kind: str, name: str, value, action: str, args: tuple, stamp: tuple) -
         value = empty(kind)
     if kind == SET:
         return _SET_WRITES[action](name, value, exists, *args)
+    if kind == MULTIMAP:
+        return _MULTIMAP_WRITES[action](name, value, *args)
     return _LIST_WRITES[action](_Write(name, stamp), value, exists, *args)
 
 
@@ -264,6 +287,36 @@ _SET_WRITES = {"add": _set_add, "add_all": _set_add_all, "discard": _set_discard
                "merge": _set_merge}
 
 
+def _multimap_put(name, value, key, item):
+    return None, [(MULTIMAP, name, "mm_add", (key, item))]
+
+
+def _multimap_remove(name, value, key, item=None):
+    """``item`` None: every value of ``key`` (the list of them); else one value equal to it (True if one was)."""
+    values = value.get(key, ())
+    if item is None:
+        return list(values), ([(MULTIMAP, name, "mm_remove", (key, None))] if values else [])
+    if item not in values:
+        return False, []
+    return True, [(MULTIMAP, name, "mm_remove", (key, item))]
+
+
+def _multimap_clear(name, value):
+    """This partition's part of a multimap cleared: how many values it held."""
+    return size(MULTIMAP, value), [(MULTIMAP, name, "mm_remove", (key, None)) for key in value]
+
+
+def _multimap_merge(name, value, key, items):
+    """After a split healed: the smaller side's values of ``key``, if this side has none."""
+    if key in value or not items:
+        return False, []
+    return True, [(MULTIMAP, name, "mm_add", (key, item)) for item in items]
+
+
+_MULTIMAP_WRITES = {"put": _multimap_put, "remove": _multimap_remove, "clear": _multimap_clear,
+                    "merge": _multimap_merge}
+
+
 # -- effects: applied alike on the owner and the backups --------------------------------------------------
 
 
@@ -300,3 +353,22 @@ def effect_set_discard(structures: dict, name: str, items: tuple) -> None:
     if members is not None:
         for item in items:
             members.pop(item, None)
+
+
+def effect_mm_add(structures: dict, name: str, key: bytes, item: bytes) -> None:
+    structures.setdefault((MULTIMAP, name), {}).setdefault(key, []).append(item)
+
+
+def effect_mm_remove(structures: dict, name: str, key: bytes, item) -> None:
+    keys = structures.get((MULTIMAP, name))
+    values = keys.get(key) if keys is not None else None
+    if values is None:
+        return
+    if item is None:
+        values.clear()
+    elif item in values:
+        values.remove(item)
+    if not values:
+        del keys[key]
+        if not keys:
+            del structures[MULTIMAP, name]

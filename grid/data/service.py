@@ -38,7 +38,7 @@ from ..net import messaging
 from .events import MemberListeners
 from .node import DataNode, Reply, Send
 from .remote import RemoteBackend
-from .store import COUNTER, LIST, MAP, QUEUE, SET, CallIds, Op, Record, SplitBrainProtection, is_write, op_from_fields
+from .store import COUNTER, LIST, MAP, MULTIMAP, QUEUE, SET, CallIds, Op, Record, SplitBrainProtection, is_write, op_from_fields
 
 log = logging.getLogger("grid.data")
 
@@ -432,6 +432,9 @@ class DataService:
                         items.append((replica.partition, Op(LIST, name, "merge", (tuple(value["items"]),), calls.next())))
                     elif kind == SET:  # (member by member: the ones the other side lacks)
                         items.append((replica.partition, Op(SET, name, "merge", (tuple(value),), calls.next())))
+                    elif kind == MULTIMAP:  # (key by key: the values of a key the other side lacks)
+                        items += [(replica.partition, Op(MULTIMAP, name, "merge", (key, tuple(values)), calls.next()))
+                                  for key, values in value.items()]
                     else:
                         items.append((replica.partition, Op(COUNTER, name, "merge", (value,), calls.next())))
             for start in range(0, len(items), 500):

@@ -37,10 +37,10 @@ from typing import Any
 
 from ..errors import GridError
 from . import lists
-from .lists import LIST, SET
+from .lists import LIST, MULTIMAP, SET
 
 MAP, QUEUE, COUNTER = "map", "queue", "counter"
-KINDS = (MAP, QUEUE, COUNTER, LIST, SET)
+KINDS = (MAP, QUEUE, COUNTER, LIST, SET, MULTIMAP)
 _CALL_IDS = 4096  # call ids (and their results) a replica remembers, the newest
 
 
@@ -739,8 +739,9 @@ _EFFECTS = {"set": _effect_set, "add": _effect_set, "meta": _effect_meta, "del":
             "evict": _effect_del, "clear": _effect_clear, "push": _effect_push, "pop": _effect_pop,
             "unfinished": _effect_unfinished, "value": _effect_value,
             **{name: _on_structures(getattr(lists, f"effect_{name}")) for name in
-               ("list_insert", "list_delete", "list_put", "list_value", "set_add", "set_discard")}}
-_LISTS = (LIST, SET)
+               ("list_insert", "list_delete", "list_put", "list_value", "set_add", "set_discard", "mm_add",
+                "mm_remove")}}
+_LISTS = (LIST, SET, MULTIMAP)
 
 
 def over_capacity(replicas, name: str, max_size: int, partitions: int, owned: int | None = None) -> list:

@@ -1,4 +1,5 @@
-"""DList and DSet against list and set (grid.data.dlist, grid.data.dset), over replicas in this process.
+"""DList, DSet and MultiMap against list, set and a dict of lists (grid.data.dlist, dset, multimap), over
+replicas in this process.
 
 Every operation answers as the built-in does, errors included (the same type, and the same message
 where list's and set's are fixed text), and the structure equals its model after each step.
@@ -15,6 +16,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, ru
 
 from grid.data.dlist import DList
 from grid.data.dset import DSet
+from grid.data.multimap import MultiMap
 from grid.data.store import LIST, LocalBackend, Op, Replica
 
 PARTITIONS = 7
@@ -287,3 +289,67 @@ def test_a_backup_that_applies_the_records_holds_the_owners_list(steps):
     assert backup.snapshot()["structures"] == owner.snapshot()["structures"]
     restored = Replica.restore(owner.snapshot())
     assert restored.snapshot()["structures"] == owner.snapshot()["structures"]
+
+
+# -- MultiMap ------------------------------------------------------------------------------------------------
+
+
+class MultiMapLikeADictOfLists(RuleBasedStateMachine):
+    def __init__(self):
+        super().__init__()
+        self.mm, self.model = MultiMap("mm", LocalBackend(PARTITIONS)), {}
+
+    @rule(key=ITEMS, value=ITEMS)
+    def put(self, key, value):
+        self.mm.put(key, value)
+        self.model.setdefault(key, []).append(value)
+
+    @rule(key=ITEMS)
+    def remove_all(self, key):
+        assert self.mm.remove(key) == self.model.pop(key, [])
+
+    @rule(key=ITEMS, value=ITEMS)
+    def remove_one(self, key, value):
+        values = self.model.get(key, [])
+        assert self.mm.remove(key, value) == (value in values)
+        if value in values:
+            values.remove(value)
+            if not values:
+                del self.model[key]
+
+    @rule(key=ITEMS, value=ITEMS)
+    def reads(self, key, value):
+        assert self.mm.get(key) == self.model.get(key, [])
+        assert self.mm.value_count(key) == len(self.model.get(key, []))
+        assert (key in self.mm) == (key in self.model)
+        assert self.mm.contains_entry(key, value) == (value in self.model.get(key, []))
+
+    @rule()
+    def clear(self):
+        self.mm.clear()
+        self.model.clear()
+
+    @invariant()
+    def equal(self):
+        assert len(self.mm) == sum(map(len, self.model.values()))
+        assert sorted(map(repr, self.mm.keys())) == sorted(map(repr, self.model))
+        assert sorted(map(repr, self.mm.values())) == sorted(repr(v) for vs in self.model.values() for v in vs)
+        assert {repr(k): v for k, v in self.mm.items()} == {repr(k): v for k, v in self.model.items()}
+
+
+MultiMapLikeADictOfLists.TestCase.settings = settings(max_examples=40, stateful_step_count=30, deadline=None,
+                                                      suppress_health_check=[HealthCheck.too_slow])
+test_a_multimap_behaves_as_a_dict_of_lists = MultiMapLikeADictOfLists.TestCase
+
+
+def test_a_multimaps_keys_spread_over_the_partitions_and_an_unhashable_key_is_refused():
+    backend = LocalBackend(PARTITIONS)
+    mm = MultiMap("spread", backend)
+    for key in range(40):
+        mm.put(key, key)
+    assert len({partition for partition, replica in backend._replicas.items() if replica.structures()}) > 1
+    with pytest.raises(TypeError, match="unhashable"):
+        mm.put([1], 2)
+    with pytest.raises(TypeError):  # a value that cannot travel: nothing is sent
+        mm.put(1, threading.Lock())
+    assert len(mm) == 40
