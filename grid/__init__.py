@@ -30,7 +30,8 @@ from .compute.services import service
 from .compute.worker import current_member
 from .data.events import EntryEvent
 from .data.remote import DataUnavailable
-from .data.store import SplitBrainProtection
+from .data.store import SplitBrainProtection, StaleToken
+from .data.sync import FencingToken, LockLost
 from .errors import (
                      BrokenGrid,
                      CodeNotAllowed,
@@ -44,8 +45,9 @@ from .peer import Peer
 from . import aggregators  # noqa: E402 - grid.aggregators.count() and the rest
 
 __all__ = [
-    "BrokenGrid", "Cluster", "CodeNotAllowed", "Config", "DataUnavailable", "EntryEvent", "GridError", "GridExecutor", "Member", "MembershipEvent",
-    "PartitionTable", "Patch", "Peer", "RemoteError", "ServiceNotFound", "SomeMembersFailed", "SplitBrainProtection", "WorkerCrashed",
+    "BrokenGrid", "Cluster", "CodeNotAllowed", "Config", "DataUnavailable", "EntryEvent", "FencingToken", "GridError", "GridExecutor", "LockLost", "Member", "MembershipEvent",
+    "PartitionTable", "Patch", "Peer", "RemoteError", "ServiceNotFound", "SomeMembersFailed", "SplitBrainProtection", "StaleToken",
+    "WorkerCrashed",
     "aggregators", "cluster", "connect",
     "current_member", "default_executor", "deploy", "eval_all", "exec_all", "fmap", "load_all", "load_config",
     "partition_of", "run_all", "service", "ufmap",

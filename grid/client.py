@@ -31,6 +31,7 @@ from .data.dmap import RESERVED_PREFIX, DMap
 from .data.dqueue import DQueue
 from .data.dset import DSet
 from .data.multimap import MultiMap
+from .data.sync import Lock, Semaphore, Session
 from .data.events import EventHub
 from .data.remote import RemoteBackend
 from .data.store import SplitBrainProtection
@@ -59,6 +60,7 @@ class Cluster:
         self._executor_lock = threading.Lock()
         self._data = None  # the RemoteBackend of the structures, made on first use
         self._events = None  # its entry listeners (_HandleEvents), made on first use
+        self._session = None  # its locks' and semaphores' leases (data.sync.Session), made on first use
         self._near_maps: dict[str, DMap] = {}  # maps with a near cache: one per name (each has a listener)
         self._claimed: dict[str, str] = {}  # structure names this handle saw in the catalog, and their kinds
         self._owns_peer = member
@@ -184,6 +186,35 @@ class Cluster:
         self._claim(name, "multimap")
         structure.on_destroy = lambda: self._forget_object(name)
         return structure
+
+    def get_lock(self, name: str, *, reentrant: bool = False) -> Lock:
+        """The distributed lock ``name``: ``threading.Lock``'s acquire/release/locked and ``with``;
+        ``acquire`` returns a fencing token. Held by a lease this handle renews: a holder that dies,
+        pauses or is cut off loses it after twice the cluster's ``failure_timeout``. ``reentrant``: its
+        holder (a thread of this handle) may acquire it again, as an RLock."""
+        structure = Lock(name, self._data_backend(), self._leases(), reentrant)
+        self._claim(name, "lock")
+        structure.on_destroy = lambda: self._forget_object(name)
+        return structure
+
+    def get_semaphore(self, name: str, permits: int = 1) -> Semaphore:
+        """The distributed semaphore ``name``: ``threading.Semaphore``'s acquire/release (with ``n``).
+        The first ``get_semaphore`` of a name sets its ``permits``; a handle's permits come back when
+        it dies, pauses past twice the cluster's ``failure_timeout``, or closes."""
+        Semaphore.check_permits(permits)
+        self._claim(name, "semaphore")
+        structure = Semaphore(name, self._data_backend(), self._leases(), permits)
+        structure.on_destroy = lambda: self._forget_object(name)
+        return structure
+
+    def _leases(self) -> Session:
+        backend = self._data_backend()
+        with self._executor_lock:
+            if self._session is None:
+                # Twice the failure timeout: a holder goes on renewing through a failover of its
+                # lock's owner (detection, promotion), and a dead one's locks are free soon after.
+                self._session = Session(backend, 2 * self.config.failure_timeout)
+            return self._session
 
     def objects(self) -> dict:
         """``{name: {"kind": kind, "size": size}}`` of every distributed structure on this cluster:
@@ -418,6 +449,9 @@ class Cluster:
             executor, self._executor = self._executor, None
             data, self._data = self._data, None
             events, self._events = self._events, None
+            session, self._session = self._session, None
+        if session is not None:
+            session.close()  # (first: what this handle holds is released while it can still say so)
         if executor is not None:
             executor.shutdown(wait=True)
         if events is not None:

@@ -8,7 +8,12 @@ and wakes when another client puts.
 
 from __future__ import annotations
 
+import json
+import os
 import queue
+import signal
+import subprocess
+import sys
 import threading
 
 import pytest
@@ -535,4 +540,132 @@ def test_a_kill_while_a_joiner_still_receives_its_partitions_loses_nothing(local
         assert not lost, f"{len(lost)} of 300 entries lost, e.g. {lost[:5]}"
         assert [jobs.get(timeout=WAIT) for _ in range(20)] == list(range(20))
     finally:
+        client.close()
+
+
+def _owner_index(cluster, client, name: str) -> int:
+    """The peer index of the member that owns the partition of structure ``name``."""
+    owner = client.partitions().owner(client.partition_of(name))
+    return next(peer.index for peer in cluster.peers if peer.uuid == owner)
+
+
+def test_a_lock_stays_exclusive_through_a_kill_of_its_owner_and_a_join(local_cluster):
+    """Four threads in two handles do a read-modify-write under the lock while the member holding the
+    lock's partition is killed and another joins: no update is lost, and each holder's token is
+    larger than the one before it (the lock's state failed over with its backup)."""
+    timing = {"heartbeat_interval": 0.2, "failure_timeout": 1.5}
+    cluster = local_cluster(3, **timing)
+    handles = [grid.connect(dict(cluster.config(), failure_timeout=5.0)) for _ in range(2)]  # (leases of 10 s)
+    tokens, done, errors, stop = [], [0], [], threading.Event()
+
+    def work(handle):
+        lock, data = handle.get_lock("exclusive"), handle.get_map("guarded")
+        while not stop.is_set():
+            try:
+                with lock as token:
+                    tokens.append(token)
+                    data.put("n", data.get("n", 0) + 1, fence=token)
+                    done[0] += 1
+            except Exception as exc:  # noqa: BLE001 - the test fails naming it
+                errors.append(exc)
+                return
+
+    threads = [threading.Thread(target=work, args=(handle,)) for handle in handles for _ in range(2)]
+    try:
+        for thread in threads:
+            thread.start()
+        wait_for(lambda: done[0] >= 20 or errors, WAIT)
+        cluster.kill(_owner_index(cluster, handles[0], "exclusive"))
+        wait_for(lambda: len(handles[0].members()) == 2 or errors, WAIT)
+        before = done[0]
+        wait_for(lambda: done[0] >= before + 20 or errors, WAIT)
+        cluster.add(**timing)
+        wait_for(lambda: len(handles[0].members()) == 3 or errors, WAIT)
+        before = done[0]
+        wait_for(lambda: done[0] >= before + 20 or errors, WAIT)
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(WAIT)
+    try:
+        assert not errors, errors
+        assert handles[0].get_map("guarded")["n"] == done[0], "two holders at once: an update was lost"
+        assert tokens == sorted(tokens) and len(set(tokens)) == len(tokens)
+        assert not handles[1].get_lock("exclusive").locked()
+    finally:
+        for handle in handles:
+            handle.close()
+
+
+HOLDER = r"""
+import json, sys, grid
+from grid.data.store import StaleToken
+from grid.data.sync import LockLost
+with grid.connect(json.loads(sys.argv[1])) as cluster:
+    lock, data = cluster.get_lock("fenced"), cluster.get_map("fenced-data")
+    token = lock.acquire()
+    data.put("x", "first holder", fence=token)
+    print("holding", int(token), flush=True)
+    sys.stdin.readline()  # (frozen here by the test, then resumed)
+    try:
+        data.put("x", "stale", fence=token)
+        print("written", flush=True)
+    except StaleToken:
+        print("refused", flush=True)
+    try:
+        lock.release()
+        print("released", flush=True)
+    except LockLost:
+        print("lost", flush=True)
+"""
+
+
+def test_a_paused_holder_loses_the_lock_and_its_token_is_refused(local_cluster):
+    """The holder is SIGSTOPped past its lease: another takes the lock with a larger token and writes;
+    the resumed ex-holder's fenced write is refused and its release says the lock was lost."""
+    cluster = local_cluster(2, heartbeat_interval=0.2, failure_timeout=1.5)
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, json.dumps(cluster.config())], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    client = cluster.connect()
+    try:
+        first = holder.stdout.readline().split()
+        assert first[0] == "holding", first
+        lock = client.get_lock("fenced")
+        assert lock.acquire(blocking=False) is False
+        os.kill(holder.pid, signal.SIGSTOP)
+        try:
+            token = lock.acquire(timeout=WAIT)  # once the frozen holder's lease ran out (2 x 1.5 s)
+            assert token > int(first[1])
+            client.get_map("fenced-data").put("x", "second holder", fence=token)
+        finally:
+            os.kill(holder.pid, signal.SIGCONT)
+        holder.stdin.write("\n")
+        holder.stdin.flush()
+        assert [holder.stdout.readline().strip() for _ in range(2)] == ["refused", "lost"]
+        assert client.get_map("fenced-data")["x"] == "second holder"
+        lock.release()
+    finally:
+        holder.kill()
+        holder.wait(WAIT)
+        client.close()
+
+
+def test_a_dead_holders_lock_and_permits_come_back(local_cluster):
+    cluster = local_cluster(2, heartbeat_interval=0.2, failure_timeout=1.5)
+    script = ("import json, sys, grid\nc = grid.connect(json.loads(sys.argv[1]))\nc.get_lock('dead').acquire()\n"
+              "c.get_semaphore('dead-permits', 2).acquire(n=2)\nprint('holding', flush=True)\nsys.stdin.readline()\n")
+    holder = subprocess.Popen([sys.executable, "-c", script, json.dumps(cluster.config())], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    client = cluster.connect()
+    try:
+        assert holder.stdout.readline().strip() == "holding"
+        semaphore = client.get_semaphore("dead-permits")
+        assert semaphore.available() == 0 and client.get_lock("dead").locked()
+        holder.kill()  # (no close: the process is gone, its leases stop)
+        holder.wait(WAIT)
+        assert client.get_lock("dead").acquire(timeout=WAIT)
+        assert semaphore.acquire(timeout=WAIT, n=2)
+    finally:
+        holder.kill()
+        holder.wait(WAIT)
         client.close()

@@ -210,17 +210,18 @@ def test_a_data_op_with_bad_limits_is_refused_and_the_link_stays(one_member):
     cluster, raw, executor = one_member
     conn = raw.connect()
     for bad in (("soon", None, None), (None, None, -1), "ttl", (1, 2)):
-        fields = (MAP, "m", "set", (b"k", b"v"), "call", 0, bad)
+        fields = (MAP, "m", "set", (b"k", b"v"), "call", 0, bad, ())
         with pytest.raises(GridError, match="'data.op' body"):
             messaging.request(conn, "data.op", (0, fields)).result(RESULT_TIMEOUT)
-    for fields in ((MAP, "m", "set", [b"k", b"v"], "call", 0, ()), (MAP, 7, "set", (), None, 0, ()),
-                   (MAP, "m", "set", (), None, "0", ()), (MAP, "m", "set", (), None, 0), "fields"):
+    for fields in ((MAP, "m", "set", [b"k", b"v"], "call", 0, (), ()), (MAP, 7, "set", (), None, 0, (), ()),
+                   (MAP, "m", "set", (), None, "0", (), ()), (MAP, "m", "set", (), None, 0, ()), "fields",
+                   (MAP, "m", "set", (), None, 0, (), ("lock",)), (MAP, "m", "set", (), None, 0, (), ("lock", "1"))):
         with pytest.raises(GridError, match="'data.op' body"):
             messaging.request(conn, "data.op", (0, fields)).result(RESULT_TIMEOUT)
     with pytest.raises(GridError, match="'data.op' body"):  # (an Op itself does not travel: its fields do)
         messaging.request(conn, "data.op", (0, Op(MAP, "m", "get", (b"k",)))).result(RESULT_TIMEOUT)
     with pytest.raises(GridError, match="'data.ops' body"):
-        messaging.request(conn, "data.ops", [(0, (MAP, "m", "get", (b"k",), None, 0, ())), (1, "x")]).result(
+        messaging.request(conn, "data.ops", [(0, (MAP, "m", "get", (b"k",), None, 0, (), ())), (1, "x")]).result(
             RESULT_TIMEOUT)
     assert conn.is_open
     good = op_fields(Op(MAP, "m", "set", (b"k", b"v"), "call", 0, (60, None, None)), 0)

@@ -26,6 +26,7 @@ from ..net import serialize
 from . import processing
 from .events import local_hub
 from .store import MAP, MAP_WRITES, CallIds, Op, limits
+from .sync import fence_of
 
 _MISSING = object()
 NEAR_CACHE_SIZE = 10_000  # entries a near cache keeps by default (the oldest kept go first)
@@ -75,11 +76,12 @@ class DMap(MutableMapping):
         return key_bytes(key)
 
     def _run(self, key_data: bytes, action: str, *args, write: bool = False, call_id: str | None = None,
-             ttl=None):
+             ttl=None, fence=None):
         return self._at(partition_of_bytes(key_data, self._backend.partitions), action, (key_data, *args), write,
-                        call_id, ttl)
+                        call_id, ttl, fence)
 
-    def _at(self, partition: int, action: str, args: tuple, write: bool, call_id: str | None = None, ttl=None):
+    def _at(self, partition: int, action: str, args: tuple, write: bool, call_id: str | None = None, ttl=None,
+            fence=None):
         near = self._near
         if near is not None and action == "get":
             data = near.get(args[0])
@@ -93,7 +95,7 @@ class DMap(MutableMapping):
             call_id = self._calls.next()
         try:
             return self._backend.execute(partition, Op(MAP, self.name, action, args, call_id, 0,
-                                                       self._limits_for(action, ttl)))
+                                                       self._limits_for(action, ttl), fence_of(fence)))
         finally:
             if near is not None and is_map_write(action):
                 near.forget_written(action, args)
@@ -207,30 +209,39 @@ class DMap(MutableMapping):
 
     # -- beyond dict -----------------------------------------------------------------------------------
 
-    def put(self, key, value, ttl=None):
+    # ``fence``: a lock's FencingToken (``cluster.get_lock``); the write is refused with StaleToken if
+    # its partition was written with a newer token of that lock (its holder lost the lock since).
+
+    def put(self, key, value, ttl=None, fence=None):
         """Set ``key`` to ``value``; returns the old value (None if there was none). ``ttl``: seconds
         this entry lives (instead of the map's ttl)."""
-        return self._value(self._run(self._key(key), "put", self._dumps(value), write=True, ttl=ttl))
+        return self._value(self._run(self._key(key), "put", self._dumps(value), write=True, ttl=ttl, fence=fence))
 
-    def set(self, key, value, ttl=None) -> None:
+    def set(self, key, value, ttl=None, fence=None) -> None:
         """Set ``key`` to ``value``, returning nothing (cheaper than ``put``: the old value stays there)."""
-        self._run(self._key(key), "set", self._dumps(value), write=True, ttl=ttl)
+        self._run(self._key(key), "set", self._dumps(value), write=True, ttl=ttl, fence=fence)
 
-    def put_if_absent(self, key, value, ttl=None):
+    def put_if_absent(self, key, value, ttl=None, fence=None):
         """Set ``key`` only if absent; returns the value already there, or None if it was set."""
-        return self._value(self._run(self._key(key), "put_if_absent", self._dumps(value), write=True, ttl=ttl))
+        return self._value(self._run(self._key(key), "put_if_absent", self._dumps(value), write=True, ttl=ttl,
+                                     fence=fence))
 
-    def replace(self, key, value):
+    def replace(self, key, value, fence=None):
         """Set ``key`` only if present; returns the old value, or None (nothing set)."""
-        return self._value(self._run(self._key(key), "replace", self._dumps(value), write=True))
+        return self._value(self._run(self._key(key), "replace", self._dumps(value), write=True, fence=fence))
 
-    def replace_if_same(self, key, old, new) -> bool:
+    def replace_if_same(self, key, old, new, fence=None) -> bool:
         """Set ``key`` to ``new`` only if its value is ``old`` (compared pickled); True if it was set."""
-        return self._run(self._key(key), "replace_if_same", self._dumps(old), self._dumps(new), write=True)
+        return self._run(self._key(key), "replace_if_same", self._dumps(old), self._dumps(new), write=True,
+                         fence=fence)
 
-    def remove_if_same(self, key, value) -> bool:
+    def remove_if_same(self, key, value, fence=None) -> bool:
         """Remove ``key`` only if its value is ``value`` (compared pickled); True if it was removed."""
-        return self._run(self._key(key), "remove_if_same", self._dumps(value), write=True)
+        return self._run(self._key(key), "remove_if_same", self._dumps(value), write=True, fence=fence)
+
+    def delete(self, key, fence=None) -> bool:
+        """Remove ``key``; True if it was there (``del``, without the KeyError)."""
+        return self._run(self._key(key), "delete", write=True, fence=fence)
 
     def put_all(self, mapping: Mapping | Iterable) -> None:
         """Set many entries: one operation per partition they fall in."""

@@ -72,7 +72,7 @@ def copy(kind: str, value):
 # -- reads ---------------------------------------------------------------------------------------------
 
 
-def read(kind: str, value, action: str, args: tuple):
+def read(kind: str, value, action: str, args: tuple, now: float = 0.0):
     """A read's result (``value`` None: the structure does not exist, which reads as empty)."""
     if value is None:
         value = empty(kind)
@@ -110,7 +110,7 @@ def read(kind: str, value, action: str, args: tuple):
 # -- writes: (result, effects) -------------------------------------------------------------------------
 
 
-def write(kind: str, name: str, value, action: str, args: tuple, stamp: tuple) -> tuple:
+def write(kind: str, name: str, value, action: str, args: tuple, stamp: tuple, now: float = 0.0) -> tuple:
     """A write's ``(result, effects)`` (``value`` None: the structure does not exist yet); ``stamp``
     is the write's ``(table version, seq)``, the list's version after it."""
     exists = value is not None

@@ -7,18 +7,21 @@ from __future__ import annotations
 from ..cluster.partitions import partition_of
 from .store import CallIds, Op, Refused
 
-_ERRORS = {"IndexError": IndexError, "ValueError": ValueError, "KeyError": KeyError}
+_ERRORS = {"IndexError": IndexError, "ValueError": ValueError, "KeyError": KeyError, "RuntimeError": RuntimeError}
 
 
-def raise_refused(exc: Refused):
-    """Raise what the Python structure raises for the op a member refused (``lists.Refused``)."""
-    raise _ERRORS.get(exc.error, ValueError)(str(exc)) from None
+def raise_refused(exc: Refused, errors: dict | None = None):
+    """Raise what the Python structure raises for the op a member refused (``lists.Refused``); ``errors``
+    names more errors (a structure's own)."""
+    error = (errors or {}).get(exc.error) or _ERRORS.get(exc.error, ValueError)
+    raise error(str(exc)) from None
 
 
 class InItsPartition:
     """A distributed structure of ``KIND`` named ``name``, in the partition of its name."""
 
     KIND = ""  # the store's kind (set by the subclass)
+    ERRORS: dict = {}  # the subclass's own errors a member may name, by name
 
     def __init__(self, name: str, backend):
         if not isinstance(name, str) or not name:
@@ -43,10 +46,10 @@ class InItsPartition:
         try:
             return self._backend.execute(self._partition, Op(self.KIND, self.name, action, args))
         except Refused as exc:
-            raise_refused(exc)
+            raise_refused(exc, self.ERRORS)
 
     def _write(self, action: str, *args):
         try:
             return self._backend.execute(self._partition, Op(self.KIND, self.name, action, args, self._calls.next()))
         except Refused as exc:
-            raise_refused(exc)
+            raise_refused(exc, self.ERRORS)

@@ -36,11 +36,12 @@ import uuid as uuid_module
 from typing import Any
 
 from ..errors import GridError
-from . import lists
+from . import lists, locks
 from .lists import LIST, MULTIMAP, SET
+from .locks import LOCK, SEMAPHORE
 
 MAP, QUEUE, COUNTER = "map", "queue", "counter"
-KINDS = (MAP, QUEUE, COUNTER, LIST, SET, MULTIMAP)
+KINDS = (MAP, QUEUE, COUNTER, LIST, SET, MULTIMAP, LOCK, SEMAPHORE)
 _CALL_IDS = 4096  # call ids (and their results) a replica remembers, the newest
 
 
@@ -65,6 +66,11 @@ class Refused(StoreError):
         return (Refused, (str(self), self.error))
 
 
+class StaleToken(StoreError, GridError):
+    """A write fenced with a lock's token older than one this partition was written with: its
+    holder lost the lock (its lease ran out while it paused or was cut off) and another took it."""
+
+
 class OutOfOrder(StoreError):
     """A record skipped some before it: the backup needs the ones between (or a snapshot)."""
 
@@ -84,29 +90,31 @@ class Op:
     call_id: str | None = None  # for writes: a retried call carries the same one
     table_version: int = 0
     limits: tuple = ()  # a map's writes: (ttl, max_idle, max_size), see limits(); () for none
+    fence: tuple = ()  # a write fenced by a lock: (lock name, fencing token); () for none
 
 
 def op_fields(op: Op, table_version: int) -> tuple:
     """``op`` as it travels, for ``table_version``: a plain tuple, which pickles in a fifth of the
     time a dataclass does (on both ends, for every op)."""
-    return (op.kind, op.name, op.action, op.args, op.call_id, table_version, op.limits)
+    return (op.kind, op.name, op.action, op.args, op.call_id, table_version, op.limits, op.fence)
 
 
 def op_from_fields(fields) -> Op | None:
     """The Op that ``op_fields`` made, or None if ``fields`` is not well formed (off the wire)."""
-    if type(fields) is not tuple or len(fields) != 7:
+    if type(fields) is not tuple or len(fields) != 8:
         return None
-    kind, name, action, args, call_id, table_version, op_limits = fields
+    kind, name, action, args, call_id, table_version, op_limits, fence = fields
     if (type(kind) is not str or type(name) is not str or type(action) is not str or type(args) is not tuple
             or call_id is not None and type(call_id) is not str or type(table_version) is not int
-            or type(op_limits) is not tuple or len(op_limits) not in (0, 3)):
+            or type(op_limits) is not tuple or len(op_limits) not in (0, 3) or type(fence) is not tuple
+            or fence and (len(fence) != 2 or type(fence[0]) is not str or type(fence[1]) is not int)):
         return None
     if op_limits:
         try:
             limits(*op_limits)
         except (TypeError, ValueError):
             return None
-    return Op(kind, name, action, args, call_id, table_version, op_limits)
+    return Op(kind, name, action, args, call_id, table_version, op_limits, fence)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -147,6 +155,7 @@ _READS = {
     QUEUE: {"size", "peek", "unfinished"},
     COUNTER: {"get"},
     **lists.READS,
+    **locks.READS,
 }
 _WRITES = {
     MAP: {"put", "set", "put_if_absent", "replace", "replace_if_same", "remove", "remove_if_same", "delete",
@@ -154,6 +163,7 @@ _WRITES = {
     QUEUE: {"offer", "offer_all", "poll", "task_done", "clear", "destroy", "merge"},
     COUNTER: {"set", "add_and_get", "get_and_add", "compare_and_set", "destroy", "merge"},
     **lists.WRITES,
+    **locks.WRITES,
 }
 
 
@@ -276,6 +286,7 @@ class Replica:
         self._idle_since = clock()  # idle clocks start no earlier than this replica
         self.keep_times = False  # the owner notes each entry's write time (merge_policy = latest_update)
         self._written: dict[str, dict] = {}  # map name -> {key: wall-clock time of its write}, kept_times only
+        self._fences: dict[str, int] = {}  # lock name -> the newest fencing token a write here was fenced with
 
     # -- the table ---------------------------------------------------------------------------------
 
@@ -302,11 +313,12 @@ class Replica:
         if op.kind not in KINDS:
             raise StoreError(f"unknown structure kind {op.kind!r} (known: {', '.join(KINDS)})")
         if op.action in _READS[op.kind]:
-            if op.kind in _LISTS:
+            kind_module = _KIND_MODULES.get(op.kind)
+            if kind_module is not None:
                 try:
-                    return Outcome(lists.read(op.kind, self._structures.get((op.kind, op.name)), op.action, op.args),
-                                   None)
-                except lists.Refused as exc:
+                    return Outcome(kind_module.read(op.kind, self._structures.get((op.kind, op.name)), op.action,
+                                                    op.args, self._clock()), None)
+                except kind_module.Refused as exc:
                     raise Refused(str(exc), exc.error) from None
             return Outcome(self._read(op), None)
         if op.action not in _WRITES[op.kind]:
@@ -314,13 +326,24 @@ class Replica:
             raise StoreError(f"a {op.kind} has no operation {op.action!r} (it has: {', '.join(known)})")
         if op.call_id is not None and op.call_id in self._calls:
             return Outcome(self._calls[op.call_id], None)  # a retry: applied once already
+        fence = ()
+        if op.fence:
+            lock, token = op.fence
+            newest = self._fences.get(lock, 0)
+            if token < newest:
+                raise StaleToken(f"the write to {op.kind} {op.name!r} is fenced with token {token} of lock {lock!r}, "
+                                 f"and this partition was written with its newer token {newest}: that holder lost "
+                                 "the lock (its lease ran out) and another took it since")
+            if token > newest:
+                fence = ((op.kind, op.name, "fence", (lock, token)),)
         self._limits = op.limits or _NO_LIMITS
-        if op.kind in _LISTS:
+        kind_module = _KIND_MODULES.get(op.kind)
+        if kind_module is not None:
             stamp = (max(op.table_version, self.table_version), self.seq + 1)  # (the record's, if it makes one)
             try:
-                result, effects = lists.write(op.kind, op.name, self._structures.get((op.kind, op.name)), op.action,
-                                              op.args, stamp)
-            except lists.Refused as exc:
+                result, effects = kind_module.write(op.kind, op.name, self._structures.get((op.kind, op.name)),
+                                                    op.action, op.args, stamp, self._clock())
+            except kind_module.Refused as exc:
                 raise Refused(str(exc), exc.error) from None
         else:
             result, effects = getattr(self, f"_{op.kind}_{op.action}")(op.name, *op.args)
@@ -328,7 +351,7 @@ class Replica:
             return Outcome(result, None)
         self.seq += 1
         record = Record(self.partition, self.seq, max(op.table_version, self.table_version), op.call_id,
-                        result, tuple(effects))
+                        result, (*fence, *effects))
         self._apply(record)
         return Outcome(result, record)
 
@@ -369,13 +392,14 @@ class Replica:
                 structures.append((kind, name, dict(value)))
             elif kind == QUEUE:
                 structures.append((kind, name, {"items": list(value["items"]), "unfinished": value["unfinished"]}))
-            elif kind in _LISTS:
-                structures.append((kind, name, lists.copy(kind, value)))
+            elif kind in _KIND_MODULES:
+                structures.append((kind, name, _KIND_MODULES[kind].copy(kind, value)))
             else:
                 structures.append((kind, name, value))
         return {"partition": self.partition, "seq": self.seq, "table_version": self.table_version,
                 "structures": structures, "calls": list(self._calls.items()),
                 "meta": {name: dict(meta) for name, meta in self._meta.items() if meta},
+                "fences": dict(self._fences),
                 "written": {name: dict(times) for name, times in self._written.items() if times}}
 
     @classmethod
@@ -389,13 +413,14 @@ class Replica:
             elif kind == QUEUE:
                 replica._structures[kind, name] = {"items": collections.deque(value["items"]),
                                                    "unfinished": value["unfinished"]}
-            elif kind in _LISTS:
-                replica._structures[kind, name] = lists.copy(kind, value)
+            elif kind in _KIND_MODULES:
+                replica._structures[kind, name] = _KIND_MODULES[kind].copy(kind, value)
             else:
                 replica._structures[kind, name] = value
         replica._calls.update(snapshot["calls"])
         replica._meta = {name: dict(meta) for name, meta in snapshot.get("meta", {}).items()}
         replica._written = {name: dict(times) for name, times in snapshot.get("written", {}).items()}
+        replica._fences = dict(snapshot.get("fences", {}))
         return replica
 
     # -- expiry and eviction (the owner) --------------------------------------------------------------------
@@ -437,7 +462,7 @@ class Replica:
     def structures(self) -> list[tuple[str, str, int]]:
         """``(kind, name, size)`` of each structure here (a counter's size is 1)."""
         return [(kind, name, len(value) if kind == MAP else len(value["items"]) if kind == QUEUE else
-                 lists.size(kind, value) if kind in _LISTS else 1)
+                 _KIND_MODULES[kind].size(kind, value) if kind in _KIND_MODULES else 1)
                 for (kind, name), value in self._structures.items()]
 
     def destroy(self, kind: str, name: str) -> bool:
@@ -726,22 +751,27 @@ def _effect_unfinished(replica: Replica, kind, name, value) -> None:
     _queue_state(replica, name)["unfinished"] = value
 
 
+def _effect_fence(replica: Replica, kind, name, lock, token) -> None:
+    replica._fences[lock] = max(token, replica._fences.get(lock, 0))
+
+
 def _effect_value(replica: Replica, kind, name, value) -> None:
     replica._structures[kind, name] = value
 
 
 def _on_structures(effect):
-    """A list or set effect (``lists``), which works on the replica's structures."""
+    """A list, set, multimap, lock or semaphore effect (``lists``, ``locks``), on the replica's structures."""
     return lambda replica, kind, name, *args: effect(replica._structures, name, *args)
 
 
 _EFFECTS = {"set": _effect_set, "add": _effect_set, "meta": _effect_meta, "del": _effect_del, "expire": _effect_del,
             "evict": _effect_del, "clear": _effect_clear, "push": _effect_push, "pop": _effect_pop,
-            "unfinished": _effect_unfinished, "value": _effect_value,
+            "unfinished": _effect_unfinished, "value": _effect_value, "fence": _effect_fence,
             **{name: _on_structures(getattr(lists, f"effect_{name}")) for name in
                ("list_insert", "list_delete", "list_put", "list_value", "set_add", "set_discard", "mm_add",
-                "mm_remove")}}
-_LISTS = (LIST, SET, MULTIMAP)
+                "mm_remove")},
+            **{name: _on_structures(getattr(locks, f"effect_{name}")) for name in ("lock_state", "semaphore_state")}}
+_KIND_MODULES = {LIST: lists, SET: lists, MULTIMAP: lists, LOCK: locks, SEMAPHORE: locks}  # the kinds kept there
 
 
 def over_capacity(replicas, name: str, max_size: int, partitions: int, owned: int | None = None) -> list:
