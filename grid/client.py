@@ -32,6 +32,7 @@ from .data.dqueue import DQueue
 from .data.dset import DSet
 from .data.multimap import MultiMap
 from .data.sync import Lock, Semaphore, Session
+from .data.topic import Topic
 from .data.events import EventHub
 from .data.remote import RemoteBackend
 from .data.store import SplitBrainProtection
@@ -53,16 +54,7 @@ class Cluster:
     """
 
     def __init__(self, config: Config, *, member: bool = False, timeout: float | None = None):
-        self.config = config
-        self.is_member = member
-        self._closed = False
-        self._executor = None
-        self._executor_lock = threading.Lock()
-        self._data = None  # the RemoteBackend of the structures, made on first use
-        self._events = None  # its entry listeners (_HandleEvents), made on first use
-        self._session = None  # its locks' and semaphores' leases (data.sync.Session), made on first use
-        self._near_maps: dict[str, DMap] = {}  # maps with a near cache: one per name (each has a listener)
-        self._claimed: dict[str, str] = {}  # structure names this handle saw in the catalog, and their kinds
+        self._start(config, member)
         self._owns_peer = member
         if member:
             self._peer = Peer(config)
@@ -78,11 +70,23 @@ class Cluster:
         """A member handle on ``peer``, a member already running in this process (closing the
         handle leaves the member running)."""
         handle = cls.__new__(cls)
-        handle.config, handle.is_member, handle._closed = peer.config, True, False
-        handle._executor, handle._executor_lock, handle._data, handle._claimed = None, threading.Lock(), None, {}
-        handle._events, handle._near_maps = None, {}
+        handle._start(peer.config, True)
         handle._owns_peer, handle._peer, handle._link = False, peer, None
         return handle
+
+    def _start(self, config: Config, member: bool) -> None:
+        """The state of a handle before it connects (either way: ``__init__`` or ``around``)."""
+        self.config = config
+        self.is_member = member
+        self._closed = False
+        self._executor = None
+        self._executor_lock = threading.Lock()
+        self._data = None  # the RemoteBackend of the structures, made on first use
+        self._events = None  # its entry listeners (_HandleEvents), made on first use
+        self._session = None  # its locks' and semaphores' leases (data.sync.Session), made on first use
+        self._subscriptions: list = []  # its topics' subscribers, cancelled when it closes
+        self._near_maps: dict[str, DMap] = {}  # maps with a near cache: one per name (each has a listener)
+        self._claimed: dict[str, str] = {}  # structure names this handle saw in the catalog, and their kinds
 
     def members(self) -> list[Member]:
         """The current members, oldest (the master) first."""
@@ -206,6 +210,22 @@ class Cluster:
         structure = Semaphore(name, self._data_backend(), self._leases(), permits)
         structure.on_destroy = lambda: self._forget_object(name)
         return structure
+
+    def get_topic(self, name: str, *, reliable: bool = False, capacity: int | None = None) -> Topic:
+        """The distributed topic ``name``: ``publish(msg)``, and ``subscribe(fn)`` (each subscriber gets
+        every message once, in order, on a thread of its own). ``reliable``: a subscriber may start
+        from a sequence the ring still holds (``start=``) and resume where it was. ``capacity``: the
+        messages kept (10,000 reliable, 1,000 plain); a subscriber that falls further behind is told
+        how many it lost (``on_loss``)."""
+        structure = Topic(name, self._data_backend(), reliable=reliable, capacity=capacity)
+        self._claim(name, "topic")
+        structure.on_destroy = lambda: self._forget_object(name)
+        structure.on_subscribe = self._subscribed
+        return structure
+
+    def _subscribed(self, subscription) -> None:
+        with self._executor_lock:
+            self._subscriptions = [s for s in self._subscriptions if s.active] + [subscription]
 
     def _leases(self) -> Session:
         backend = self._data_backend()
@@ -450,6 +470,9 @@ class Cluster:
             data, self._data = self._data, None
             events, self._events = self._events, None
             session, self._session = self._session, None
+            subscriptions, self._subscriptions = self._subscriptions, []
+        for subscription in subscriptions:
+            subscription.cancel(timeout=0)  # (they end once the backend closes, below)
         if session is not None:
             session.close()  # (first: what this handle holds is released while it can still say so)
         if executor is not None:
@@ -458,6 +481,8 @@ class Cluster:
             events.close()
         if data is not None:
             data.close()
+        for subscription in subscriptions:
+            subscription.cancel()
         if self._peer:
             if self._owns_peer:
                 self._peer.close()

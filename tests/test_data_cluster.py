@@ -669,3 +669,57 @@ def test_a_dead_holders_lock_and_permits_come_back(local_cluster):
         holder.kill()
         holder.wait(WAIT)
         client.close()
+
+
+def subscribe_on_the_member(name: str, count: int) -> list:
+    """(A task) subscribe through the member's own handle until ``count`` messages came; them."""
+    got, enough = [], threading.Event()
+
+    def keep(message):
+        got.append(message)
+        if len(got) >= count:
+            enough.set()
+
+    subscription = grid.cluster().get_topic(name, reliable=True).subscribe(keep, start=0)
+    try:
+        enough.wait(60)
+        return list(got)
+    finally:
+        subscription.cancel()
+
+
+def test_a_topics_subscribers_on_clients_and_members_get_each_message_once_in_order_through_a_kill(local_cluster):
+    timing = {"heartbeat_interval": 0.2, "failure_timeout": 1.5}
+    cluster = local_cluster(3, **timing)
+    subscriber, publishers = cluster.connect(), [cluster.connect() for _ in range(2)]
+    got = []
+    topic = subscriber.get_topic("events", reliable=True)
+    subscription = topic.subscribe(got.append)
+    on_member = subscriber.executor().submit(subscribe_on_the_member, "events", 200)
+    try:
+        victim = _owner_index(cluster, subscriber, "events")
+        if victim == 0:  # (the member the client came in by stays)
+            victim = 1
+        def publish(n):
+            mine = publishers[n].get_topic("events", reliable=True)
+            for i in range(100):
+                mine.publish((n, i))
+                if n == 0 and i == 50:
+                    cluster.kill(victim)
+
+        threads = [threading.Thread(target=publish, args=(n,)) for n in range(2)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(WAIT * 3)
+        wait_for(lambda: len(got) >= 200, WAIT)
+        member_got = on_member.result(WAIT * 3)
+        for received in (got, member_got):
+            assert len(received) == 200, "each message once"
+            for n in range(2):
+                assert [i for who, i in received if who == n] == list(range(100)), "in each publisher's order"
+        assert got == member_got, "one order for every subscriber"
+    finally:
+        subscription.cancel()
+        for handle in (subscriber, *publishers):
+            handle.close()

@@ -232,7 +232,8 @@ def test_bad_operations_are_refused_saying_what_exists():
     assert replica.destroy(MAP, "m") is False
     replica.execute(Op(MAP, "m", "set", (b"k", b"v")))
     assert replica.destroy(MAP, "m") is True and replica.structures() == []
-    assert store.KINDS == (MAP, QUEUE, COUNTER, store.LIST, store.SET, store.MULTIMAP, store.LOCK, store.SEMAPHORE)
+    assert store.KINDS == (MAP, QUEUE, COUNTER, store.LIST, store.SET, store.MULTIMAP, store.LOCK, store.SEMAPHORE,
+                           store.TOPIC)
 
 
 def test_a_merge_sets_an_absent_entry_or_with_latest_update_a_later_one():

@@ -36,12 +36,13 @@ import uuid as uuid_module
 from typing import Any
 
 from ..errors import GridError
-from . import lists, locks
+from . import lists, locks, ring
 from .lists import LIST, MULTIMAP, SET
 from .locks import LOCK, SEMAPHORE
+from .ring import TOPIC
 
 MAP, QUEUE, COUNTER = "map", "queue", "counter"
-KINDS = (MAP, QUEUE, COUNTER, LIST, SET, MULTIMAP, LOCK, SEMAPHORE)
+KINDS = (MAP, QUEUE, COUNTER, LIST, SET, MULTIMAP, LOCK, SEMAPHORE, TOPIC)
 _CALL_IDS = 4096  # call ids (and their results) a replica remembers, the newest
 
 
@@ -156,6 +157,7 @@ _READS = {
     COUNTER: {"get"},
     **lists.READS,
     **locks.READS,
+    **ring.READS,
 }
 _WRITES = {
     MAP: {"put", "set", "put_if_absent", "replace", "replace_if_same", "remove", "remove_if_same", "delete",
@@ -164,6 +166,7 @@ _WRITES = {
     COUNTER: {"set", "add_and_get", "get_and_add", "compare_and_set", "destroy", "merge"},
     **lists.WRITES,
     **locks.WRITES,
+    **ring.WRITES,
 }
 
 
@@ -770,8 +773,9 @@ _EFFECTS = {"set": _effect_set, "add": _effect_set, "meta": _effect_meta, "del":
             **{name: _on_structures(getattr(lists, f"effect_{name}")) for name in
                ("list_insert", "list_delete", "list_put", "list_value", "set_add", "set_discard", "mm_add",
                 "mm_remove")},
-            **{name: _on_structures(getattr(locks, f"effect_{name}")) for name in ("lock_state", "semaphore_state")}}
-_KIND_MODULES = {LIST: lists, SET: lists, MULTIMAP: lists, LOCK: locks, SEMAPHORE: locks}  # the kinds kept there
+            **{name: _on_structures(getattr(locks, f"effect_{name}")) for name in ("lock_state", "semaphore_state")},
+            "topic_publish": _on_structures(ring.effect_topic_publish)}
+_KIND_MODULES = {LIST: lists, SET: lists, MULTIMAP: lists, LOCK: locks, SEMAPHORE: locks, TOPIC: ring}  # kept there
 
 
 def over_capacity(replicas, name: str, max_size: int, partitions: int, owned: int | None = None) -> list:
