@@ -10,11 +10,12 @@ import signal
 import socket
 import subprocess
 import sys
+from concurrent.futures import Future
 
 import pytest
 
 import grid
-from grid.net import wire
+from grid.net import messaging, wire
 from grid.errors import NotConnected, SecurityError
 from tests.conftest import wait_for
 
@@ -282,3 +283,44 @@ def test_a_script_that_forgets_to_close_its_connection_still_exits(local_cluster
                           capture_output=True, text=True, timeout=30, env=env, cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "1"
+
+
+def test_a_client_whose_member_dies_right_after_answering_its_hello_links_again(local_cluster, monkeypatch):
+    """The member a client (re)connected to closed the link after its hello answer came and before
+    the client took that link as its own: the close was ignored (not its link yet) and the client
+    kept the closed one, reconnecting never (an embedded executor whose members a poison task
+    killed one after the other found no member for failure_timeout, though new ones ran)."""
+    from grid.cluster import link as link_module
+
+    cluster = local_cluster(1, **FAST)
+    closed = []  # the link's on_close calls
+    on_close = link_module.ClusterLink._on_close
+
+    def noting_close(self, conn):
+        on_close(self, conn)
+        closed.append(conn)
+
+    class Messaging:  # the first hello: answered, then the link closes before _connect takes it
+        first = True
+
+        def __getattr__(self, name):
+            return getattr(messaging, name)
+
+        def request(self, conn, message_type, body):
+            reply = messaging.request(conn, message_type, body)
+            if message_type != "client_hello" or not Messaging.first:
+                return reply
+            Messaging.first = False
+            answer = reply.result(10)
+            conn.close("the member died just after answering")
+            wait_for(lambda: conn in closed, 10, "the close to reach the client's link")
+            done = Future()
+            done.set_result(answer)
+            return done
+
+    monkeypatch.setattr(link_module.ClusterLink, "_on_close", noting_close)
+    monkeypatch.setattr(link_module, "messaging", Messaging())
+    with grid.connect(cluster.config()) as client:
+        wait_for(lambda: closed and client._link._conn is not closed[0] and client._link._conn.is_open, 10,
+                 "the client to link again")
+        assert [m.uuid for m in client.members()] == [cluster.peers[0].uuid]

@@ -280,6 +280,36 @@ def test_an_embedded_cluster_outlives_a_poison_task(tmp_path, monkeypatch):
                 wait_for(lambda: executor.link_count() > 0, 30, "a restarted member to be linked")
 
 
+def test_the_supervisor_reads_a_dead_members_pipes_ending_together(tmp_path):
+    """A dead member's stdout and stderr both at their end in one look: reading stdout's end
+    closed it, and then telling stderr from stdout asked the closed stdout for its fd
+    (ValueError), which ended the "grid-embedded" thread: no member was restarted again (an
+    embedded executor under load failed its poison task with "no member reachable")."""
+    import selectors
+
+    from grid.compute import embedded
+
+    popen = subprocess.Popen([sys.executable, "-c", "import sys; print('out'); print('err', file=sys.stderr)"],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    popen.wait()
+    supervisor = embedded.EmbeddedCluster.__new__(embedded.EmbeddedCluster)  # only its reading half
+    supervisor._selector = selectors.DefaultSelector()
+    supervisor._monitor = None
+    log_path = str(tmp_path / "member.log")
+    process = embedded._Process(popen, log_path, ("127.0.0.1", 0), time.monotonic() + 10)
+    for pipe in (popen.stdout, popen.stderr):
+        os.set_blocking(pipe.fileno(), False)
+        process.partial[pipe.fileno()] = b""
+        supervisor._selector.register(pipe.fileno(), selectors.EVENT_READ, process)
+    try:
+        supervisor._drain_now(process)
+        assert process.drained.is_set() and popen.stdout.closed and popen.stderr.closed
+        with open(log_path, "rb") as log:
+            assert log.read() == b"err\n"
+    finally:
+        supervisor._selector.close()
+
+
 # -- Ctrl-C at exit ------------------------------------------------------------------------------------------------
 
 

@@ -109,6 +109,8 @@ class ClusterLink:
                     self._conn = conn
                     self._last_answer = time.monotonic()
                     self._lost.clear()
+                    if not conn.is_open:  # it closed after answering, before it was ours: _on_close
+                        self._lost.set()  # passed it over (a member killed just then), so look again
                 self._update(reply)
                 return
             if time.monotonic() >= deadline:

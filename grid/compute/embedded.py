@@ -46,7 +46,7 @@ _DRAIN_WAIT = 1.0  # seconds a crash report waits for a dead member's last outpu
 
 class _Process:
     __slots__ = ("popen", "address", "log_path", "uuid", "returncode", "report", "mourned", "ready", "drained",
-                 "partial", "open_pipes", "deadline")
+                 "partial", "open_pipes", "deadline", "stdout_fd")
 
     def __init__(self, popen, log_path, address, deadline):
         self.popen = popen
@@ -61,6 +61,7 @@ class _Process:
         self.partial = {}  # fd -> the bytes of a line not finished yet
         self.open_pipes = 2
         self.deadline = deadline  # monotonic time by which it must be ready
+        self.stdout_fd = popen.stdout.fileno()  # (asked here: once its end is read, stdout is closed)
 
 
 class EmbeddedCluster:
@@ -243,7 +244,7 @@ class EmbeddedCluster:
             return
         except OSError:
             chunk = b""
-        is_stdout = fd == process.popen.stdout.fileno()
+        is_stdout = fd == process.stdout_fd
         data = process.partial[fd] + chunk
         if chunk:
             *lines, process.partial[fd] = data.split(b"\n")
