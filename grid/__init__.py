@@ -18,6 +18,7 @@ from .client import (
                      eval_all,
                      exec_all,
                      fmap,
+                     freduce,
                      load_all,
                      run_all,
                      ufmap,
@@ -49,7 +50,7 @@ __all__ = [
     "PartitionTable", "Patch", "Peer", "RemoteError", "ServiceNotFound", "SomeMembersFailed", "SplitBrainProtection", "StaleToken",
     "WorkerCrashed",
     "aggregators", "cluster", "connect",
-    "current_member", "default_executor", "deploy", "eval_all", "exec_all", "fmap", "load_all", "load_config",
+    "current_member", "default_executor", "deploy", "eval_all", "exec_all", "fmap", "freduce", "load_all", "load_config",
     "partition_of", "run_all", "service", "ufmap",
 ]
 __version__ = "0.1.0"

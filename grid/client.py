@@ -795,6 +795,12 @@ def fmap(fn, *iterables, chunksize=None):
     return default_executor().map(fn, *iterables, chunksize=chunksize)
 
 
+def freduce(map_fn, reduce_fn, iterable, **options):
+    """``map_reduce`` on the default connection's executor: ``functools.reduce(reduce_fn, map(map_fn,
+    iterable))`` mapped and reduced on the members, one value back (``initial=``, ``chunksize=``)."""
+    return default_executor().map_reduce(map_fn, reduce_fn, iterable, **options)
+
+
 def ufmap(fn, *iterables, chunksize=None):
     """Like ``fmap`` but yields results as they complete."""
     return default_executor().map_unordered(fn, *iterables, chunksize=chunksize)

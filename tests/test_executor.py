@@ -900,3 +900,46 @@ def test_a_script_that_forgets_to_shut_its_executor_down_still_exits(tmp_path):
                           cwd=tmp_path, env={k: v for k, v in os.environ.items() if k != "GRID"})
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "3"
+
+
+# -- map_reduce: mapped and reduced on the members --------------------------------------------------------------
+
+
+def test_map_reduce_equals_a_local_reduce_and_keeps_the_order(executor):
+    import functools
+    import operator
+
+    assert executor.map_reduce(helpers.square, operator.add, range(100_000)) == sum(x * x for x in range(100_000))
+    words = [f"w{n}" for n in range(5_000)]  # (concatenation: associative, not commutative)
+    assert executor.map_reduce(str.upper, operator.add, iter(words), chunksize=7) == "".join(words).upper()
+    assert executor.map_reduce(lambda x: {x % 10}, operator.or_, range(1000), initial={99}) == set(range(10)) | {99}
+    assert executor.map_reduce(helpers.square, max, [3, 1, 2]) == functools.reduce(max, map(helpers.square, [3, 1, 2]))
+    assert executor.map_reduce(helpers.square, operator.add, [], initial=5) == 5
+    with pytest.raises(TypeError, match="empty iterable with no initial value"):
+        executor.map_reduce(helpers.square, operator.add, [])
+
+
+def test_map_reduce_combines_many_partials_by_a_tree_and_sends_only_partials_back(executor, monkeypatch):
+    """1000 chunks: 1000 partials, then 63, then 4, then 1, each level reduced on the members; no mapped
+    item comes back (the map function's values are large, the partials small)."""
+    import operator
+
+    from grid.compute import reduce
+
+    levels = []
+    real_map = type(executor).map
+
+    def watched(self, fn, *iterables, **options):
+        results = list(real_map(self, fn, *iterables, **options))
+        levels.append((fn.func.__name__, len(results), max(len(repr(r)) for r in results)))
+        return iter(results)
+
+    monkeypatch.setattr(type(executor), "map", watched)
+    total = executor.map_reduce(lambda x: [x] * 100, lambda a, b: [sum(a) + sum(b)], range(10_000), chunksize=10)
+    assert total == [100 * sum(range(10_000))]
+    assert [(name, count) for name, count, _ in levels] == [
+        ("map_and_reduce", 1000), ("reduce_partials", 63), ("reduce_partials", 4), ("reduce_partials", 1)]
+    assert all(longest < 40 for _, _, longest in levels), "a mapped item (100 numbers) came back"
+    assert reduce.FAN_IN == 16
+    with pytest.raises(ValueError, match="chunksize"):
+        executor.map_reduce(helpers.square, operator.add, range(3), chunksize=0)

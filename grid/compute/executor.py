@@ -54,6 +54,7 @@ from ..net import messaging, serialize
 from ..net.address import format_address
 from ..net.transport import Transport
 from .dispatch import Dispatcher, Link, fail
+from . import reduce
 from .mapping import MapRun, map_results
 from .completions import plain
 from .protocol import CALL, FAILED, OK
@@ -510,6 +511,17 @@ class ClusterExecutor(Dispatcher, concurrent.futures.Executor):
             An iterator of results; a task's exception is raised where iteration reaches it.
         """
         return map_results(MapRun(self, fn, iterables, chunksize), timeout)
+
+    def map_reduce(self, map_fn, reduce_fn, iterable, *, initial=reduce.MISSING, chunksize=None):
+        """``functools.reduce(reduce_fn, map(map_fn, iterable), initial)``, run on the members: each chunk
+        is mapped and reduced there, and the partial results are combined by a tree of reduces there;
+        only the one value comes back. ``reduce_fn`` must be associative (sum, max, concatenation: the
+        order is kept, so it need not be commutative). A range is cut into sub-ranges, never made.
+
+        Raises:
+            TypeError: an empty iterable and no ``initial`` (as functools.reduce).
+        """
+        return reduce.map_reduce(self, map_fn, reduce_fn, iterable, initial, chunksize)
 
     def map_unordered(self, fn, *iterables, chunksize=None):
         """Like ``map`` but yields results as they complete (the order is lost)."""
