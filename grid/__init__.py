@@ -44,12 +44,13 @@ from .errors import (
 )
 from .peer import Peer
 from . import aggregators  # noqa: E402 - grid.aggregators.count() and the rest
+from . import jobs  # noqa: E402 - grid.jobs: the legacy job queue
 
 __all__ = [
     "BrokenGrid", "Cluster", "CodeNotAllowed", "Config", "DataUnavailable", "EntryEvent", "FencingToken", "GridError", "GridExecutor", "LockLost", "Member", "MembershipEvent",
     "PartitionTable", "Patch", "Peer", "RemoteError", "ServiceNotFound", "SomeMembersFailed", "SplitBrainProtection", "StaleToken",
     "WorkerCrashed",
-    "aggregators", "cluster", "connect",
+    "aggregators", "cluster", "connect", "jobs",
     "current_member", "default_executor", "deploy", "eval_all", "exec_all", "fmap", "freduce", "load_all", "load_config",
     "partition_of", "run_all", "service", "ufmap",
 ]

@@ -147,3 +147,16 @@ def slow_gated(gate: str, value=None, marker: str | None = None):
     """``gated``, after 5 ms of work: a task slow enough that the executor keeps few of them in flight."""
     simulated_work(None, 0.005)
     return gated(gate, value, marker)
+
+
+def job_on_a_gate(payload):
+    """A job for grid.jobs: ``(gate, marker, value)``: note this process's pid in ``marker``, wait for
+    ``gate`` (if given), give ``value`` squared; a plain number is just squared."""
+    if not isinstance(payload, tuple):
+        return payload * payload
+    gate, marker, value = payload
+    with open(marker, "w") as file:
+        file.write(str(os.getpid()))
+    if gate is not None:
+        gated(gate)
+    return value * value
