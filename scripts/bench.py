@@ -65,6 +65,7 @@ Usage:
     python scripts/bench.py --only grid --only ppe --measure bytes --measure map_default --measure map_best
     python scripts/bench.py --only grid --only ppe --measure map_default --measure map_iter --measure map_best
     python scripts/bench.py --data [--quick]       # DMap against redis-server and managers (bench_data.py)
+    python scripts/bench.py --family [--quick]     # lock, topic, jobs, map_reduce against peers (bench_family.py)
     pip install loky 'dask[distributed]' ray     # the peers (the library does not need them)
 """
 
@@ -1185,6 +1186,8 @@ def parse_args(argv=None):
                         help="seconds one repetition of a measure may take before it is failed (default: per measure)")
     parser.add_argument("--data", action="store_true",
                         help="the data structures instead: grid's map against redis-server and managers")
+    parser.add_argument("--family", action="store_true",
+                        help="issue 12's structures instead: lock, topic, job queue and map_reduce against their peers")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--measures", help=argparse.SUPPRESS)
     parser.add_argument("--report-fd", type=int, help=argparse.SUPPRESS)
@@ -1205,6 +1208,10 @@ def main(argv=None) -> int:
         import bench_data
 
         return bench_data.run(args.quick)
+    if args.family:
+        import bench_family
+
+        return bench_family.run(args.quick)
     names = [name for name in CONTENDERS if not args.only or name in args.only]
     print_environment(names, args, counts)
     log_dir = tempfile.mkdtemp(prefix="grid-bench-")
