@@ -494,6 +494,8 @@ def test_after_a_split_heals_the_smaller_sides_writes_merge_by_the_merge_policy(
         client.get_set("both-sets").add("majority")
         lonely.get_set("both-sets").update({"minority", "majority"})
         lonely.get_multimap("minority-multimap").put("k", "v")
+        lonely.get_lock("minority-lock").acquire()
+        lonely.get_topic("minority-topic").publish("news")
         cluster.heal()
         wait_for(lambda: len(client.members()) == 3, WAIT)
         merged = client.get_map("split")
@@ -506,6 +508,11 @@ def test_after_a_split_heals_the_smaller_sides_writes_merge_by_the_merge_policy(
         wait_for(lambda: client.get_list("minority-list") == [1, 2], WAIT)
         wait_for(lambda: client.get_set("both-sets") == {"majority", "minority"}, WAIT)  # (a set merges member by member)
         wait_for(lambda: client.get_multimap("minority-multimap").get("k") == ["v"], WAIT)
+        from grid.data.counter import Counter  # (under the catalog: what the partitions hold by that name)
+
+        backend = client._data_backend()
+        assert Counter("minority-lock", backend).get() == 0 and Counter("minority-topic", backend).get() == 0, \
+            "a lock's or topic's state was merged in as a counter"
     finally:
         lonely.close()
         client.close()
@@ -558,10 +565,12 @@ def _owner_index(cluster, client, name: str) -> int:
     return next(peer.index for peer in cluster.peers if peer.uuid == owner)
 
 
-def test_a_lock_stays_exclusive_through_a_kill_of_its_owner_and_a_join(local_cluster):
+@pytest.mark.parametrize("fault", ["kill", "pause"])
+def test_a_lock_stays_exclusive_through_a_kill_or_pause_of_its_owner_and_a_join(local_cluster, fault):
     """Four threads in two handles do a read-modify-write under the lock while the member holding the
-    lock's partition is killed and another joins: no update is lost, and each holder's token is
-    larger than the one before it (the lock's state failed over with its backup)."""
+    lock's partition is killed (or frozen past failure_timeout, then resumed: it rejoins) and another
+    joins: no update is lost, and each holder's token is larger than the one before it (the lock's
+    state failed over with its backup; the frozen ex-owner could acknowledge nothing)."""
     timing = {"heartbeat_interval": 0.2, "failure_timeout": 1.5}
     cluster = local_cluster(3, **timing)
     handles = [grid.connect(dict(cluster.config(), failure_timeout=5.0)) for _ in range(2)]  # (leases of 10 s)
@@ -584,12 +593,21 @@ def test_a_lock_stays_exclusive_through_a_kill_of_its_owner_and_a_join(local_clu
         for thread in threads:
             thread.start()
         wait_for(lambda: done[0] >= 20 or errors, WAIT)
-        cluster.kill(_owner_index(cluster, handles[0], "exclusive"))
-        wait_for(lambda: len(handles[0].members()) == 2 or errors, WAIT)
+        owner = _owner_index(cluster, handles[0], "exclusive")
+        if fault == "kill":
+            cluster.kill(owner)
+            wait_for(lambda: len(handles[0].members()) == 2 or errors, WAIT)
+        else:
+            cluster.pause(owner)
+            try:
+                wait_for(lambda: len(handles[0].members()) == 2 or errors, WAIT)
+            finally:
+                cluster.resume(owner)
+            wait_for(lambda: len(handles[0].members()) == 3 or errors, WAIT)  # (it rejoined)
         before = done[0]
         wait_for(lambda: done[0] >= before + 20 or errors, WAIT)
         cluster.add(**timing)
-        wait_for(lambda: len(handles[0].members()) == 3 or errors, WAIT)
+        wait_for(lambda: len(handles[0].members()) == (3 if fault == "kill" else 4) or errors, WAIT)
         before = done[0]
         wait_for(lambda: done[0] >= before + 20 or errors, WAIT)
     finally:
@@ -732,3 +750,27 @@ def test_a_topics_subscribers_on_clients_and_members_get_each_message_once_in_or
         subscription.cancel()
         for handle in (subscriber, *publishers):
             handle.close()
+
+
+def test_a_lock_on_the_smaller_side_of_a_split_is_refused_with_split_brain_protection(local_cluster):
+    cluster = local_cluster(3, split_brain_protection=2, heartbeat_interval=0.2, failure_timeout=1.5)
+    client = cluster.connect()
+    lonely = grid.connect(cluster.config(2))  # a client of member 2 alone
+    try:
+        wait_for(lambda: cluster.peers[2].uuid in client.partitions().members(), WAIT)
+        wait_for(client.is_safe, WAIT)
+        held = client.get_lock("split-lock")
+        token = held.acquire()
+        cluster.partition([0, 1], [2])
+        wait_for(lambda: len(lonely.members()) == 1 and len(client.members()) == 2, WAIT)
+        wait_for(lambda: len(lonely.partitions().members()) == 1, WAIT)
+        with pytest.raises(grid.SplitBrainProtection):
+            lonely.get_lock("split-lock").acquire(timeout=WAIT)
+        assert held.locked()
+        cluster.heal()
+        wait_for(lambda: len(client.members()) == 3, WAIT)
+        held.release()
+        assert lonely.get_lock("split-lock").acquire(timeout=WAIT) > token
+    finally:
+        lonely.close()
+        client.close()

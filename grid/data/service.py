@@ -435,8 +435,10 @@ class DataService:
                     elif kind == MULTIMAP:  # (key by key: the values of a key the other side lacks)
                         items += [(replica.partition, Op(MULTIMAP, name, "merge", (key, tuple(values)), calls.next()))
                                   for key, values in value.items()]
-                    else:
+                    elif kind == COUNTER:
                         items.append((replica.partition, Op(COUNTER, name, "merge", (value,), calls.next())))
+                    # (a lock's or semaphore's holds and a topic's messages stay with the larger side:
+                    # the smaller side's holders hold nothing there, and its subscribers read on there)
             for start in range(0, len(items), 500):
                 merged += sum(1 for took in backend.execute_many(items[start:start + 500]) if took)
             log.warning("merged the smaller side's data: %d of %d entries, queues and counters taken "
