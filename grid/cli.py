@@ -198,6 +198,10 @@ def main(argv=None) -> int:
     flags.add_argument("--log-file", metavar="PATH", help="append the log to PATH instead of writing it to stderr")
     members = commands.add_parser("members", help="print the member list of the configured cluster")
     members.add_argument("--config")
+    status = commands.add_parser("status", help="what each member is doing: tasks, partitions, structures, code")
+    status.add_argument("--config")
+    status.add_argument("--json", action="store_true", help="print it as JSON")
+    status.add_argument("--timeout", type=float, default=1.0, help="seconds to wait for the members (default 1)")
     demo = commands.add_parser("demo", help="an embedded 3-member cluster maps a lambda; who computed what")
     demo.add_argument("--members", type=int, default=3)
     demo.add_argument("--items", type=int, default=24)
@@ -218,6 +222,8 @@ def main(argv=None) -> int:
         return run_peer(parser, args)
     if args.command == "members":
         return print_members(args.config)
+    if args.command == "status":
+        return print_status(args.config, args.json, args.timeout)
     if args.command == "console":
         from .console_client import run_console
 
@@ -379,6 +385,42 @@ def print_members(config_path: str | None) -> int:
         print(f"grid members: {exc}", file=sys.stderr)
         return 2
     return 0
+
+
+def print_status(config_path: str | None, as_json: bool, timeout: float) -> int:
+    """``python -m grid status``: a line per member, then the cluster's; 1 if a member did not answer."""
+    import json
+
+    from .client import connect
+
+    try:
+        with connect(config_path) as cluster:
+            status = cluster.status(timeout)
+    except GridError as exc:
+        print(f"grid status: {exc}", file=sys.stderr)
+        return 2
+    silent = [uuid for uuid, member in status["members"].items() if not isinstance(member, dict)]
+    if as_json:
+        print(json.dumps(status, indent=2, sort_keys=True))
+        return 1 if silent else 0
+    for uuid, member in status["members"].items():
+        if not isinstance(member, dict):
+            print(f"{uuid[:8]}  did not answer: {member}")
+            continue
+        tasks, parts = member["tasks"], member["partitions"]
+        structures = ", ".join(f"{name} ({info['kind']}, {info['size']})" for name, info in
+                               sorted(member["structures"].items())) or "none"
+        print(f"{member['address']}  {member['role']}  up {member['uptime']:.0f} s  pid {member['pid']}  "
+              f"{'data' if member['data'] else 'lite'}  allow_code={member['allow_code']}  "
+              f"load {member['load'][0]:.2f}")
+        print(f"    tasks: {tasks['queued']} queued, {tasks['running']} running of {tasks['workers']}, "
+              f"{tasks['done']} done;  partitions: {parts['owned']} owned, {parts['backups']} backed up")
+        print(f"    structures owned here: {structures}")
+        print(f"    patch log: {member['patches']} patches;  services: {', '.join(member['services']) or 'none'}")
+    print(f"cluster: {len(status['members'])} members, master {str(status['master'])[:8]}, member list "
+          f"version {status['members_version']}, is_safe {status['is_safe']}"
+          + (f"; {len(silent)} did not answer" if silent else ""))
+    return 1 if silent else 0
 
 
 def run_exec(path: str, module: str, config_path: str | None) -> int:

@@ -20,7 +20,7 @@ import time
 
 from .cluster.config import Config, load_config
 from .cluster.link import ClusterLink
-from .cluster.members import Member
+from .cluster.members import Member, local_target
 from .cluster.partitions import PartitionTable, partition_of
 from .cluster.partitions import width as partition_width
 from .code import livecode, patches
@@ -39,7 +39,7 @@ from .data.store import SplitBrainProtection
 from .compute.executor import ClusterExecutor
 from .compute.services import ServiceProxy
 from .errors import GridError, NotConnected, TransportError, WorkerCrashed
-from .net import serialize
+from .net import messaging, serialize
 from .peer import Peer, running_peer
 
 log = logging.getLogger("grid.client")
@@ -282,6 +282,47 @@ class Cluster:
         if known != kind:
             raise TypeError(f"{name!r} is a distributed {known} on this cluster, not a {kind}: open it "
                             f"with get_{known}({name!r}), or pick another name")
+
+    def status(self, timeout: float = 1.0) -> dict:
+        """What each member is doing, asked of all at once (``python -m grid status``):
+        ``{"master", "members_version", "is_safe", "members": {uuid: status or "error: ..."}}``, a
+        member's status as ``Peer.status`` gives it; one that did not answer within ``timeout``
+        seconds says so."""
+        self._check_open()
+        members = self.members()
+        transport = self._peer.transport if self._peer else self._link.transport
+        asked, answers = {}, {}
+        for member in members:
+            if self._peer is not None and member.uuid == self._peer.uuid:
+                answers[member.uuid] = self._peer.status()
+                continue
+            asked[member.uuid] = transport.connect(local_target(member))
+        end = time.monotonic() + timeout
+        requests = {}
+        for uuid, connecting in asked.items():
+            try:
+                conn = connecting.result(max(0.0, end - time.monotonic()))
+                requests[uuid] = (conn, messaging.request(conn, "status", None))
+            except Exception as exc:  # noqa: BLE001 - said as that member's answer
+                answers[uuid] = f"error: {type(exc).__name__}: {exc}" if str(exc) else "error: no answer in time"
+        for uuid, (conn, answer) in requests.items():
+            try:
+                answers[uuid] = answer.result(max(0.0, end - time.monotonic()))
+            except Exception as exc:  # noqa: BLE001
+                answers[uuid] = f"error: {type(exc).__name__}: {exc}" if str(exc) else \
+                    f"error: no answer within {timeout:g} s"
+            finally:
+                conn.close("status asked")
+        for uuid, connecting in asked.items():  # (one still connecting: closed once it is)
+            connecting.add_done_callback(lambda done: done.exception() is None and done.result().close("status asked"))
+        master = members[0].uuid if members else None
+        try:
+            safe = self.is_safe(timeout=max(0.1, end - time.monotonic()))
+        except GridError:
+            safe = False
+        version = next((a["members_version"] for a in answers.values() if isinstance(a, dict)), None)
+        return {"master": master, "members_version": version, "is_safe": safe,
+                "members": {member.uuid: answers.get(member.uuid, "error: not asked") for member in members}}
 
     def is_safe(self, timeout: float = 5.0) -> bool:
         """True when every partition has its owner and every backup in sync with it, as far as every

@@ -115,6 +115,7 @@ class Peer:
                                     allow_code=self.config.allow_code, request_timeout=self.config.handshake_timeout,
                                     on_ready=lambda: self.tasks.release(self.transport.call_soon))
             worker.set_current_member(self.me)
+            self.router.register("status", lambda conn, body: self.status())
         except BaseException:
             for part in ("console", "tasks", "data"):
                 if hasattr(self, part):
@@ -124,6 +125,7 @@ class Peer:
             raise
         self._started = False
         self._closed = False
+        self._started_at = time.monotonic()
 
     def _on_close(self, conn) -> None:
         self.membership.on_connection_closed(conn)
@@ -164,6 +166,21 @@ class Peer:
         if _running is None:
             _running = self
         return self
+
+    def status(self) -> dict:
+        """What ``python -m grid status`` shows of this member (plain data)."""
+        master = self.membership.master()
+        data = self.data.summary() if self.data is not None else {"owned": 0, "backups": 0, "structures": {}}
+        return {"uuid": self.uuid, "address": format_address(self.address), "pid": os.getpid(),
+                "role": "master" if master is not None and master.uuid == self.uuid else "member",
+                "uptime": time.monotonic() - self._started_at, "allow_code": self.config.allow_code,
+                "data": self.config.data, "load": list(os.getloadavg()),
+                "tasks": {"workers": self.tasks.workers, "queued": self.tasks.queued, "running": self.tasks.running,
+                          "done": self.tasks.tasks_done},
+                "partitions": {"owned": data["owned"], "backups": data["backups"]}, "structures": data["structures"],
+                "patches": self.code.log_length, "services": services.offered(),
+                "members_version": self.membership.version, "members": len(self.membership.members()),
+                "table_version": self.membership.partitions().version}
 
     def members(self):
         return self.membership.members()

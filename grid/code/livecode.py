@@ -120,6 +120,11 @@ class CodeService:
 
     # -- lifecycle ----------------------------------------------------------------------------
 
+    @property
+    def log_length(self) -> int:
+        """The patches in this member's patch log."""
+        return len(self._log)
+
     def start(self) -> None:
         """The member joined: fetch and replay the log, then follow master changes."""
         self.membership.add_listener(self._on_membership)

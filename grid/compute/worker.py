@@ -138,6 +138,11 @@ class _Crew:
     def __len__(self) -> int:
         return len(self._work)
 
+    @property
+    def running(self) -> int:
+        """Task threads running work now."""
+        return self._running
+
     def put(self, item) -> None:
         """Queue work (any thread). A thread waiting in the reader is signalled for it, unless a
         task thread reading a frame put it: that thread takes it next."""
@@ -209,6 +214,10 @@ class TaskRunner:
     @property
     def queued(self) -> int:
         return len(self._crew)
+
+    @property
+    def running(self) -> int:
+        return self._crew.running
 
     def release(self, call_soon) -> None:
         """Start taking work, beginning with what was held (``call_soon``: the IO thread's)."""

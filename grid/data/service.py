@@ -182,6 +182,22 @@ class DataService:
             job()
         return result
 
+    def summary(self) -> dict:
+        """For ``status``: the partitions this member owns and backs up, and the structures in the
+        ones it owns, ``{name: {"kind", "size"}}`` (their share here)."""
+        with self._lock:
+            node, me = self.node, self.me.uuid
+            table = node.table
+            owned = set(table.owned_by(me)) if table.replicas else set()
+            backups = sum(1 for p in range(table.partitions) if table.replicas and me in table.backups(p))
+            structures: dict = {}
+            for partition, replica in node.replicas.items():
+                if partition in owned:
+                    for kind, name, size in replica.structures():
+                        entry = structures.setdefault(name, {"kind": kind, "size": 0})
+                        entry["size"] += size
+        return {"owned": len(owned), "backups": backups, "structures": structures}
+
     def _sizes(self) -> dict:
         """``{map name: entries}`` held here, as owner and as backup (expired ones until swept)."""
         sizes: dict = {}
