@@ -202,6 +202,17 @@ def main(argv=None) -> int:
     status.add_argument("--config")
     status.add_argument("--json", action="store_true", help="print it as JSON")
     status.add_argument("--timeout", type=float, default=1.0, help="seconds to wait for the members (default 1)")
+    logs = commands.add_parser("logs", help="the members' recent log lines, merged by time")
+    logs.add_argument("member", nargs="?", metavar="MEMBER",
+                      help="host:port, or the start of the uuid, of one member (default: every member)")
+    logs.add_argument("--follow", "-f", action="store_true", help="go on printing new lines (Ctrl-C ends)")
+    logs.add_argument("--level", type=_log_level, default="DEBUG", help="the lowest level shown (default: all)")
+    logs.add_argument("--lines", "-n", type=int, default=50, help="lines per member at first (default 50)")
+    logs.add_argument("--config")
+    stop = commands.add_parser("stop", help="make a member leave the cluster cleanly, or every member")
+    stop.add_argument("member", nargs="?", metavar="MEMBER", help="host:port, or the start of the uuid")
+    stop.add_argument("--all", action="store_true", help="stop every member")
+    stop.add_argument("--config")
     demo = commands.add_parser("demo", help="an embedded 3-member cluster maps a lambda; who computed what")
     demo.add_argument("--members", type=int, default=3)
     demo.add_argument("--items", type=int, default=24)
@@ -224,6 +235,12 @@ def main(argv=None) -> int:
         return print_members(args.config)
     if args.command == "status":
         return print_status(args.config, args.json, args.timeout)
+    if args.command == "logs":
+        return print_logs(args.config, args.member, args.follow, args.level, args.lines)
+    if args.command == "stop":
+        if (args.member is None) == (not args.all):
+            parser.error("stop takes a MEMBER or --all (one of them)")
+        return stop_members(args.config, args.member)
     if args.command == "console":
         from .console_client import run_console
 
@@ -290,6 +307,7 @@ def run_member(config_path: str | None, *, stop_on_eof: bool = False, imports=()
     except GridError as exc:
         print(f"grid peer: {exc}", file=sys.stderr)
         return 2
+    peer.on_stop = stop.set  # (`python -m grid stop`: leave cleanly, and this process exits)
     try:
         peer.start()
     except ConfigError as exc:  # an `imports` module that cannot be imported
@@ -421,6 +439,78 @@ def print_status(config_path: str | None, as_json: bool, timeout: float) -> int:
           f"version {status['members_version']}, is_safe {status['is_safe']}"
           + (f"; {len(silent)} did not answer" if silent else ""))
     return 1 if silent else 0
+
+
+def _chosen(cluster, member: str | None) -> list:
+    """The members ``member`` names (host:port, or the start of a uuid); every member for None.
+
+    Raises:
+        GridError: it names none (the message lists them).
+    """
+    members = cluster.members()
+    if member is None:
+        return members
+    chosen = [m for m in members if format_address(m.address) == member or m.uuid.startswith(member)]
+    if not chosen:
+        raise GridError(f"no member is {member!r}; the members: " +
+                        ", ".join(f"{format_address(m.address)} ({m.uuid[:8]})" for m in members))
+    return chosen
+
+
+def print_logs(config_path: str | None, member: str | None, follow: bool, level: str, lines: int) -> int:
+    """``python -m grid logs``: each chosen member's recent log lines, merged by time."""
+    from .client import connect
+
+    number = int(level) if level.isdigit() else logging.getLevelName(level)
+    try:
+        with connect(config_path) as cluster:
+            chosen = _chosen(cluster, member)
+            names = {m.uuid: format_address(m.address) for m in chosen}
+            seen: dict = {}
+            limit: int | None = lines
+            wake = threading.Event()  # (never set: the pause between looks when following)
+            while True:
+                found = []
+                for uuid, answer in cluster.logs(chosen, after=seen, level=number, lines=limit).items():
+                    if isinstance(answer, str):
+                        print(f"{names[uuid]}: {answer}", file=sys.stderr)
+                        continue
+                    for seq, when, levelno, logger, text in answer:
+                        seen[uuid] = max(seen.get(uuid, 0), seq)
+                        found.append((when, names[uuid], levelno, logger, text))
+                for when, address, levelno, logger, text in sorted(found):
+                    stamp = time.strftime("%H:%M:%S", time.localtime(when)) + f".{int(when % 1 * 1000):03d}"
+                    print(f"{stamp} {address} {logging.getLevelName(levelno)} {logger}: {text}", flush=True)
+                if not follow:
+                    return 0
+                limit = None
+                wake.wait(0.5)
+    except KeyboardInterrupt:
+        return 0
+    except GridError as exc:
+        print(f"grid logs: {exc}", file=sys.stderr)
+        return 2
+
+
+def stop_members(config_path: str | None, member: str | None) -> int:
+    """``python -m grid stop``: the chosen members leave cleanly; 1 if one did not."""
+    from .client import connect
+
+    try:
+        with connect(config_path) as cluster:
+            chosen = _chosen(cluster, member)
+            outcome = cluster.stop_members(chosen)
+    except GridError as exc:
+        print(f"grid stop: {exc}", file=sys.stderr)
+        return 2
+    failed = 0
+    for m in chosen:
+        if outcome[m.uuid] is True:
+            print(f"{format_address(m.address)} ({m.uuid[:8]}) left the cluster")
+        else:
+            failed += 1
+            print(f"{format_address(m.address)} ({m.uuid[:8]}) did not stop: {outcome[m.uuid]}", file=sys.stderr)
+    return 1 if failed else 0
 
 
 def run_exec(path: str, module: str, config_path: str | None) -> int:

@@ -17,6 +17,7 @@ import logging
 import sys
 import threading
 import time
+from concurrent.futures import Future
 
 from .cluster.config import Config, load_config
 from .cluster.link import ClusterLink
@@ -288,41 +289,87 @@ class Cluster:
         ``{"master", "members_version", "is_safe", "members": {uuid: status or "error: ..."}}``, a
         member's status as ``Peer.status`` gives it; one that did not answer within ``timeout``
         seconds says so."""
-        self._check_open()
         members = self.members()
-        transport = self._peer.transport if self._peer else self._link.transport
-        asked, answers = {}, {}
-        for member in members:
-            if self._peer is not None and member.uuid == self._peer.uuid:
-                answers[member.uuid] = self._peer.status()
-                continue
-            asked[member.uuid] = transport.connect(local_target(member))
         end = time.monotonic() + timeout
-        requests = {}
-        for uuid, connecting in asked.items():
-            try:
-                conn = connecting.result(max(0.0, end - time.monotonic()))
-                requests[uuid] = (conn, messaging.request(conn, "status", None))
-            except Exception as exc:  # noqa: BLE001 - said as that member's answer
-                answers[uuid] = f"error: {type(exc).__name__}: {exc}" if str(exc) else "error: no answer in time"
-        for uuid, (conn, answer) in requests.items():
-            try:
-                answers[uuid] = answer.result(max(0.0, end - time.monotonic()))
-            except Exception as exc:  # noqa: BLE001
-                answers[uuid] = f"error: {type(exc).__name__}: {exc}" if str(exc) else \
-                    f"error: no answer within {timeout:g} s"
-            finally:
-                conn.close("status asked")
-        for uuid, connecting in asked.items():  # (one still connecting: closed once it is)
-            connecting.add_done_callback(lambda done: done.exception() is None and done.result().close("status asked"))
-        master = members[0].uuid if members else None
+        answers = self.ask_members("status", None, timeout, members)
         try:
             safe = self.is_safe(timeout=max(0.1, end - time.monotonic()))
         except GridError:
             safe = False
         version = next((a["members_version"] for a in answers.values() if isinstance(a, dict)), None)
-        return {"master": master, "members_version": version, "is_safe": safe,
-                "members": {member.uuid: answers.get(member.uuid, "error: not asked") for member in members}}
+        return {"master": members[0].uuid if members else None, "members_version": version, "is_safe": safe,
+                "members": answers}
+
+    def logs(self, members=None, *, after: dict | None = None, level: int = 0, lines: int | None = None,
+             timeout: float = 2.0) -> dict:
+        """Each member's recent log lines (``python -m grid logs``): ``{uuid: [(seq, time, level,
+        logger, text)] or "error: ..."}``; ``after``: ``{uuid: seq}`` of lines already seen."""
+        after = after or {}
+        members = self.members() if members is None else members
+        return {uuid: answer for member in members
+                for uuid, answer in self.ask_members("logs", {"after": after.get(member.uuid, 0), "level": level,
+                                                              "lines": lines}, timeout, [member]).items()}
+
+    def stop_members(self, members, timeout: float = 10.0) -> dict:
+        """Ask ``members`` to leave cleanly (``python -m grid stop``); ``{uuid: True or "error: ..."}``
+        once each is gone from the member list (or ``timeout`` passed)."""
+        members = list(members)
+        answers = self.ask_members("stop", None, timeout, members)
+        end = time.monotonic() + timeout
+        wake = threading.Event()  # (never set: the pause between looks)
+        staying = [m for m in members if answers[m.uuid] is True]
+        gone = set()
+        while staying and time.monotonic() < end:
+            # Gone: out of the member list, or (the last ones: nobody is left to say so) not answering.
+            listed = {m.uuid for m in self.members()}
+            probes = self.ask_members("status", None, 0.5, [m for m in staying if m.uuid in listed])
+            gone |= {m.uuid for m in staying if m.uuid not in listed or not isinstance(probes.get(m.uuid), dict)}
+            staying = [m for m in staying if m.uuid not in gone]
+            if staying:
+                wake.wait(0.05)
+        return {m.uuid: True if m.uuid in gone else answers[m.uuid] if answers[m.uuid] is not True
+                else f"error: still a member after {timeout:g} s" for m in members}
+
+    def ask_members(self, message_type: str, body, timeout: float, members=None) -> dict:
+        """``{uuid: answer or "error: ..."}``: ``message_type`` asked of each member (default: all)
+        at once, over a link of its own, each answer awaited until ``timeout`` seconds from now."""
+        self._check_open()
+        members = self.members() if members is None else list(members)
+        transport = self._peer.transport if self._peer else self._link.transport
+        asked, answers = {}, {}
+        for member in members:
+            if self._peer is not None and member.uuid == self._peer.uuid:
+                try:
+                    answers[member.uuid] = messaging.call_local(self._peer.router, message_type, body)
+                except Exception as exc:  # noqa: BLE001 - said as this member's answer
+                    answers[member.uuid] = f"error: {type(exc).__name__}: {exc}"
+                continue
+            asked[member.uuid] = transport.connect(local_target(member))
+        end = time.monotonic() + timeout
+        requests = {uuid: Future() for uuid in asked}
+
+        def send(uuid, connected):  # (as each link opens: one frozen member delays none of the others)
+            if connected.exception() is not None:
+                requests[uuid].set_exception(connected.exception())
+                return
+            conn = connected.result()
+            try:
+                answer = messaging.request(conn, message_type, body)
+            except GridError as exc:
+                requests[uuid].set_exception(exc)
+                conn.close(f"{message_type} asked")
+                return
+            answer.add_done_callback(lambda done: (conn.close(f"{message_type} asked"), _chain(done, requests[uuid])))
+
+        for uuid, connecting in asked.items():
+            connecting.add_done_callback(lambda connected, uuid=uuid: send(uuid, connected))
+        for uuid, answer in requests.items():
+            try:
+                answers[uuid] = answer.result(max(0.0, end - time.monotonic()))
+            except Exception as exc:  # noqa: BLE001 - said as that member's answer
+                answers[uuid] = f"error: {type(exc).__name__}: {exc}" if str(exc) else \
+                    f"error: no answer within {timeout:g} s"
+        return {member.uuid: answers.get(member.uuid, "error: not asked") for member in members}
 
     def is_safe(self, timeout: float = 5.0) -> bool:
         """True when every partition has its owner and every backup in sync with it, as far as every
@@ -734,6 +781,14 @@ def cluster() -> Cluster:
 
 
 # -- the executor --------------------------------------------------------------------------------------
+
+def _chain(done: Future, into: Future) -> None:
+    """Complete ``into`` as ``done`` completed."""
+    if done.exception() is not None:
+        into.set_exception(done.exception())
+    else:
+        into.set_result(done.result())
+
 
 class GridExecutor(ClusterExecutor):
     """Run callables on the members of a cluster; returns stdlib ``Future``s.

@@ -24,6 +24,7 @@ from .code.livecode import CodeService
 from .compute import services, worker
 from .compute.taskproc import TaskProcess
 from .compute.worker import TaskRunner
+from .logring import LogRing
 from .data.events import EventHub
 from .data.service import DataService
 from .errors import ConfigError, TransportError
@@ -65,6 +66,8 @@ class Peer:
         elif not is_loopback(host) and self.config.tls is None:
             log.info("traffic is authenticated but not encrypted; add a [tls] section on untrusted networks")
         self.uuid = uuid_module.uuid4().hex
+        self.log_ring = LogRing()  # its recent log lines, for `python -m grid logs`
+        self.on_stop = None  # what a "stop" request does (python -m grid peer: leave and exit); else close()
         self.router = messaging.Router()
         self.transport = Transport(
             cluster_id=self.config.id, secret=self.secret, info={"uuid": self.uuid, "role": "member"},
@@ -72,6 +75,7 @@ class Peer:
             handshake_timeout=self.config.handshake_timeout, tls=self.config.tls, clock=clock,
             max_payload=self.config.max_frame_bytes)
         try:
+            logging.getLogger("grid").addHandler(self.log_ring)
             bound = self.transport.listen(host, self.config.port)
             if self.transport.skipped_ports:
                 wanted, why = self.transport.skipped_ports[0]
@@ -116,11 +120,14 @@ class Peer:
                                     on_ready=lambda: self.tasks.release(self.transport.call_soon))
             worker.set_current_member(self.me)
             self.router.register("status", lambda conn, body: self.status())
+            self.router.register("logs", lambda conn, body: self.log_ring.answer(body))
+            self.router.register("stop", lambda conn, body: self._stop_requested())
         except BaseException:
             for part in ("console", "tasks", "data"):
                 if hasattr(self, part):
                     getattr(self, part).close()
             self.transport.close()
+            logging.getLogger("grid").removeHandler(self.log_ring)
             self._remove_socket_dir()
             raise
         self._started = False
@@ -167,6 +174,13 @@ class Peer:
             _running = self
         return self
 
+    def _stop_requested(self) -> bool:
+        """``python -m grid stop``: leave cleanly, off the IO thread (the answer goes out first)."""
+        log.warning("asked to stop: leaving the cluster")
+        action = self.on_stop if self.on_stop is not None else self.close
+        threading.Timer(0.05, action).start()
+        return True
+
     def status(self) -> dict:
         """What ``python -m grid status`` shows of this member (plain data)."""
         master = self.membership.master()
@@ -209,6 +223,7 @@ class Peer:
         if self.data is not None:
             self.data.close()
         self.transport.close()
+        logging.getLogger("grid").removeHandler(self.log_ring)
         if worker.current_member() is self.me:  # current_member() must not name a member that is gone
             worker.set_current_member(None)
         global _running

@@ -1,5 +1,5 @@
-"""``cluster.status()`` and ``python -m grid status`` against live sim clusters: what each member is
-doing, and which members did not answer."""
+"""``python -m grid status``, ``logs`` and ``stop`` (and ``cluster.status()``) against live sim clusters:
+what each member is doing, which did not answer, their log lines, and a clean leave."""
 
 from __future__ import annotations
 
@@ -13,10 +13,11 @@ from .conftest import wait_for
 WAIT = 30
 
 
-def grid_status(tmp_path, config: dict, *flags) -> subprocess.CompletedProcess:
+def grid_command(tmp_path, config: dict, *words) -> subprocess.CompletedProcess:
+    """``python -m grid WORDS[0] --config <config as a file> WORDS[1:]``."""
     path = tmp_path / "client.json"
     path.write_text(json.dumps(config))
-    return subprocess.run([sys.executable, "-m", "grid", "status", "--config", str(path), *flags],
+    return subprocess.run([sys.executable, "-m", "grid", words[0], "--config", str(path), *words[1:]],
                           capture_output=True, text=True, timeout=60)
 
 
@@ -43,10 +44,10 @@ def test_status_says_what_each_member_holds_and_runs(local_cluster, tmp_path):
         assert sum(m["tasks"]["done"] for m in members) >= 1
         assert all(m["members_version"] == status["members_version"] for m in members)
 
-        done = grid_status(tmp_path, cluster.config(), "--json")
+        done = grid_command(tmp_path, cluster.config(), "status", "--json")
         assert done.returncode == 0, done.stderr
         assert set(json.loads(done.stdout)["members"]) == set(status["members"])
-        text = grid_status(tmp_path, cluster.config())
+        text = grid_command(tmp_path, cluster.config(), "status")
         assert text.returncode == 0, text.stderr
         assert "orders (map," in text.stdout and "is_safe True" in text.stdout and "master" in text.stdout
     finally:
@@ -63,10 +64,51 @@ def test_status_names_a_member_that_does_not_answer(local_cluster, tmp_path):
             status = client.status(timeout=1)
             assert isinstance(status["members"][cluster.peers[0].uuid], dict)
             assert status["members"][frozen.uuid].startswith("error")
-            done = grid_status(tmp_path, cluster.config(0))
+            done = grid_command(tmp_path, cluster.config(0), "status")
             assert done.returncode == 1, done.stderr
             assert f"{frozen.uuid[:8]}  did not answer" in done.stdout and "1 did not answer" in done.stdout
         finally:
             cluster.resume(1)
     finally:
         client.close()
+
+
+def test_logs_merges_the_members_recent_lines_and_picks_one_member(local_cluster, tmp_path):
+    cluster = local_cluster(2)
+    client = cluster.connect()
+    try:
+        client.exec_all("import logging, os\nlogging.getLogger('grid.test').warning('hello from pid %d', os.getpid())")
+        done = grid_command(tmp_path, cluster.config(), "logs", "--level", "WARNING", "--lines", "20")
+        assert done.returncode == 0, done.stderr
+        for peer in cluster.peers:
+            assert f"{peer.address_text} WARNING grid.test: hello from pid {peer.pid}" in done.stdout
+        only = grid_command(tmp_path, cluster.config(), "logs", cluster.peers[1].uuid[:8], "--level", "WARNING")
+        assert f"hello from pid {cluster.peers[1].pid}" in only.stdout
+        assert cluster.peers[0].address_text not in only.stdout
+        quiet = grid_command(tmp_path, cluster.config(), "logs", "--level", "CRITICAL")
+        assert quiet.returncode == 0 and "hello" not in quiet.stdout
+        nobody = grid_command(tmp_path, cluster.config(), "logs", "10.9.9.9:1")
+        assert nobody.returncode == 2 and "no member is '10.9.9.9:1'" in nobody.stderr
+        assert cluster.peers[0].address_text in nobody.stderr
+    finally:
+        client.close()
+
+
+def test_stop_makes_a_member_leave_cleanly_and_all_stops_every_one(local_cluster, tmp_path):
+    cluster = local_cluster(3)
+    client = cluster.connect()
+    try:
+        leaving = cluster.peers[2]
+        done = grid_command(tmp_path, cluster.config(), "stop", leaving.address_text)
+        assert done.returncode == 0, done.stderr
+        assert f"{leaving.address_text} ({leaving.uuid[:8]}) left the cluster" in done.stdout
+        wait_for(lambda: leaving.popen.poll() is not None, WAIT, "the stopped member to exit")
+        assert leaving.popen.returncode == 0
+        assert leaving.uuid not in {m.uuid for m in client.members()}
+        refused = grid_command(tmp_path, cluster.config(), "stop")
+        assert refused.returncode == 2 and "MEMBER or --all" in refused.stderr
+    finally:
+        client.close()
+    everyone = grid_command(tmp_path, cluster.config(0), "stop", "--all")
+    assert everyone.returncode == 0, everyone.stderr
+    wait_for(lambda: all(peer.popen.poll() is not None for peer in cluster.peers), WAIT, "every member to exit")

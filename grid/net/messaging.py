@@ -123,6 +123,16 @@ class Router:
             log.warning("%s [bad input #%d from authenticated peers]", text, self.bad_input)
 
 
+def call_local(router: Router, message_type: str, body):
+    """What ``message_type``'s handler answers ``body`` with, asked in this process (a member's
+    own handle asking its member); a Future's result is awaited."""
+    handler = router._handlers.get(message_type)
+    if handler is None:
+        raise UnknownMessage(f"unknown message type {message_type!r}")
+    result = handler(None, body)
+    return result.result() if isinstance(result, Future) else result
+
+
 def _note_goodbye(conn, reason) -> None:
     """The peer is about to close this link, and says why (see ``Connection.farewell``)."""
     conn.farewell = str(reason)[:1000]
