@@ -886,9 +886,10 @@ def default_executor() -> GridExecutor:
         return _default_executor
 
 
-def fmap(fn, *iterables, chunksize=None):
-    """``map`` on the default connection's executor: lazy, ordered, bounded in memory."""
-    return default_executor().map(fn, *iterables, chunksize=chunksize)
+def fmap(fn, *iterables, chunksize=None, progress=False):
+    """``map`` on the default connection's executor: lazy, ordered, bounded in memory (``progress``:
+    a progress bar on stderr)."""
+    return default_executor().map(fn, *iterables, chunksize=chunksize, progress=progress)
 
 
 def freduce(map_fn, reduce_fn, iterable, **options):
@@ -897,9 +898,9 @@ def freduce(map_fn, reduce_fn, iterable, **options):
     return default_executor().map_reduce(map_fn, reduce_fn, iterable, **options)
 
 
-def ufmap(fn, *iterables, chunksize=None):
+def ufmap(fn, *iterables, chunksize=None, progress=False):
     """Like ``fmap`` but yields results as they complete."""
-    return default_executor().map_unordered(fn, *iterables, chunksize=chunksize)
+    return default_executor().map_unordered(fn, *iterables, chunksize=chunksize, progress=progress)
 
 
 # -- cluster-wide code on the default connection (the cluster ``fmap`` uses) ---------------------------

@@ -943,3 +943,20 @@ def test_map_reduce_combines_many_partials_by_a_tree_and_sends_only_partials_bac
     assert reduce.FAN_IN == 16
     with pytest.raises(ValueError, match="chunksize"):
         executor.map_reduce(helpers.square, operator.add, range(3), chunksize=0)
+
+
+# -- progress=True: a bar on stderr ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bar", ["tqdm", "plain"])
+def test_map_with_progress_draws_a_bar_for_sized_and_unsized_inputs(executor, capfd, monkeypatch, bar):
+    if bar == "plain":
+        monkeypatch.setitem(sys.modules, "tqdm", None)  # (not installed: the standard library's line)
+    assert list(executor.map(helpers.square, range(200), progress=True)) == [x * x for x in range(200)]
+    drawn = capfd.readouterr().err
+    assert "200/200" in drawn
+    assert sorted(executor.map_unordered(helpers.square, (x for x in range(30)), progress=True)) == \
+        sorted(x * x for x in range(30))
+    drawn = capfd.readouterr().err
+    assert "30" in drawn and "/30" not in drawn, "an unsized input shows the count so far, of no total"
+    assert list(executor.map(helpers.square, [], progress=True)) == []

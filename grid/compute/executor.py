@@ -56,6 +56,7 @@ from ..net.transport import Transport
 from .dispatch import Dispatcher, Link, fail
 from . import reduce
 from .mapping import MapRun, map_results
+from .progress import total_of, with_progress
 from .completions import plain
 from .protocol import CALL, FAILED, OK
 from .services import HOW_TO_OFFER, call_service
@@ -499,18 +500,21 @@ class ClusterExecutor(Dispatcher, concurrent.futures.Executor):
 
     # -- map --------------------------------------------------------------------------------------------------
 
-    def map(self, fn, *iterables, timeout=None, chunksize=None):
+    def map(self, fn, *iterables, timeout=None, chunksize=None, progress=False):
         """Like ``map(fn, *iterables)``, run on the members; lazy, ordered, bounded in memory.
 
         Args:
             timeout: seconds from this call until each next result must be ready
                 (``TimeoutError`` otherwise).
             chunksize: items per task; None picks it from measured task times.
+            progress: draw a progress bar on stderr as the results are taken (tqdm's if it is
+                installed); sized inputs show how many of how many.
 
         Returns:
             An iterator of results; a task's exception is raised where iteration reaches it.
         """
-        return map_results(MapRun(self, fn, iterables, chunksize), timeout)
+        results = map_results(MapRun(self, fn, iterables, chunksize), timeout)
+        return with_progress(results, total_of(iterables)) if progress else results
 
     def map_reduce(self, map_fn, reduce_fn, iterable, *, initial=reduce.MISSING, chunksize=None):
         """``functools.reduce(reduce_fn, map(map_fn, iterable), initial)``, run on the members: each chunk
@@ -523,9 +527,10 @@ class ClusterExecutor(Dispatcher, concurrent.futures.Executor):
         """
         return reduce.map_reduce(self, map_fn, reduce_fn, iterable, initial, chunksize)
 
-    def map_unordered(self, fn, *iterables, chunksize=None):
+    def map_unordered(self, fn, *iterables, chunksize=None, progress=False):
         """Like ``map`` but yields results as they complete (the order is lost)."""
-        return map_results(MapRun(self, fn, iterables, chunksize, ordered=False), None)
+        results = map_results(MapRun(self, fn, iterables, chunksize, ordered=False), None)
+        return with_progress(results, total_of(iterables)) if progress else results
 
     # Open maps (mapping.MapRun calls these): shutdown finishes them.
 
