@@ -213,6 +213,11 @@ def main(argv=None) -> int:
     stop.add_argument("member", nargs="?", metavar="MEMBER", help="host:port, or the start of the uuid")
     stop.add_argument("--all", action="store_true", help="stop every member")
     stop.add_argument("--config")
+    dashboard = commands.add_parser("dashboard", help="a live web page of the cluster (loopback, behind the secret)")
+    dashboard.add_argument("--port", type=int, default=8701, help="the port to serve on (default 8701; 0: any)")
+    dashboard.add_argument("--host", default="127.0.0.1",
+                           help="the interface to bind (default loopback; another one needs a secret)")
+    dashboard.add_argument("--config")
     demo = commands.add_parser("demo", help="an embedded 3-member cluster maps a lambda; who computed what")
     demo.add_argument("--members", type=int, default=3)
     demo.add_argument("--items", type=int, default=24)
@@ -235,6 +240,8 @@ def main(argv=None) -> int:
         return print_members(args.config)
     if args.command == "status":
         return print_status(args.config, args.json, args.timeout)
+    if args.command == "dashboard":
+        return run_dashboard(args.config, args.host, args.port)
     if args.command == "logs":
         return print_logs(args.config, args.member, args.follow, args.level, args.lines)
     if args.command == "stop":
@@ -439,6 +446,30 @@ def print_status(config_path: str | None, as_json: bool, timeout: float) -> int:
           f"version {status['members_version']}, is_safe {status['is_safe']}"
           + (f"; {len(silent)} did not answer" if silent else ""))
     return 1 if silent else 0
+
+
+def run_dashboard(config_path: str | None, host: str, port: int) -> int:
+    """``python -m grid dashboard``: serve the page until Ctrl-C; prints its URL (with the token)."""
+    from .client import connect
+    from .dashboard import Dashboard
+
+    try:
+        with connect(config_path) as cluster:
+            board = Dashboard(cluster, host=host, port=port, secret=cluster.config.resolved_secret())
+            print(f"grid dashboard: {board.url}", flush=True)
+            try:
+                threading.Event().wait()
+            except KeyboardInterrupt:
+                pass
+            finally:
+                board.close()
+    except OSError as exc:
+        print(f"grid dashboard: cannot serve on {host}:{port}: {exc.strerror or exc}", file=sys.stderr)
+        return 2
+    except GridError as exc:
+        print(f"grid dashboard: {exc}", file=sys.stderr)
+        return 2
+    return 0
 
 
 def _chosen(cluster, member: str | None) -> list:
