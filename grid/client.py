@@ -14,6 +14,8 @@ newest first.
 from __future__ import annotations
 
 import logging
+import os
+import socket
 import sys
 import threading
 import time
@@ -314,7 +316,8 @@ class Cluster:
         """Ask ``members`` to leave cleanly (``python -m grid stop``); ``{uuid: True or "error: ..."}``
         once each is gone from the member list (or ``timeout`` passed)."""
         members = list(members)
-        answers = self.ask_members("stop", None, timeout, members)
+        who = f"{socket.gethostname()} pid {os.getpid()}"
+        answers = self.ask_members("stop", {"by": who}, timeout, members)
         end = time.monotonic() + timeout
         wake = threading.Event()  # (never set: the pause between looks)
         staying = [m for m in members if answers[m.uuid] is True]

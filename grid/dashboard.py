@@ -168,7 +168,8 @@ canvas { vertical-align: middle; }
 <h1>grid</h1><div id="cluster">connecting...</div>
 <h2>Members</h2>
 <table><thead><tr><th></th><th>address</th><th>role</th><th>up</th><th>tasks queued / running / done</th>
-<th>tasks/s</th><th>partitions owned / backed up</th><th>load</th><th>patches</th></tr></thead>
+<th>tasks/s</th><th>task p50 / p99</th><th>partitions owned / backed up</th><th>data ops</th><th>in / out KB/s</th>
+<th>load</th><th>patches</th></tr></thead>
 <tbody id="members"></tbody></table>
 <h2>Partition table <span id="table-version"></span></h2><div id="partitions"></div>
 <h2>Structures</h2><table><tbody id="structures"></tbody></table>
@@ -216,7 +217,12 @@ async function refresh() {
       cell(row, member.tasks.queued + " / " + member.tasks.running + " / " + member.tasks.done);
       const [canvas, rate] = sparkline(status.history[uuid] || []);
       const rateCell = cell(row, " " + rate.toFixed(1)); rateCell.prepend(canvas);
+      const metrics = member.metrics, ms = v => v === null ? "-" : (v * 1000).toFixed(1) + " ms";
+      const kb = v => v === null ? "-" : (v / 1024).toFixed(1);
+      cell(row, ms(metrics.task_seconds.p50) + " / " + ms(metrics.task_seconds.p99));
       cell(row, member.partitions.owned + " / " + member.partitions.backups);
+      cell(row, Object.values(metrics.data_ops).reduce((a, b) => a + b, 0));
+      cell(row, kb(metrics.bytes_in_per_s) + " / " + kb(metrics.bytes_out_per_s));
       cell(row, member.load[0].toFixed(2)); cell(row, member.patches);
       rows.appendChild(row);
       for (const [name, info] of Object.entries(member.structures).filter(([name]) => !name.startsWith("__grid."))) {

@@ -25,9 +25,10 @@ from .compute import services, worker
 from .compute.taskproc import TaskProcess
 from .compute.worker import TaskRunner
 from .logring import LogRing
+from .metrics import Rates, percentiles
 from .data.events import EventHub
 from .data.service import DataService
-from .errors import ConfigError, TransportError
+from .errors import ConfigError, GridError, TransportError
 from .net import messaging
 from .net.address import format_address, is_loopback, parse_address
 from .net.faults import SIM_FAULTS_ENV, Faults
@@ -121,7 +122,7 @@ class Peer:
             worker.set_current_member(self.me)
             self.router.register("status", lambda conn, body: self.status())
             self.router.register("logs", lambda conn, body: self.log_ring.answer(body))
-            self.router.register("stop", lambda conn, body: self._stop_requested())
+            self.router.register("stop", lambda conn, body: self._stop_requested(body))
         except BaseException:
             for part in ("console", "tasks", "data"):
                 if hasattr(self, part):
@@ -133,6 +134,7 @@ class Peer:
         self._started = False
         self._closed = False
         self._started_at = time.monotonic()
+        self._rates = Rates()
 
     def _on_close(self, conn) -> None:
         self.membership.on_connection_closed(conn)
@@ -174,9 +176,12 @@ class Peer:
             _running = self
         return self
 
-    def _stop_requested(self) -> bool:
-        """``python -m grid stop``: leave cleanly, off the IO thread (the answer goes out first)."""
-        log.warning("asked to stop: leaving the cluster")
+    def _stop_requested(self, body) -> bool:
+        """``python -m grid stop``: leave cleanly, off the IO thread (the answer goes out first).
+        The body is ``{"by": who asks}``: anything else is refused (it stops nothing)."""
+        if not isinstance(body, dict) or set(body) != {"by"} or not isinstance(body["by"], str):
+            raise GridError(f"a 'stop' body is {{'by': str}}, not {messaging.shorten(body)}")
+        log.warning("asked to stop by %s: leaving the cluster", body["by"][:100])
         action = self.on_stop if self.on_stop is not None else self.close
         threading.Timer(0.05, action).start()
         return True
@@ -194,7 +199,20 @@ class Peer:
                 "partitions": {"owned": data["owned"], "backups": data["backups"]}, "structures": data["structures"],
                 "patches": self.code.log_length, "services": services.offered(),
                 "members_version": self.membership.version, "members": len(self.membership.members()),
-                "table_version": self.membership.partitions().version}
+                "table_version": self.membership.partitions().version, "metrics": self.metrics()}
+
+    def metrics(self) -> dict:
+        """Counters that only grow, and rates and percentiles of the last seconds (``grid.metrics``)."""
+        done, (bytes_in, bytes_out) = self.tasks.tasks_done, self.transport.traffic
+        data = self.data
+        return {"tasks_done": done, "tasks_per_s": self._rates.rate("tasks", done),
+                "task_seconds": percentiles(list(self.tasks.task_seconds)),
+                "data_ops": dict(data.op_counts) if data is not None else {},
+                "snapshots_sent": data.snapshots[0] if data is not None else 0,
+                "snapshots_received": data.snapshots[1] if data is not None else 0,
+                "bytes_in": bytes_in, "bytes_out": bytes_out,
+                "bytes_in_per_s": self._rates.rate("bytes_in", bytes_in),
+                "bytes_out_per_s": self._rates.rate("bytes_out", bytes_out)}
 
     def members(self):
         return self.membership.members()

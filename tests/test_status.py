@@ -112,3 +112,32 @@ def test_stop_makes_a_member_leave_cleanly_and_all_stops_every_one(local_cluster
     everyone = grid_command(tmp_path, cluster.config(0), "stop", "--all")
     assert everyone.returncode == 0, everyone.stderr
     wait_for(lambda: all(peer.popen.poll() is not None for peer in cluster.peers), WAIT, "every member to exit")
+
+
+def test_metrics_only_grow_and_are_plausible(local_cluster):
+    cluster = local_cluster(2)
+    client = cluster.connect()
+    try:
+        executor = client.executor()
+        data = client.get_map("counted")
+
+        def metrics():
+            return {uuid: m["metrics"] for uuid, m in client.status(timeout=5)["members"].items()}
+
+        before = metrics()
+        futures = [executor.submit(helpers.simulated_work, n, 0.05) for n in range(8)]
+        assert [f.result(WAIT) for f in futures] == list(range(8))
+        data.update({n: n for n in range(20)})
+        after = metrics()
+        for uuid in before:
+            for counter in ("tasks_done", "bytes_in", "bytes_out", "snapshots_sent", "snapshots_received"):
+                assert after[uuid][counter] >= before[uuid][counter], counter
+        assert sum(m["tasks_done"] for m in after.values()) - sum(m["tasks_done"] for m in before.values()) == 8
+        assert sum(m["data_ops"].get("map", 0) for m in after.values()) >= 20
+        assert all(m["bytes_in"] > 0 and m["bytes_out"] > 0 for m in after.values())
+        ran = [m["task_seconds"] for m in after.values() if m["task_seconds"]["p50"] is not None]
+        assert ran and all(0.05 <= t["p50"] <= t["p90"] <= t["p99"] < 5 for t in ran)
+        wait_for(lambda: all(m["tasks_per_s"] is not None and m["tasks_per_s"] >= 0 for m in metrics().values()),
+                 WAIT, "a rate over a second of samples")
+    finally:
+        client.close()

@@ -191,6 +191,7 @@ class TaskRunner:
         self.workers = len(self._processes) or workers
         self._held_frames: list | None = [] if hold else None  # (handler, conn, body) until release()
         self.tasks_done = 0
+        self.task_seconds: collections.deque = collections.deque(maxlen=1_000)  # the last tasks' run times
         self._reader = LinkReader()
         self._crew = _Crew(self.workers, self._reader.signal)
         self._threads = [threading.Thread(target=self._run, name=f"grid-task-{index}")
@@ -367,6 +368,7 @@ class TaskRunner:
                 waiting = len(state.pending_results)
                 state.pending_bytes = pending = state.pending_bytes + size
             self.tasks_done += 1
+            self.task_seconds.append(result[3])
             # Batch results while more work is queued behind this task, within a latency bound
             # (first is None once a timer on the IO thread guarantees that bound) and FRAME_BYTES.
             now = time.perf_counter()

@@ -117,6 +117,8 @@ class DataService:
         self._waits: list = []  # (partition, seen mark, Future, deadline or None), parked
         self.listeners = MemberListeners()  # the links listening to maps' changes
         self._counts: dict[str, list] = {}  # map name -> [operations, hits (gets that found the entry)] here
+        self.op_counts: dict[str, int] = {}  # structure kind -> ops run here as owner (metrics)
+        self.snapshots = [0, 0]  # partition snapshots sent, received (migrations and restores; metrics)
         router.register("data.op", self._on_op)
         router.register("data.ops", self._on_ops)
         router.register("data.wait", self._on_wait)
@@ -482,6 +484,7 @@ class DataService:
                 f"{self._quorum} (a network split, or members down; it goes on once they are back)"))
             return
         out = self.node.on_op(result, partition, op)
+        self.op_counts[op.kind] = self.op_counts.get(op.kind, 0) + 1
         if emit is not None:
             emit += out
         if op.kind == "map":
@@ -506,6 +509,7 @@ class DataService:
             out = node.on_ack(sender, write_id, answer, partition, *version[:2])
         elif message_type == "data.snap":
             partition, snapshot = body
+            self.snapshots[1] += 1
             out = node.on_snapshot(sender, partition, snapshot)
         elif message_type == "data.snapped":
             partition, seq = body
@@ -524,6 +528,8 @@ class DataService:
         sends = None
         for output in outputs:
             if type(output) is Send:
+                if output.message_type == "data.snap":
+                    self.snapshots[0] += 1
                 if sends is None:
                     sends = {}
                 sends.setdefault(output.to, []).append((output.message_type, output.body))

@@ -171,6 +171,7 @@ class Connection:
     def __init__(self, driver: Driver, sock: socket.socket, *, outbound: bool, remote: tuple | str,
                  expect_uuid: str | None = None):
         self.driver = driver
+        self._traffic = getattr(driver, "traffic", None) or [0, 0]  # [bytes in, bytes out], the transport's
         self.outbound = outbound
         self.remote = remote
         self.expect_uuid = expect_uuid  # outbound: the member uuid the handshake must find, if known
@@ -300,6 +301,11 @@ class Connection:
 
     def _write(self, buffers) -> int:
         """Write from the start of ``buffers`` (a list or the queue); return the bytes sent."""
+        sent = self._write_some(buffers)
+        self._traffic[1] += sent
+        return sent
+
+    def _write_some(self, buffers) -> int:
         try:
             if isinstance(self._sock, ssl.SSLSocket):
                 # An SSL write is all or nothing, and after WANT_WRITE it must be retried
@@ -560,7 +566,9 @@ class Connection:
         decoder = self._decoder
         target = None if isinstance(self._sock, ssl.SSLSocket) else decoder.receive_buffer()
         if target is not None:  # (a view taken and not released would pin the buffer, which grows as it fills)
-            frames = decoder.received_into(self._receive_into(target))  # a large payload, in place
+            count = self._receive_into(target)
+            self._traffic[0] += count
+            frames = decoder.received_into(count)  # a large payload, in place
         else:
             inbox = self._inbox
             if inbox is None:
@@ -568,6 +576,7 @@ class Connection:
             count = self._receive(inbox)
             if not count:
                 return
+            self._traffic[0] += count
             with memoryview(inbox) as view:  # the decoder copies what it keeps
                 frames = decoder.feed(view[:count])
         if frames and decoder.large_frames != self._large_frames_seen and self._spares_timer is None:

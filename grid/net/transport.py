@@ -196,6 +196,7 @@ class Transport:
         self._server_tls = security.server_context(tls)
         client_tls = security.client_context(tls)
         self._selector = selectors.DefaultSelector()
+        self.traffic = [0, 0]  # bytes read and written on its connections (metrics; updated without a lock)
         self._driver = _Driver(self, self._selector, secret=secret, client_tls=client_tls)
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
@@ -520,6 +521,7 @@ class _Driver(Driver):
         self._selector = selector
         self.secret = secret
         self.client_tls = client_tls
+        self.traffic = owner.traffic
 
     # The settings stay the Transport's, read when used: peer.py fills in info["address"] later.
     @property
