@@ -323,6 +323,7 @@ def run_member(config_path: str | None, *, stop_on_eof: bool = False, imports=()
     except GridError as exc:
         print(f"grid peer: cannot join: {exc}", file=sys.stderr)
         return 3
+    board = _member_dashboard(peer) if peer.config.dashboard else None
     print(f"grid peer ready {format_address(peer.address)} uuid={peer.uuid} pid={os.getpid()} "
           f"cluster={peer.config.id}", flush=True)
     try:
@@ -330,8 +331,29 @@ def run_member(config_path: str | None, *, stop_on_eof: bool = False, imports=()
             pass
     finally:
         log.info("leaving the cluster")
+        if board is not None:
+            board.close()
         peer.close(clean=True)
     return 0
+
+
+def _member_dashboard(peer):
+    """``dashboard = true``: this member serves the dashboard on its interface (``dashboard_port``)."""
+    from .client import Cluster
+    from .dashboard import Dashboard
+
+    try:
+        board = Dashboard(Cluster.around(peer), host=peer.config.bind_host(), port=peer.config.dashboard_port,
+                          secret=peer.secret)
+    except OSError as exc:
+        log.warning("the dashboard cannot serve on port %d: %s", peer.config.dashboard_port, exc.strerror or exc)
+        return None
+    if peer.secret is None:  # (a random token, on loopback: this log is the only place that has it)
+        log.warning("dashboard: %s", board.url)
+    else:  # (a log is no place for what opens it: the token comes from the secret)
+        log.warning("dashboard: %s (its token is the one `python -m grid dashboard` prints for this cluster)",
+                    board.url.split("#")[0])
+    return board
 
 
 def _watch_stdin(stop: threading.Event) -> None:

@@ -93,3 +93,16 @@ def test_the_page_shows_the_members_and_a_killed_one_goes(local_cluster, tmp_pat
         browser.quit()
         board.close()
         client.close()
+
+
+def test_a_member_with_dashboard_true_serves_it(local_cluster):
+    import re
+
+    cluster = local_cluster(1, dashboard=True, dashboard_port=0)
+    wait_for(lambda: "dashboard: http" in cluster.log(0), WAIT, "the member to log its dashboard's address")
+    base = re.search(r"dashboard: (http://\S+)/ ", cluster.log(0)).group(1)
+    assert base.startswith("http://127.0.0.1:") and "token=" not in cluster.log(0), "the token stays out of the log"
+    token = dashboard_token(cluster.secret)  # (what python -m grid dashboard prints for this cluster)
+    assert get(base + "/api/status")[0] == 401
+    code, body = get(base + "/api/status", {"Authorization": f"Bearer {token}"})
+    assert code == 200 and list(json.loads(body)["members"]) == [cluster.peers[0].uuid]

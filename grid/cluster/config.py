@@ -98,6 +98,8 @@ class Config:
     data: bool = True  # false: a lite member, which computes but holds no partitions of the data
     split_brain_protection: int = 0  # N > 0: writes fail on a side of fewer than N members
     merge_policy: str = "put_if_absent"  # after a split heals, how the smaller side's data joins: or "latest_update"
+    dashboard: bool = False  # true: the member serves the dashboard (python -m grid dashboard) itself
+    dashboard_port: int = 8701  # ... on this port of its interface (0: any free one)
     imports: list[str] = field(default_factory=list)  # modules a member imports before it joins (services)
     # Where this config came from; not a setting, so two equal settings compare equal.
     source: str = field(default="defaults", compare=False)

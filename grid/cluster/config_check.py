@@ -201,8 +201,9 @@ def validate_config(config: Any, source: str) -> None:
     if config.required is not None:
         check.string(config.required, "required")
         parse_address(config.required, key="required", source=source)
-    for name in ("register_on_join", "insecure", "allow_code", "data"):
+    for name in ("register_on_join", "insecure", "allow_code", "data", "dashboard"):
         check.boolean(getattr(config, name), name)
+    check.integer(config.dashboard_port, "dashboard_port", 0, 65535, "0..65535 (0 lets the OS choose a free port)")
     _validate_imports(config.imports, check)
     check.integer(config.port, "port", 0, 65535, "0..65535 (0 lets the OS choose a free port)")
     if config.interface is not None:
