@@ -186,21 +186,9 @@ class _Board:
         return again
 
 
-_BOARDS: dict = {}
-_BOARDS_LOCK = threading.Lock()
-
-
-def _board(cluster, name: str) -> _Board:
-    with _BOARDS_LOCK:
-        board = _BOARDS.get((id(cluster), name))
-        if board is None or board.cluster is not cluster:
-            board = _BOARDS[id(cluster), name] = _Board(cluster, name)
-        return board
-
-
 def request_jobs(payloads, *, cluster=None, name: str = "jobs") -> list[JobHandle]:
     """Queue a job for each payload; their handles, in order."""
-    board = _board(_cluster(cluster), name)
+    board = _Board(_cluster(cluster), name)  # (one per call: the handles keep it, and nothing else does)
     jobs = [(uuid_module.uuid4().hex, payload) for payload in payloads]
     board.payloads.put_all(dict(jobs))
     board.queue.put_all(jobs)

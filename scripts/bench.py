@@ -1029,6 +1029,68 @@ def _ratio(grid_value: float, peer_value: float, higher_is_better: bool) -> floa
     return grid_value / peer_value if higher_is_better else peer_value / grid_value
 
 
+def _comparisons(labels: dict) -> list[tuple]:
+    """``[(grid key, label, peer key, higher is better)]``: the rows of grid's ratio to each peer."""
+    comparisons = [(key, label.format(**labels), key, higher) for key, label, _, higher in ROWS
+                   if key not in GRID_ONLY_KEYS and key != "map_best" and not key.startswith("link_")]
+    at = next(i for i, row in enumerate(comparisons) if row[0] == "map_default") + 1
+    comparisons.insert(at, ("map_default", "grid default map vs peer best chunksize", "map_best", True))
+    comparisons.insert(at + 1, ("map_lambda", "grid lambda map vs peer add_one default", "map_default", True))
+    at = next(i for i, row in enumerate(comparisons) if row[0] == "map_iter") + 1
+    comparisons.insert(at, ("map_iter", "grid default map over an iterator vs peer best chunksize", "map_best", True))
+    return comparisons
+
+
+def write_plot(path: str, outcomes: dict[str, Outcome], counts) -> None:
+    """An SVG of grid's ratio to each peer, a bar per measure and peer on a log scale (>1: grid is better)."""
+    import math
+    from xml.sax.saxutils import escape
+
+    grid = outcomes.get("grid")
+    peers = [name for name in outcomes if name != "grid" and not outcomes[name].skipped]
+    if grid is None or grid.skipped or not peers:
+        print(f"no plot: grid and a peer are needed ({path} not written)")
+        return
+    rows = []
+    for grid_key, label, peer_key, higher in _comparisons(_label_values(counts)):
+        ratios = [(name, _ratio(grid.values[grid_key], outcomes[name].values[peer_key], higher))
+                  for name in peers if grid_key in grid.values and peer_key in outcomes[name].values]
+        if ratios:
+            rows.append((label, ratios))
+    colors = ["#4e79a7", "#f28e2b", "#59a14f", "#e15759", "#b07aa1"]
+    left, bar, gap, width, span = 430, 9, 8, 420, 3.0  # span: log10 decades shown each side... of 1x
+    height = 60 + sum(len(ratios) * bar + gap for _, ratios in rows) + 40
+    one = left + width / 2
+    scale = lambda ratio: one + max(-1.0, min(1.0, math.log10(ratio) / span)) * width / 2  # noqa: E731
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{left + width + 40}" height="{height}" '
+             'font-family="sans-serif" font-size="11">',
+             f'<text x="10" y="20" font-size="14">grid against its peers on this machine (ratio, log scale; '
+             f'right of 1x: grid is better)</text>']
+    for exponent in range(-3, 4):
+        x = scale(10 ** exponent)
+        parts.append(f'<line x1="{x:.1f}" y1="40" x2="{x:.1f}" y2="{height - 30}" stroke="#ddd"/>'
+                     f'<text x="{x:.1f}" y="{height - 15}" text-anchor="middle">{10 ** exponent:g}x</text>')
+    parts.append(f'<line x1="{one}" y1="40" x2="{one}" y2="{height - 30}" stroke="#888"/>')
+    y = 50
+    for label, ratios in rows:
+        parts.append(f'<text x="{left - 8}" y="{y + len(ratios) * bar / 2 + 4:.1f}" text-anchor="end">'
+                     f'{escape(label[:70])}</text>')
+        for name, ratio in ratios:
+            x = scale(ratio)
+            color = colors[peers.index(name) % len(colors)]
+            parts.append(f'<rect x="{min(x, one):.1f}" y="{y}" width="{abs(x - one):.1f}" height="{bar - 1}" '
+                         f'fill="{color}"><title>{escape(CONTENDERS[name].label)}: {ratio:.2f}x</title></rect>')
+            y += bar
+        y += gap
+    for index, name in enumerate(peers):
+        parts.append(f'<rect x="{left + index * 110}" y="28" width="10" height="10" fill="{colors[index % len(colors)]}"/>'
+                     f'<text x="{left + index * 110 + 14}" y="37">vs {escape(CONTENDERS[name].label)}</text>')
+    parts.append("</svg>")
+    with open(path, "w", encoding="utf-8") as out:
+        out.write("\n".join(parts) + "\n")
+    print(f"wrote the plot to {path}")
+
+
 def print_report(outcomes: dict[str, Outcome], counts) -> None:
     names = list(outcomes)
     print("\nAbsolute figures (2 workers each)")
@@ -1055,14 +1117,7 @@ def print_report(outcomes: dict[str, Outcome], counts) -> None:
         return
     print("\nGrid's ratio to each peer: >1 means grid is better (latencies and startup are inverted: peer / grid)")
     ratio_rows = []
-    comparisons = [(key, label.format(**labels), key, higher) for key, label, _, higher in ROWS
-                   if key not in GRID_ONLY_KEYS and key != "map_best" and not key.startswith("link_")]
-    at = next(i for i, row in enumerate(comparisons) if row[0] == "map_default") + 1
-    comparisons.insert(at, ("map_default", "grid default map vs peer best chunksize", "map_best", True))
-    comparisons.insert(at + 1, ("map_lambda", "grid lambda map vs peer add_one default", "map_default", True))
-    at = next(i for i, row in enumerate(comparisons) if row[0] == "map_iter") + 1
-    comparisons.insert(at, ("map_iter", "grid default map over an iterator vs peer best chunksize", "map_best", True))
-    for grid_key, label, peer_key, higher in comparisons:
+    for grid_key, label, peer_key, higher in _comparisons(labels):
         row = [label]
         for name in peers:
             peer = outcomes[name]
@@ -1186,6 +1241,8 @@ def parse_args(argv=None):
                         help="seconds one repetition of a measure may take before it is failed (default: per measure)")
     parser.add_argument("--data", action="store_true",
                         help="the data structures instead: grid's map against redis-server and managers")
+    parser.add_argument("--plot", metavar="FILE.svg",
+                        help="also write grid's ratio to each peer as an SVG bar chart (the README's picture)")
     parser.add_argument("--family", action="store_true",
                         help="issue 12's structures instead: lock, topic, job queue and map_reduce against their peers")
     parser.add_argument("--child", help=argparse.SUPPRESS)
@@ -1227,6 +1284,8 @@ def main(argv=None) -> int:
     outcomes = {name: merge_rounds(done) for name, done in rounds.items()}
     print_report(outcomes, counts)
     print_targets(outcomes)
+    if args.plot:
+        write_plot(args.plot, outcomes, counts)
     failed = any(o.failures or o.notes for o in outcomes.values())
     if failed:
         print(f"\nchild logs kept in {log_dir}")
