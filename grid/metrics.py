@@ -2,7 +2,9 @@
 
 ``Peer.status()["metrics"]`` gathers them (``python -m grid status --json`` and the dashboard read
 them): tasks done and tasks/s, task run-time percentiles over the last 1,000 tasks, data ops per
-structure kind, snapshots sent and received (migrations), bytes read and written on its links.
+structure kind and per structure, snapshots sent and received (migrations), bytes read and written
+on its links, and the median heartbeat round trip to each member (a heartbeat asks for an echo
+every 5 s).
 """
 
 from __future__ import annotations

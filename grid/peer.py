@@ -12,6 +12,7 @@ import os
 import shutil
 import threading
 import socket
+import statistics
 import time
 import uuid as uuid_module
 
@@ -208,8 +209,12 @@ class Peer:
         return {"tasks_done": done, "tasks_per_s": self._rates.rate("tasks", done),
                 "task_seconds": percentiles(list(self.tasks.task_seconds)),
                 "data_ops": dict(data.op_counts) if data is not None else {},
+                "data_ops_by_structure": {f"{kind} {name}": count for (kind, name), count in
+                                          list(data.op_by_structure.items())} if data is not None else {},
                 "snapshots_sent": data.snapshots[0] if data is not None else 0,
                 "snapshots_received": data.snapshots[1] if data is not None else 0,
+                "heartbeat_rtt_ms": {uuid[:8]: round(statistics.median(rtts) * 1000, 3)
+                                     for uuid, rtts in list(self.membership.heartbeat_rtts.items()) if rtts},
                 "bytes_in": bytes_in, "bytes_out": bytes_out,
                 "bytes_in_per_s": self._rates.rate("bytes_in", bytes_in),
                 "bytes_out_per_s": self._rates.rate("bytes_out", bytes_out)}

@@ -134,10 +134,15 @@ def test_metrics_only_grow_and_are_plausible(local_cluster):
                 assert after[uuid][counter] >= before[uuid][counter], counter
         assert sum(m["tasks_done"] for m in after.values()) - sum(m["tasks_done"] for m in before.values()) == 8
         assert sum(m["data_ops"].get("map", 0) for m in after.values()) >= 20
+        assert sum(m["data_ops_by_structure"].get("map counted", 0) for m in after.values()) >= 20
         assert all(m["bytes_in"] > 0 and m["bytes_out"] > 0 for m in after.values())
         ran = [m["task_seconds"] for m in after.values() if m["task_seconds"]["p50"] is not None]
         assert ran and all(0.05 <= t["p50"] <= t["p90"] <= t["p99"] < 5 for t in ran)
         wait_for(lambda: all(m["tasks_per_s"] is not None and m["tasks_per_s"] >= 0 for m in metrics().values()),
                  WAIT, "a rate over a second of samples")
+        peers = {peer.uuid[:8] for peer in cluster.peers}
+        wait_for(lambda: all(set(m["heartbeat_rtt_ms"]) == peers - {uuid[:8]} for uuid, m in metrics().items()),
+                 WAIT, "each member to have timed a heartbeat round trip to the other")
+        assert all(0 < rtt < 5000 for m in metrics().values() for rtt in m["heartbeat_rtt_ms"].values())
     finally:
         client.close()

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import collections
 import logging
 import queue
 import threading
@@ -37,6 +38,7 @@ from .members import CRASHED, LEFT, REMOVED, Departures, Listeners, Member, depa
 from .partitions import PartitionTable, empty_table, keep_holders, plan, received_table, trimmed
 
 log = logging.getLogger("grid.membership")
+_PROBE_EVERY = 5.0  # seconds between heartbeats to a member that ask it for an echo (a round trip)
 
 _JOIN_RETRY = 0.1  # seconds between join attempts
 _MERGE_INTERVAL = 1.0  # how often a master looks for other clusters of the same id to merge with
@@ -98,6 +100,8 @@ class Membership(Joiner):
         self._connecting: dict[str, Future] = {}  # uuid -> pending connect
         self._probes: dict[tuple, Future] = {}  # address -> connection used while joining
         self._last_heard: dict[str, float] = {}
+        self._probed_at: dict[str, float] = {}  # uuid -> when a heartbeat to it last asked for an echo
+        self.heartbeat_rtts: dict[str, collections.deque] = {}  # uuid -> recent round trips (seconds; metrics)
         self._suspected: set[str] = set()
         self._clients: set = set()
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
@@ -117,6 +121,7 @@ class Membership(Joiner):
         router.register("join", self._on_join)
         router.register("members", self._on_members)
         router.register("hb", self._on_heartbeat)
+        router.register("hb_echo", self._on_heartbeat_echo)
         router.register("suspect", self._on_suspect)
         router.register("leave", self._on_leave)
         router.register("removed", self._on_removed)
@@ -470,12 +475,16 @@ class Membership(Joiner):
             for uuid in self._last_heard:
                 self._last_heard[uuid] = now
         body = {"uuid": self.me.uuid, "version": self.version}
+        probing = dict(body, probe=now)  # (now and then: the member echoes it at once, for a round trip)
         for member in self._members:
             if member.uuid == self.me.uuid:
                 continue
             conn = self._links.get(member.uuid)
             if conn is not None and conn.is_open:
-                self._send(conn, "hb", body)
+                probe = now - self._probed_at.get(member.uuid, 0.0) >= _PROBE_EVERY
+                if probe:
+                    self._probed_at[member.uuid] = now
+                self._send(conn, "hb", probing if probe else body)
             else:
                 self._ensure_link(member)
         for uuid, heard in list(self._last_heard.items()):
@@ -734,7 +743,17 @@ class Membership(Joiner):
         uuid = body["uuid"]
         if uuid in self._last_heard:
             self._last_heard[uuid] = self.clock.monotonic()
+        if "probe" in body:  # (on the IO thread, at once: the round trip is the link's, not a tick's)
+            self._send(conn, "hb_echo", {"uuid": self.me.uuid, "probe": body["probe"]})
         self._post(lambda: self._check_heartbeat(conn, uuid, body["version"]))
+
+    def _on_heartbeat_echo(self, conn, body) -> None:
+        probe, uuid = body["probe"], conn.peer_info.get("uuid")
+        if isinstance(probe, (int, float)) and isinstance(uuid, str) and uuid == body.get("uuid"):
+            rtts = self.heartbeat_rtts.get(uuid)
+            if rtts is None:
+                rtts = self.heartbeat_rtts[uuid] = collections.deque(maxlen=20)
+            rtts.append(self.clock.monotonic() - probe)
 
     def _check_heartbeat(self, conn, uuid: str, version: int) -> None:
         if self.state is not State.MEMBER or not self.is_master:

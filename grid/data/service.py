@@ -118,6 +118,7 @@ class DataService:
         self.listeners = MemberListeners()  # the links listening to maps' changes
         self._counts: dict[str, list] = {}  # map name -> [operations, hits (gets that found the entry)] here
         self.op_counts: dict[str, int] = {}  # structure kind -> ops run here as owner (metrics)
+        self.op_by_structure: dict[tuple, int] = {}  # (kind, name) -> ops run here as owner (metrics)
         self.snapshots = [0, 0]  # partition snapshots sent, received (migrations and restores; metrics)
         router.register("data.op", self._on_op)
         router.register("data.ops", self._on_ops)
@@ -485,6 +486,8 @@ class DataService:
             return
         out = self.node.on_op(result, partition, op)
         self.op_counts[op.kind] = self.op_counts.get(op.kind, 0) + 1
+        key = (op.kind, op.name)
+        self.op_by_structure[key] = self.op_by_structure.get(key, 0) + 1
         if emit is not None:
             emit += out
         if op.kind == "map":
