@@ -135,7 +135,7 @@ class Dashboard:
         for uuid, member in status["members"].items():  # tasks done, over the last minute, for the sparklines
             if isinstance(member, dict):
                 points = self._history.setdefault(uuid, [])
-                points.append((now, member["tasks"]["done"]))
+                points.append((now, member["tasks"]["done"], member["metrics"]["task_seconds"]["p50"]))
                 del points[:-60]
         return {**status, "order": [m.uuid for m in members],
                 "addresses": {m.uuid: f"{m.address[0]}:{m.address[1]}" for m in members},
@@ -187,15 +187,18 @@ async function ask(path) {
   if (answer.status === 401) { throw new Error("the token is missing or wrong: open the URL the dashboard printed"); }
   return answer.json();
 }
-function sparkline(points) {
+function sparkline(values, color) {
   const canvas = document.createElement("canvas"); canvas.width = 90; canvas.height = 18;
-  const rates = [];
-  for (let i = 1; i < points.length; i++) { rates.push((points[i][1] - points[i-1][1]) / Math.max(points[i][0] - points[i-1][0], 1e-3)); }
-  const context = canvas.getContext("2d"), top = Math.max(1, ...rates);
-  context.strokeStyle = "#4e79a7"; context.beginPath();
-  rates.forEach((rate, i) => { const x = i * 90 / Math.max(1, rates.length - 1), y = 17 - rate / top * 16; i ? context.lineTo(x, y) : context.moveTo(x, y); });
+  const context = canvas.getContext("2d"), top = Math.max(1e-9, ...values);
+  context.strokeStyle = color; context.beginPath();
+  values.forEach((value, i) => { const x = i * 90 / Math.max(1, values.length - 1), y = 17 - value / top * 16; i ? context.lineTo(x, y) : context.moveTo(x, y); });
   context.stroke();
-  return [canvas, rates.length ? rates[rates.length - 1] : 0];
+  return canvas;
+}
+function rates(points) {
+  const found = [];
+  for (let i = 1; i < points.length; i++) { found.push((points[i][1] - points[i-1][1]) / Math.max(points[i][0] - points[i-1][0], 1e-3)); }
+  return found;
 }
 async function refresh() {
   try {
@@ -215,11 +218,13 @@ async function refresh() {
       if (typeof member === "string") { cell(row, member).className = "error"; rows.appendChild(row); continue; }
       cell(row, member.role); cell(row, Math.round(member.uptime) + " s");
       cell(row, member.tasks.queued + " / " + member.tasks.running + " / " + member.tasks.done);
-      const [canvas, rate] = sparkline(status.history[uuid] || []);
-      const rateCell = cell(row, " " + rate.toFixed(1)); rateCell.prepend(canvas);
-      const metrics = member.metrics, ms = v => v === null ? "-" : (v * 1000).toFixed(1) + " ms";
+      const history = status.history[uuid] || [], perSecond = rates(history);
+      const rateCell = cell(row, " " + (perSecond.length ? perSecond[perSecond.length - 1] : 0).toFixed(1));
+      rateCell.prepend(sparkline(perSecond, "#4e79a7"));
+      const metrics = member.metrics, ms = v => v === null ? "-" : v < 0.001 ? (v * 1e6).toFixed(0) + " \u00b5s" : (v * 1000).toFixed(1) + " ms";
       const kb = v => v === null ? "-" : (v / 1024).toFixed(1);
-      cell(row, ms(metrics.task_seconds.p50) + " / " + ms(metrics.task_seconds.p99));
+      const latency = cell(row, " " + ms(metrics.task_seconds.p50) + " / " + ms(metrics.task_seconds.p99));
+      latency.prepend(sparkline(history.map(point => point[2] || 0), "#e15759"));
       cell(row, member.partitions.owned + " / " + member.partitions.backups);
       cell(row, Object.values(metrics.data_ops).reduce((a, b) => a + b, 0));
       cell(row, kb(metrics.bytes_in_per_s) + " / " + kb(metrics.bytes_out_per_s));

@@ -27,7 +27,7 @@ def main(path: str) -> int:
             client.get_list("steps").extend(range(20))
             board = Dashboard(client, secret=cluster.secret)
             options = webdriver.ChromeOptions()
-            for argument in ("--headless=new", "--no-sandbox", "--disable-gpu", "--window-size=1250,900",
+            for argument in ("--headless=new", "--no-sandbox", "--disable-gpu", "--window-size=1560,840",
                              f"--user-data-dir={tempfile.mkdtemp(prefix='grid-chrome-')}"):
                 options.add_argument(argument)
             options.binary_location = shutil.which("chromium")
