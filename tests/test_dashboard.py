@@ -67,7 +67,7 @@ def chrome(tmp_path):
 
 def test_the_page_shows_the_members_and_a_killed_one_goes(local_cluster, tmp_path):
     if not (shutil.which("chromium") or shutil.which("chromium-browser")) or not shutil.which("chromedriver"):
-        pytest.fail("this test needs Debian's chromium and chromium-driver: .ci/run installs them")
+        pytest.fail("this test needs Debian's chromium and chromium-driver: bash scripts/test_deps.sh installs them")
     from selenium.webdriver.common.by import By
 
     cluster = local_cluster(3, heartbeat_interval=0.2, failure_timeout=1.5)
