@@ -301,21 +301,19 @@ class Connection:
 
     def _write(self, buffers) -> int:
         """Write from the start of ``buffers`` (a list or the queue); return the bytes sent."""
-        sent = self._write_some(buffers)
-        self._traffic[1] += sent
-        return sent
-
-    def _write_some(self, buffers) -> int:
         try:
             if isinstance(self._sock, ssl.SSLSocket):
                 # An SSL write is all or nothing, and after WANT_WRITE it must be retried
                 # with the same leading bytes: always offer the first _TLS_WRITE_SIZE queued.
-                return self._sock.send(_leading_bytes(buffers, _TLS_WRITE_SIZE))
-            if type(buffers) is list and len(buffers) <= _IOV_BATCH:
-                return self._sock.sendmsg(buffers)
-            return self._sock.sendmsg(list(itertools.islice(buffers, _IOV_BATCH)))
+                sent = self._sock.send(_leading_bytes(buffers, _TLS_WRITE_SIZE))
+            elif type(buffers) is list and len(buffers) <= _IOV_BATCH:
+                sent = self._sock.sendmsg(buffers)
+            else:
+                sent = self._sock.sendmsg(list(itertools.islice(buffers, _IOV_BATCH)))
         except (BlockingIOError, ssl.SSLWantWriteError, ssl.SSLWantReadError):
             return 0
+        self._traffic[1] += sent
+        return sent
 
     def _queue_remainder(self, buffers, sent: int) -> None:
         for buffer in buffers:
